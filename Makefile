@@ -1,0 +1,58 @@
+# gradstream: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch: the CUDA build where a GPU is, else the CPU build (a local wheel when the
+# machine has one, PyTorch's CPU index otherwise): never CUDA wheels without a GPU.
+TORCH ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_CPU_INDEX ?= $(if $(wildcard /opt/wheels/torch-*),,--index-url https://download.pytorch.org/whl/cpu)
+TORCH_ARGS := $(if $(HAS_GPU),,$(TORCH_CPU_INDEX))
+STAMP := $(VENV)/.installed
+BUF := .tools/node_modules/.bin/buf
+PROTO_OUT ?= proto
+
+.PHONY: install demo test lint format proto tools bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_ARGS) '$(TORCH)'
+	$(BIN)/python -m pip install -q -e '.[server,dev]'
+	touch $@
+
+install: $(STAMP)
+
+# buf (npm @bufbuild/buf ships the binary) for `buf lint`; skipped where npm is missing.
+tools: $(BUF)
+$(BUF):
+	@if command -v npm >/dev/null; then npm install --silent --prefix .tools @bufbuild/buf@1.75.0; \
+	else echo "npm not found: buf lint will be skipped"; fi
+
+demo: install
+	$(BIN)/gradstream demo
+
+test: install tools
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy client server tests
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Regenerate the committed stubs (tests/unit/test_proto.py checks they are current).
+proto: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+	  --mypy_grpc_out=$(PROTO_OUT) proto/gradstream/v1/trainer.proto 2>/dev/null
+
+bench: install
+	$(BIN)/gradstream bench
+
+clean:
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

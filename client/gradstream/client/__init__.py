@@ -1,0 +1,38 @@
+"""The gradstream Python SDK: ``Client`` talks to a gradstream server over gRPC."""
+
+from gradstream.client._client import Client, ModelInfo, ParameterInfo, StepResult
+from gradstream.client._errors import (
+    AlreadyExists,
+    BatchRejected,
+    DataLoss,
+    FailedPrecondition,
+    GradstreamError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from gradstream.client._spec import SpecError
+
+__all__ = [
+    "AlreadyExists",
+    "BatchRejected",
+    "Client",
+    "DataLoss",
+    "FailedPrecondition",
+    "GradstreamError",
+    "Internal",
+    "InvalidArgument",
+    "ModelInfo",
+    "NotFound",
+    "ParameterInfo",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "SpecError",
+    "StepResult",
+    "Unauthenticated",
+    "Unavailable",
+]

@@ -1,0 +1,329 @@
+"""The synchronous Python SDK: numpy (or torch) in, numpy out; it never imports torch."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy.typing as npt
+from gradstream.client._errors import BatchRejected, from_rpc_error
+from gradstream.client._spec import spec_from_proto, spec_to_proto
+from gradstream.client._tensor import as_array, from_proto, to_proto
+from gradstream.v1 import trainer_pb2 as pb
+from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+Array = npt.NDArray[Any]
+BatchLike = tuple[Any, Any] | tuple[Any, Any, Any]
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_OUTCOME_NAMES = {v: k.removeprefix("OUTCOME_") for k, v in pb.Outcome.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What happened to one batch: APPLIED, ACCUMULATED, SKIPPED_NONFINITE, DUPLICATE or REJECTED.
+
+    ``loss`` is None on batches that were not reporting points (see ``report_every``).
+    """
+
+    sequence: int
+    step: int
+    loss: float | None
+    outcome: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterInfo:
+    """Shape and frozen state of one parameter."""
+
+    shape: tuple[int, ...]
+    frozen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model as the server describes it."""
+
+    name: str
+    spec: dict[str, Any]
+    step: int
+    pending_batches: int
+    device: str
+    parameters: dict[str, ParameterInfo]
+    autograd_chain: list[str] = field(default_factory=list)
+    nonfinite_streak: int = 0
+
+
+def _model_info(message: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=message.name,
+        spec=spec_from_proto(message.spec),
+        step=message.step,
+        pending_batches=message.pending_batches,
+        device=message.device,
+        parameters={p.name: ParameterInfo(tuple(p.shape), p.frozen) for p in message.parameters},
+        autograd_chain=list(message.autograd_chain),
+        nonfinite_streak=message.nonfinite_streak,
+    )
+
+
+class Client:
+    """A connection to one gradstream server.
+
+    >>> with Client("127.0.0.1:50051") as client:
+    ...     client.create_model("seed", {"architecture": {"kind": "linear", "in_features": 1,
+    ...                                                     "out_features": 1, "bias": False}})
+    ...     for result in client.train("seed", [(x, y)] * 100):
+    ...         print(result.step, result.loss)
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self._channel = channel or grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = pb_grpc.TrainerServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _call(self, method: Callable[..., T], request: Any) -> T:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    # -- models -------------------------------------------------------------------------
+
+    def create_model(self, name: str, spec: Mapping[str, Any]) -> ModelInfo:
+        """Create a model from a spec dict (the JSON shape of ``gradstream.v1.ModelSpec``)."""
+        request = pb.CreateModelRequest(name=name, spec=spec_to_proto(spec))
+        return _model_info(self._call(self._stub.CreateModel, request).model)
+
+    def get_model(self, name: str) -> ModelInfo:
+        """Spec, step, device, parameter shapes, frozen set and autograd chain of a model."""
+        return _model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name)).model)
+
+    def list_models(self) -> list[ModelInfo]:
+        """Every model on the server."""
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest())
+        return [_model_info(m) for m in response.models]
+
+    def delete_model(self, name: str) -> None:
+        """Free a model."""
+        self._call(self._stub.DeleteModel, pb.DeleteModelRequest(name=name))
+
+    def update_model(
+        self,
+        name: str,
+        lr: float | None = None,
+        freeze: Iterable[str] = (),
+        unfreeze: Iterable[str] = (),
+    ) -> ModelInfo:
+        """Set the learning rate; freeze (``requires_grad_(False)``) or unfreeze parameters."""
+        request = pb.UpdateModelRequest(name=name, lr=lr, freeze=freeze, unfreeze=unfreeze)
+        return _model_info(self._call(self._stub.UpdateModel, request).model)
+
+    # -- inference and inspection -------------------------------------------------------
+
+    def predict(self, name: str, x: Any) -> Array:
+        """The model's output on x (inference mode, nothing recorded)."""
+        response = self._call(self._stub.Predict, pb.PredictRequest(name=name, x=to_proto(x)))
+        return from_proto(response.y, "y")
+
+    def gradients(
+        self,
+        name: str,
+        x: Any,
+        y: Any = None,
+        grad_output: Any = None,
+        sample_weight: Any = None,
+    ) -> dict[str, Array]:
+        """Gradients of the loss on (x, y), or with ``grad_output`` = v the vector-Jacobian
+        product v^T J of the model output (the notebook's ``y.backward(vector)``). Nothing steps."""
+        request = pb.ComputeGradientsRequest(name=name, x=to_proto(x))
+        if y is not None:
+            to_proto(y, request.y)
+        if grad_output is not None:
+            to_proto(grad_output, request.grad_output)
+        if sample_weight is not None:
+            to_proto(sample_weight, request.sample_weight)
+        response = self._call(self._stub.ComputeGradients, request)
+        return {n: from_proto(t, f"gradients[{n}]") for n, t in response.gradients.items()}
+
+    def parameters(self, name: str, gradients: bool = False) -> dict[str, Array]:
+        """Parameter values by name; with ``gradients`` also ``"<name>.grad"`` where one is set."""
+        request = pb.GetParametersRequest(name=name, include_gradients=gradients)
+        response = self._call(self._stub.GetParameters, request)
+        values = {n: from_proto(t, n) for n, t in response.parameters.items()}
+        values.update({f"{n}.grad": from_proto(t, n) for n, t in response.gradients.items()})
+        return values
+
+    def set_parameters(
+        self, name: str, params: Mapping[str, Any], reset_optimizer: bool = False
+    ) -> ModelInfo:
+        """Overwrite some or all parameters (all or nothing)."""
+        request = pb.SetParametersRequest(name=name, reset_optimizer=reset_optimizer)
+        for key, value in params.items():
+            to_proto(value, request.parameters[key])
+        return _model_info(self._call(self._stub.SetParameters, request).model)
+
+    # -- training -----------------------------------------------------------------------
+
+    def train(
+        self,
+        name: str,
+        batches: Iterable[BatchLike],
+        report_every: int = 1,
+        *,
+        skip_rejected: bool = False,
+        batches_per_message: int = 64,
+        message_bytes: int = 4 * 1024 * 1024,
+    ) -> Iterator[StepResult]:
+        """Stream batches of ``(x, y)`` or ``(x, y, sample_weight)``; yields one result per batch.
+
+        Several batches travel in one message (up to ``batches_per_message`` and
+        ``message_bytes``), which is what makes small batches fast. From a lazy
+        iterator, batches are sent as soon as they are produced. The loss is read
+        back from the device every ``report_every`` batches. A REJECTED batch
+        raises ``BatchRejected`` unless ``skip_rejected``.
+        """
+        opener = pb.TrainRequest(open=pb.TrainOpen(model=name, report_every=report_every))
+        packer = _Packer(batches, batches_per_message, message_bytes)
+        responses: Any = self._stub.Train(packer.requests(opener))
+        try:
+            for response in responses:
+                for r in response.results:
+                    result = StepResult(
+                        sequence=r.sequence,
+                        step=r.step,
+                        loss=r.loss if r.HasField("loss") else None,
+                        outcome=_OUTCOME_NAMES[r.outcome],
+                        reason=r.reason,
+                    )
+                    if result.outcome == "REJECTED" and not skip_rejected:
+                        raise BatchRejected(result)
+                    yield result
+        except grpc.RpcError as exc:
+            packer.raise_producer_error()
+            raise from_rpc_error(exc) from None
+        finally:
+            responses.cancel()
+            packer.stop()
+        packer.raise_producer_error()
+
+
+_END = object()
+
+
+class _Packer:
+    """Turns the caller's batches into TrainRequests of several batches each.
+
+    A list is packed directly. A lazy iterator is drained by a thread so that a
+    message goes out with whatever is ready, without waiting for a full one:
+    a slow producer gets one batch per message, a fast one full messages.
+    """
+
+    def __init__(self, batches: Iterable[BatchLike], per_message: int, message_bytes: int) -> None:
+        self.batches = batches
+        self.per_message = max(1, per_message)
+        self.message_bytes = message_bytes
+        self.error: BaseException | None = None
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def raise_producer_error(self) -> None:
+        """The caller's iterator failed: that, not the cancelled call, is the error to see."""
+        if self.error is not None:
+            raise self.error
+
+    def requests(self, opener: pb.TrainRequest) -> Iterator[pb.TrainRequest]:
+        yield opener
+        source = self._ready_batches()
+        request = pb.TrainRequest()
+        size = 0
+        for batch, ready_more in source:
+            size += _add(request, batch, len(request.batches))
+            if (
+                len(request.batches) >= self.per_message
+                or size >= self.message_bytes
+                or not ready_more
+            ):
+                yield request
+                request, size = pb.TrainRequest(), 0
+        if request.batches:
+            yield request
+
+    def _ready_batches(self) -> Iterator[tuple[BatchLike, bool]]:
+        """Each batch with whether another is ready right now."""
+        if isinstance(self.batches, Sequence):
+            for i, batch in enumerate(self.batches):
+                yield batch, i + 1 < len(self.batches)
+            return
+        ready: queue.Queue[Any] = queue.Queue(maxsize=2 * self.per_message)
+        threading.Thread(target=self._pump, args=(ready,), daemon=True).start()
+        item = ready.get()
+        while item is not _END:
+            following = ready.get() if ready.qsize() else None
+            yield item, following is not None
+            item = following if following is not None else ready.get()
+
+    def _pump(self, ready: queue.Queue[Any]) -> None:
+        try:
+            for batch in self.batches:
+                while not self._stopped.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stopped.is_set():
+                    return
+        except BaseException as exc:  # re-raised in the caller's thread
+            self.error = exc
+        finally:
+            ready.put(_END)
+
+
+def _add(request: pb.TrainRequest, batch: BatchLike, index: int) -> int:
+    if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
+        raise TypeError(
+            f"batch {index}: expected (x, y) or (x, y, sample_weight), got {type(batch)}"
+        )
+    message = request.batches.add()
+    x, y = as_array(batch[0]), as_array(batch[1])
+    to_proto(x, message.x)
+    to_proto(y, message.y)
+    size = x.nbytes + y.nbytes
+    if len(batch) == 3 and batch[2] is not None:
+        w = as_array(batch[2])
+        to_proto(w, message.sample_weight)
+        size += w.nbytes
+    return size

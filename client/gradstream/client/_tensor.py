@@ -1,0 +1,84 @@
+"""numpy arrays <-> ``gradstream.v1.Tensor``: raw little-endian row-major bytes, no pickle."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from gradstream.v1 import trainer_pb2 as pb
+
+# bfloat16 has no numpy dtype: it travels as its raw 16-bit pattern.
+NUMPY_DTYPES: dict[int, np.dtype[Any]] = {
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+    pb.DATA_TYPE_BFLOAT16: np.dtype("<u2"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+}
+_CODES: dict[str, int] = {
+    "f4": pb.DATA_TYPE_FLOAT32,
+    "f8": pb.DATA_TYPE_FLOAT64,
+    "f2": pb.DATA_TYPE_FLOAT16,
+    "i8": pb.DATA_TYPE_INT64,
+    "i4": pb.DATA_TYPE_INT32,
+}
+MAX_DIMS = 8
+
+
+class TensorFormatError(ValueError):
+    """A Tensor message whose dtype, shape and bytes do not agree; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def as_array(value: Any) -> npt.NDArray[Any]:
+    """numpy, a torch tensor (detached, moved to the CPU) or a nested list, as an ndarray.
+
+    torch is duck-typed so the client never imports it.
+    """
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode an array-like; float64 stays float64 and ints stay ints (the server converts)."""
+    array = as_array(value)
+    if array.dtype == np.bool_ or array.dtype.kind == "u":
+        array = array.astype(np.int64)
+    code = _CODES.get(f"{array.dtype.kind}{array.dtype.itemsize}")
+    if code is None:
+        raise TypeError(f"cannot send arrays of dtype {array.dtype}; use float32/64, int32/64")
+    array = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+    tensor = pb.Tensor() if out is None else out
+    tensor.dtype = code  # type: ignore[assignment]
+    tensor.shape[:] = array.shape
+    tensor.data = array.tobytes()
+    return tensor
+
+
+def from_proto(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
+    """Decode without copying: a read-only view of the message's bytes."""
+    dtype = NUMPY_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise TensorFormatError(f"{field}.dtype", f"unknown data type code {tensor.dtype}")
+    shape = tuple(tensor.shape)
+    if len(shape) > MAX_DIMS:
+        raise TensorFormatError(
+            f"{field}.shape", f"has {len(shape)} dimensions, at most {MAX_DIMS}"
+        )
+    if any(d < 0 for d in shape):
+        raise TensorFormatError(f"{field}.shape", f"{list(shape)} has a negative dimension")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(tensor.data):
+        raise TensorFormatError(
+            f"{field}.data",
+            f"has {len(tensor.data)} bytes, shape {list(shape)} of "
+            f"{pb.DataType.Name(tensor.dtype).removeprefix('DATA_TYPE_').lower()} needs {expected}",
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

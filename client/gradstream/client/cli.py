@@ -1,0 +1,279 @@
+"""The ``gradstream`` command: serve, create, train, predict, params, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from gradstream.client._client import Client, StepResult
+from gradstream.client._errors import GradstreamError
+
+DEFAULT_TARGET = os.environ.get("GRADSTREAM_TARGET", "127.0.0.1:50051")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``gradstream`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.run(args)
+    except GradstreamError as exc:
+        print(f"gradstream: {exc}", file=sys.stderr)
+        code = 1
+    except (OSError, ValueError) as exc:
+        print(f"gradstream: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradstream",
+        description="Train PyTorch models resident on a GPU from streamed batches.",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the training server")
+    _add_settings_flags(serve)
+    serve.set_defaults(run=_serve)
+
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument(
+            "--target",
+            default=DEFAULT_TARGET,
+            help="server host:port (env GRADSTREAM_TARGET; default %(default)s)",
+        )
+        return sub
+
+    create = client_command("create", "create a model from a JSON spec")
+    create.add_argument("name")
+    create.add_argument("--spec", required=True, help="a JSON file, or the JSON itself")
+    create.set_defaults(run=_create)
+
+    train = client_command("train", "stream a dataset (.npz, .npy pair or .csv) into a model")
+    train.add_argument("name")
+    train.add_argument(
+        "data",
+        nargs="?",
+        type=Path,
+        help=".npz with x, y (and sample_weight), or .csv whose last --y-columns are y",
+    )
+    train.add_argument("--x", type=Path, help=".npy of inputs (with --y)")
+    train.add_argument("--y", type=Path, help=".npy of targets (with --x)")
+    train.add_argument("--y-columns", type=int, default=1, help="csv: trailing target columns")
+    train.add_argument(
+        "--labels", action="store_true", help="csv: targets are integer class labels"
+    )
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--report-every", type=int, default=10)
+    train.add_argument("--quiet", action="store_true", help="no progress line")
+    train.set_defaults(run=_train)
+
+    predict = client_command("predict", "run the model on inputs and print the outputs")
+    predict.add_argument("name")
+    predict.add_argument("data", type=Path, help=".npy, .npz (x) or .csv of inputs")
+    predict.set_defaults(run=_predict)
+
+    params = client_command("params", "print parameters (and gradients) as JSON")
+    params.add_argument("name")
+    params.add_argument("--gradients", action="store_true")
+    params.set_defaults(run=_params)
+
+    models = client_command("models", "list models")
+    models.set_defaults(run=_models)
+
+    demo = commands.add_parser(
+        "demo", help="train the seed notebook's regression through the service"
+    )
+    demo.add_argument("--target", default=None, help="use this server instead of starting one")
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser(
+        "bench", help="benchmark the service against the plain PyTorch loop"
+    )
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark harness")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    try:
+        from gradstream.server.config import Settings
+    except ImportError:
+        parser.description = "needs the server extra: pip install 'gradstream[server]'"
+        return
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"GRADSTREAM_{name.upper()}"
+        parser.add_argument(
+            flag,
+            dest=name,
+            default=None,
+            help=f"{info.description} (env {env}; default {info.default})",
+        )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gradstream.server.app import run
+    from gradstream.server.config import Settings
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    run(Settings(**given))
+    return 0
+
+
+def _create(args: argparse.Namespace) -> int:
+    text = Path(args.spec).read_text() if not args.spec.lstrip().startswith("{") else args.spec
+    with Client(args.target) as client:
+        info = client.create_model(args.name, json.loads(text))
+    shapes = {n: list(p.shape) for n, p in info.parameters.items()}
+    print(f"created {info.name} on {info.device}: {shapes}")
+    return 0
+
+
+def load_arrays(
+    args: argparse.Namespace,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any] | None]:
+    """x, y and optional sample weights from the files the train command names."""
+    if args.x is not None or args.y is not None:
+        if args.x is None or args.y is None:
+            raise ValueError("--x and --y go together")
+        return np.load(args.x), np.load(args.y), None
+    if args.data is None:
+        raise ValueError("give a data file (.npz or .csv) or --x and --y")
+    if args.data.suffix == ".npz":
+        with np.load(args.data) as data:
+            return data["x"], data["y"], data.get("sample_weight")
+    if args.data.suffix == ".csv":
+        table = np.loadtxt(
+            args.data, delimiter=",", ndmin=2, dtype=np.float32, skiprows=_has_header(args.data)
+        )
+        x, y = table[:, : -args.y_columns], table[:, -args.y_columns :]
+        return x, (y[:, 0].astype(np.int64) if args.labels else y), None
+    raise ValueError(f"{args.data}: expected .npz or .csv (or --x/--y .npy files)")
+
+
+def _has_header(path: Path) -> int:
+    with path.open() as f:
+        first = f.readline()
+    try:
+        [float(v) for v in first.split(",")]
+    except ValueError:
+        return 1
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    x, y, w = load_arrays(args)
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} rows, y has {len(y)}")
+    size = args.batch_size
+
+    def batches() -> Iterator[tuple[Any, ...]]:
+        for _ in range(args.epochs):
+            for start in range(0, len(x), size):
+                part = slice(start, start + size)
+                yield (x[part], y[part]) if w is None else (x[part], y[part], w[part])
+
+    total = args.epochs * -(-len(x) // size)
+    progress = _Progress(total, quiet=args.quiet)
+    with Client(args.target, timeout=None) as client:
+        for result in client.train(args.name, batches(), report_every=args.report_every):
+            progress.update(result)
+    progress.close()
+    return 0
+
+
+class _Progress:
+    """One status line on stderr: batches done, steps/s, last loss."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.quiet = total, quiet
+        self.done = 0
+        self.loss: float | None = None
+        self.step = 0
+        self.start = self.shown = time.monotonic()
+
+    def update(self, result: StepResult) -> None:
+        self.done += 1
+        self.step = result.step
+        if result.loss is not None:
+            self.loss = result.loss
+        now = time.monotonic()
+        if not self.quiet and (now - self.shown > 0.1 or self.done == self.total):
+            self.shown = now
+            rate = self.done / max(now - self.start, 1e-9)
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            loss = "n/a" if self.loss is None else f"{self.loss:.6g}"
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"step {self.step}  {rate:,.0f} batches/s  loss {loss}  "
+            )
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.quiet:
+            sys.stderr.write("\n")
+        loss = "n/a" if self.loss is None else f"{self.loss:.8g}"
+        print(f"trained {self.done} batches, step {self.step}, loss {loss}")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    path: Path = args.data
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            x = data["x"]
+    elif path.suffix == ".npy":
+        x = np.load(path)
+    else:
+        x = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float32, skiprows=_has_header(path))
+    with Client(args.target) as client:
+        out = client.predict(args.name, x)
+    np.savetxt(sys.stdout, out.reshape(len(out), -1), delimiter=",", fmt="%.8g")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        values = client.parameters(args.name, gradients=args.gradients)
+    print(json.dumps({k: v.tolist() for k, v in values.items()}, indent=2))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        for info in client.list_models():
+            arch = info.spec.get("architecture", {}).get("kind", "?")
+            print(f"{info.name}\t{arch}\tstep {info.step}\t{info.device}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gradstream.client._demo import run_demo
+
+    return run_demo(args.target)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from gradstream.bench.cli import main as bench_main  # type: ignore[import-untyped]
+    except ImportError:
+        raise ValueError("gradstream bench needs the benchmarks installed (make install)") from None
+    return int(bench_main(args.rest))
+
+
+if __name__ == "__main__":
+    main()

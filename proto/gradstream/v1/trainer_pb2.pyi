@@ -1,0 +1,394 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    DATA_TYPE_FLOAT32: _ClassVar[DataType]
+    DATA_TYPE_FLOAT64: _ClassVar[DataType]
+    DATA_TYPE_FLOAT16: _ClassVar[DataType]
+    DATA_TYPE_BFLOAT16: _ClassVar[DataType]
+    DATA_TYPE_INT64: _ClassVar[DataType]
+    DATA_TYPE_INT32: _ClassVar[DataType]
+
+class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
+    OUTCOME_APPLIED: _ClassVar[Outcome]
+    OUTCOME_ACCUMULATED: _ClassVar[Outcome]
+    OUTCOME_SKIPPED_NONFINITE: _ClassVar[Outcome]
+    OUTCOME_DUPLICATE: _ClassVar[Outcome]
+    OUTCOME_REJECTED: _ClassVar[Outcome]
+DATA_TYPE_UNSPECIFIED: DataType
+DATA_TYPE_FLOAT32: DataType
+DATA_TYPE_FLOAT64: DataType
+DATA_TYPE_FLOAT16: DataType
+DATA_TYPE_BFLOAT16: DataType
+DATA_TYPE_INT64: DataType
+DATA_TYPE_INT32: DataType
+OUTCOME_UNSPECIFIED: Outcome
+OUTCOME_APPLIED: Outcome
+OUTCOME_ACCUMULATED: Outcome
+OUTCOME_SKIPPED_NONFINITE: Outcome
+OUTCOME_DUPLICATE: Outcome
+OUTCOME_REJECTED: Outcome
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Architecture(_message.Message):
+    __slots__ = ("kind", "in_features", "out_features", "hidden", "activation", "bias", "options")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    in_features: int
+    out_features: int
+    hidden: _containers.RepeatedScalarFieldContainer[int]
+    activation: str
+    bias: bool
+    options: _struct_pb2.Struct
+    def __init__(self, kind: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., hidden: _Optional[_Iterable[int]] = ..., activation: _Optional[str] = ..., bias: _Optional[bool] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class Init(_message.Message):
+    __slots__ = ("kind", "seed", "tensors")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    seed: int
+    tensors: _containers.MessageMap[str, Tensor]
+    def __init__(self, kind: _Optional[str] = ..., seed: _Optional[int] = ..., tensors: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class Loss(_message.Message):
+    __slots__ = ("kind", "reduction", "delta")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    reduction: str
+    delta: float
+    def __init__(self, kind: _Optional[str] = ..., reduction: _Optional[str] = ..., delta: _Optional[float] = ...) -> None: ...
+
+class Optimizer(_message.Message):
+    __slots__ = ("kind", "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach", "differentiable", "fused")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    DAMPENING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    MAXIMIZE_FIELD_NUMBER: _ClassVar[int]
+    FOREACH_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENTIABLE_FIELD_NUMBER: _ClassVar[int]
+    FUSED_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+    foreach: bool
+    differentiable: bool
+    fused: bool
+    def __init__(self, kind: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., weight_decay: _Optional[float] = ..., nesterov: _Optional[bool] = ..., maximize: _Optional[bool] = ..., foreach: _Optional[bool] = ..., differentiable: _Optional[bool] = ..., fused: _Optional[bool] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("architecture", "init", "loss", "optimizer", "accumulate_steps", "dtype", "frozen")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    architecture: Architecture
+    init: Init
+    loss: Loss
+    optimizer: Optimizer
+    accumulate_steps: int
+    dtype: str
+    frozen: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., init: _Optional[_Union[Init, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., accumulate_steps: _Optional[int] = ..., dtype: _Optional[str] = ..., frozen: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ParameterInfo(_message.Message):
+    __slots__ = ("name", "shape", "frozen")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    frozen: bool
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., frozen: _Optional[bool] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "spec", "step", "pending_batches", "device", "parameters", "autograd_chain", "nonfinite_streak")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PENDING_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    AUTOGRAD_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_STREAK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: ModelSpec
+    step: int
+    pending_batches: int
+    device: str
+    parameters: _containers.RepeatedCompositeFieldContainer[ParameterInfo]
+    autograd_chain: _containers.RepeatedScalarFieldContainer[str]
+    nonfinite_streak: int
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., step: _Optional[int] = ..., pending_batches: _Optional[int] = ..., device: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., autograd_chain: _Optional[_Iterable[str]] = ..., nonfinite_streak: _Optional[int] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("name", "spec")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    spec: ModelSpec
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
+
+class CreateModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UpdateModelRequest(_message.Message):
+    __slots__ = ("name", "lr", "freeze", "unfreeze")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_FIELD_NUMBER: _ClassVar[int]
+    UNFREEZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lr: float
+    freeze: _containers.RepeatedScalarFieldContainer[str]
+    unfreeze: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., freeze: _Optional[_Iterable[str]] = ..., unfreeze: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpdateModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("x", "y", "sample_weight", "sequence")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    x: Tensor
+    y: Tensor
+    sample_weight: Tensor
+    sequence: int
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class TrainOpen(_message.Message):
+    __slots__ = ("model", "producer_id", "report_every")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    producer_id: str
+    report_every: int
+    def __init__(self, model: _Optional[str] = ..., producer_id: _Optional[str] = ..., report_every: _Optional[int] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("open", "batches")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    open: TrainOpen
+    batches: _containers.RepeatedCompositeFieldContainer[Batch]
+    def __init__(self, open: _Optional[_Union[TrainOpen, _Mapping]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("sequence", "step", "loss", "outcome", "reason")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    step: int
+    loss: float
+    outcome: Outcome
+    reason: str
+    def __init__(self, sequence: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class StreamState(_message.Message):
+    __slots__ = ("model", "step", "last_applied_sequence", "last_durable_sequence")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LAST_APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_DURABLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    step: int
+    last_applied_sequence: int
+    last_durable_sequence: int
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., last_applied_sequence: _Optional[int] = ..., last_durable_sequence: _Optional[int] = ...) -> None: ...
+
+class TrainResponse(_message.Message):
+    __slots__ = ("opened", "results")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    opened: StreamState
+    results: _containers.RepeatedCompositeFieldContainer[StepResult]
+    def __init__(self, opened: _Optional[_Union[StreamState, _Mapping]] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("name", "x")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    x: Tensor
+    def __init__(self, name: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("y",)
+    Y_FIELD_NUMBER: _ClassVar[int]
+    y: Tensor
+    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ComputeGradientsRequest(_message.Message):
+    __slots__ = ("name", "x", "y", "sample_weight", "grad_output")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    x: Tensor
+    y: Tensor
+    sample_weight: Tensor
+    grad_output: Tensor
+    def __init__(self, name: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ComputeGradientsResponse(_message.Message):
+    __slots__ = ("gradients", "loss")
+    class GradientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    gradients: _containers.MessageMap[str, Tensor]
+    loss: float
+    def __init__(self, gradients: _Optional[_Mapping[str, Tensor]] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class GetParametersRequest(_message.Message):
+    __slots__ = ("name", "include_gradients")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    include_gradients: bool
+    def __init__(self, name: _Optional[str] = ..., include_gradients: _Optional[bool] = ...) -> None: ...
+
+class GetParametersResponse(_message.Message):
+    __slots__ = ("parameters", "gradients", "step")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class GradientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    parameters: _containers.MessageMap[str, Tensor]
+    gradients: _containers.MessageMap[str, Tensor]
+    step: int
+    def __init__(self, parameters: _Optional[_Mapping[str, Tensor]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., step: _Optional[int] = ...) -> None: ...
+
+class SetParametersRequest(_message.Message):
+    __slots__ = ("name", "parameters", "reset_optimizer")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    RESET_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    parameters: _containers.MessageMap[str, Tensor]
+    reset_optimizer: bool
+    def __init__(self, name: _Optional[str] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., reset_optimizer: _Optional[bool] = ...) -> None: ...
+
+class SetParametersResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,231 @@
+"""Wiring and lifecycle: start -> serve until a signal -> drain -> stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import grpc
+import torch
+from gradstream.server.config import Settings
+from gradstream.server.errors import InvalidArgument
+from gradstream.server.interceptors import ErrorInterceptor
+from gradstream.server.metrics import Metrics
+from gradstream.server.registry import ModelRegistry
+from gradstream.server.servicer import TrainerServicer
+from gradstream.v1 import trainer_pb2, trainer_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+log = logging.getLogger("gradstream.server")
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; ``cuda:N`` must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidArgument(
+            "device", f"{name!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgument("device", f"{name!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidArgument(
+                "device", f"{name!r}: only {torch.cuda.device_count()} CUDA devices here"
+            )
+    elif device.type != "cpu":
+        raise InvalidArgument("device", f"{name!r} is not supported (auto, cpu, cuda, cuda:N)")
+    return device
+
+
+class Server:
+    """One gradstream server: the gRPC port, the plaintext health port and the metrics port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(
+            self.device,
+            self.metrics,
+            max_models=settings.max_models,
+            queue_depth=settings.queue_depth,
+            max_nonfinite_steps=settings.max_nonfinite_steps,
+        )
+        self.health = health_aio.HealthServicer()
+        self.port = self.health_port = self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
+        self._stopping = asyncio.Event()
+
+    def _options(self) -> list[tuple[str, Any]]:
+        limit = self.settings.max_message_bytes
+        return [
+            # Over-limit messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # Two servers silently sharing a port would split one model's streams.
+            ("grpc.so_reuseport", 0),
+        ]
+
+    async def start(self) -> None:
+        """Bind every port and start serving."""
+        s = self.settings
+        self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
+            TrainerServicer(self.registry, self.metrics), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        self.port = self._grpc.add_insecure_port(f"{s.host}:{s.port}")
+        await self._grpc.start()
+        if s.health_port >= 0:
+            # Probes get a port of their own so a saturated training port never fails them.
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{s.host}:{s.health_port}")
+            await self._health_server.start()
+        if s.metrics_port >= 0:
+            self._metrics_http, _ = start_http_server(
+                s.metrics_port, addr=s.host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._metrics_http.server_port
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "gradstream serving on %s:%d (health %d, metrics %d, device %s)",
+            s.host,
+            self.port,
+            self.health_port,
+            self.metrics_port,
+            self.device,
+        )
+        if s.ready_file is not None:
+            ready = {
+                "port": self.port,
+                "health_port": self.health_port,
+                "metrics_port": self.metrics_port,
+                "pid": os.getpid(),
+            }
+            tmp = s.ready_file.with_name(s.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps(ready))
+            tmp.replace(s.ready_file)
+
+    def request_stop(self) -> None:
+        """Ask ``serve`` to drain and stop (signal-safe)."""
+        self._stopping.set()
+
+    async def serve(self) -> None:
+        """Start, wait for ``request_stop``, then stop."""
+        await self.start()
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, let RPCs in flight finish within drain_timeout, free the models."""
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.drain_timeout)
+        await self.registry.close()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("gradstream stopped")
+
+
+def run(settings: Settings) -> None:
+    """Run a server in this process until SIGINT or SIGTERM."""
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def main() -> None:
+        server = Server(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.request_stop)
+        await server.serve()
+
+    asyncio.run(main())
+
+
+class BackgroundServer:
+    """A server on its own event loop in a daemon thread: for notebooks and tests.
+
+    >>> with BackgroundServer(Settings(port=0)) as server:
+    ...     Client(f"127.0.0.1:{server.port}")
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.server = Server(settings)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gradstream-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port."""
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        """host:port to connect to."""
+        return f"{self.server.settings.host}:{self.server.port}"
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        """Start and wait until the ports are bound."""
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError(f"server did not start within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain and stop; returns when the thread has ended."""
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.server.request_stop)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                raise
+            finally:
+                self._started.set()
+            await self.server._stopping.wait()
+            await self.server.stop()
+
+        with contextlib.suppress(BaseException):
+            asyncio.run(main())
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

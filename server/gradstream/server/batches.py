@@ -1,0 +1,125 @@
+"""Checking decoded tensors against what a model takes, before any of it reaches the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from gradstream.server.errors import InvalidArgument
+from gradstream.server.models import DTYPES
+from gradstream.server.spec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A validated (x, y[, weight]) on the CPU, in the model's dtype (labels int64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    weight: torch.Tensor | None = None
+    sequence: int = 0
+
+
+class BatchChecker:
+    """The input contract of one model: feature counts, label kind, dtype.
+
+    It reads only the immutable parts of the spec, so request handlers can run it
+    without waiting for the model's worker.
+    """
+
+    def __init__(self, spec: ModelSpec, max_rows: int = 0) -> None:
+        self.in_features = spec.architecture.in_features
+        self.out_features = spec.architecture.out_features
+        self.classes = spec.loss.kind == "cross_entropy"
+        self.dtype = DTYPES[spec.dtype]
+        self.max_rows = max_rows
+
+    def inputs(self, x: torch.Tensor, field: str = "x") -> torch.Tensor:
+        """x as (N, in_features) with N >= 1, finite, in the model's dtype."""
+        _floating(x, field)
+        if x.ndim == 1 and self.in_features == 1:
+            x = x.unsqueeze(1)
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise InvalidArgument(
+                field,
+                f"has shape {list(x.shape)}, the model expects (rows, {self.in_features})",
+            )
+        if x.shape[0] == 0:
+            raise InvalidArgument(field, "is an empty batch (0 rows)")
+        if self.max_rows and x.shape[0] > self.max_rows:
+            raise InvalidArgument(field, f"has {x.shape[0]} rows, the limit is {self.max_rows}")
+        _finite(x, field)
+        return x.to(self.dtype)
+
+    def targets(self, y: torch.Tensor, rows: int, field: str = "y") -> torch.Tensor:
+        """y for ``rows`` rows: class labels in range, or finite values shaped like the output."""
+        if self.classes:
+            if y.dtype not in (torch.int64, torch.int32):
+                raise InvalidArgument(
+                    field, f"has dtype {_name(y.dtype)}, cross_entropy takes int64 class labels"
+                )
+            if y.shape != (rows,):
+                raise InvalidArgument(
+                    field, f"has shape {list(y.shape)}, expected ({rows},) labels"
+                )
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= self.out_features:
+                bad = low if low < 0 else high
+                raise InvalidArgument(
+                    field, f"label {bad} is out of range [0, {self.out_features})"
+                )
+            return y.to(torch.int64)
+        _floating(y, field)
+        if y.ndim == 1 and self.out_features == 1:
+            y = y.unsqueeze(1)
+        if y.shape != (rows, self.out_features):
+            raise InvalidArgument(
+                field, f"has shape {list(y.shape)}, expected ({rows}, {self.out_features})"
+            )
+        _finite(y, field)
+        return y.to(self.dtype)
+
+    def weights(self, w: torch.Tensor, rows: int, field: str = "sample_weight") -> torch.Tensor:
+        """One finite, non-negative weight per row, not all zero."""
+        _floating(w, field)
+        if w.shape != (rows,):
+            raise InvalidArgument(field, f"has shape {list(w.shape)}, expected ({rows},)")
+        _finite(w, field)
+        if bool((w < 0).any()):
+            raise InvalidArgument(field, f"has a negative weight {float(w.min())}")
+        if not bool((w > 0).any()):
+            raise InvalidArgument(field, "weights are all zero")
+        return w.to(self.dtype)
+
+    def batch(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        sequence: int = 0,
+        field: str = "batch",
+    ) -> Batch:
+        """A whole training batch, every part checked."""
+        x = self.inputs(x, f"{field}.x")
+        rows = x.shape[0]
+        return Batch(
+            x=x,
+            y=self.targets(y, rows, f"{field}.y"),
+            weight=None if weight is None else self.weights(weight, rows, f"{field}.sample_weight"),
+            sequence=sequence,
+        )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _floating(t: torch.Tensor, field: str) -> None:
+    if not t.is_floating_point():
+        raise InvalidArgument(field, f"has dtype {_name(t.dtype)}, expected floating point")
+
+
+def _finite(t: torch.Tensor, field: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = t[~torch.isfinite(t)].flatten()[0].item()
+        raise InvalidArgument(field, f"contains a non-finite value ({bad})")

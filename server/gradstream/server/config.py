@@ -1,0 +1,58 @@
+"""Every knob of the server: ``GRADSTREAM_<NAME>`` in the environment, ``--<name>`` on the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server settings; CLI flags override the environment, which overrides the defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="GRADSTREAM_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address the gRPC port binds to")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    health_port: int = Field(
+        50052,
+        ge=-1,
+        le=65535,
+        description="plaintext port answering only grpc.health.v1, for probes (-1: off)",
+    )
+    metrics_port: int = Field(
+        9464, ge=-1, le=65535, description="Prometheus /metrics port (-1: off)"
+    )
+    device: str = Field(
+        "auto", description="auto, cpu, cuda or cuda:N; auto takes CUDA when present"
+    )
+    threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="largest gRPC message accepted or sent, in bytes"
+    )
+    max_models: int = Field(64, gt=0, description="most models resident at once")
+    queue_depth: int = Field(
+        4,
+        gt=0,
+        description="request messages in flight per model before streams are back-pressured",
+    )
+    max_nonfinite_steps: int = Field(
+        50,
+        ge=0,
+        description="non-finite steps in a row after which a model refuses training (0: off)",
+    )
+    metrics_every: int = Field(
+        10, gt=0, description="steps between samples of weight and gradient metrics"
+    )
+    metrics_max_elements: int = Field(
+        64, ge=0, description="parameters with at most this many elements export every value"
+    )
+    drain_timeout: float = Field(
+        20.0, ge=0, description="seconds to let streams finish on SIGTERM before they are ended"
+    )
+    ready_file: Path | None = Field(
+        None, description="write the bound ports here as JSON once serving (for --port 0)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")

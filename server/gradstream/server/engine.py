@@ -1,0 +1,316 @@
+"""One model being trained: the seed notebook's loop, made a service.
+
+Each ``Trainer`` owns its module, loss and optimizer on one device. Its methods
+are not thread-safe: the model's worker (``worker.py``) is the only caller, so
+steps are serialized without locks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+from gradstream.server.batches import Batch, BatchChecker
+from gradstream.server.errors import FailedPrecondition, InvalidArgument
+from gradstream.server.models import build_module, build_optimizer, loss_value
+from gradstream.server.spec import ModelSpec
+
+
+class Outcome(StrEnum):
+    """What one batch did to the model."""
+
+    APPLIED = "APPLIED"
+    ACCUMULATED = "ACCUMULATED"
+    SKIPPED_NONFINITE = "SKIPPED_NONFINITE"
+    DUPLICATE = "DUPLICATE"
+    REJECTED = "REJECTED"
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """The outcome of one batch; ``loss`` is None when it was not read back from the device."""
+
+    sequence: int
+    step: int
+    outcome: Outcome
+    loss: float | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterInfo:
+    """Name, shape and frozen state of one parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    frozen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A snapshot of a model's state for GetModel and friends."""
+
+    name: str
+    spec: ModelSpec
+    step: int
+    pending_batches: int
+    device: str
+    parameters: tuple[ParameterInfo, ...]
+    autograd_chain: tuple[str, ...]
+    nonfinite_streak: int
+
+
+@dataclass(slots=True)
+class TrainOptions:
+    """Per-stream choices: who is producing and how often to read the loss back."""
+
+    producer_id: str = ""
+    report_every: int = 1
+    batches_seen: int = field(default=0)
+
+
+class Trainer:
+    """Parameters, gradients and optimizer state of one model, resident on ``device``."""
+
+    def __init__(
+        self, name: str, spec: ModelSpec, device: torch.device, max_nonfinite_steps: int = 0
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.device = device
+        self.module = build_module(spec, device)
+        self.optimizer = build_optimizer(spec.optimizer, self.module)
+        self.checker = BatchChecker(spec)
+        self.step = 0
+        self.pending = 0  # batches whose gradients are accumulated towards the next step
+        self.nonfinite_streak = 0
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.producers: dict[str, int] = {}  # producer_id -> last applied sequence
+        self._params = dict(self.module.named_parameters())
+        # found_inf is filled on the device by one fused kernel for all gradients.
+        self._found_inf = torch.zeros(1, device=device)
+        self._one = torch.ones((), device=device)
+        self.last_loss: float | None = None  # of the last applied step, for metrics
+
+    # -- training ---------------------------------------------------------------------
+
+    def train(self, batch: Batch, options: TrainOptions) -> StepResult:
+        """One batch: ``zero_grad`` -> forward -> loss -> ``backward`` -> ``step`` (every k)."""
+        options.batches_seen += 1
+        sequence = batch.sequence or options.batches_seen
+        last = self.producers.get(options.producer_id, 0) if options.producer_id else 0
+        if batch.sequence and batch.sequence <= last:
+            return StepResult(sequence, self.step, Outcome.DUPLICATE)
+        if self.max_nonfinite_steps and self.nonfinite_streak >= self.max_nonfinite_steps:
+            raise FailedPrecondition(
+                f"model {self.name!r} diverged: {self.nonfinite_streak} non-finite steps in a row; "
+                "set its parameters to train it again"
+            )
+        k = self.spec.accumulate_steps
+        if self.pending == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        x = batch.x.to(self.device, non_blocking=True)
+        y = batch.y.to(self.device, non_blocking=True)
+        w = None if batch.weight is None else batch.weight.to(self.device, non_blocking=True)
+        loss = loss_value(self.spec.loss, self.module(x), y, w)
+        # The loss is checked before backward so a bad batch adds nothing to the
+        # gradients already accumulated; what is still pending stays pending.
+        loss_number = loss.item()
+        if not math.isfinite(loss_number):
+            return self._skipped(sequence, loss_number, "loss is not finite")
+        torch.autograd.backward(loss)
+        self._mark(options.producer_id, batch.sequence)
+        self.pending += 1
+        report = options.batches_seen % options.report_every == 0
+        if self.pending < k:
+            return StepResult(
+                sequence, self.step, Outcome.ACCUMULATED, loss_number if report else None
+            )
+        self.pending = 0
+        if self._gradients_nonfinite():
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skipped(sequence, loss_number, "gradient is not finite")
+        self.optimizer.step()
+        self.step += 1
+        self.nonfinite_streak = 0
+        self.last_loss = loss_number
+        return StepResult(sequence, self.step, Outcome.APPLIED, loss_number if report else None)
+
+    def _skipped(self, sequence: int, loss: float, reason: str) -> StepResult:
+        self.nonfinite_streak += 1
+        return StepResult(sequence, self.step, Outcome.SKIPPED_NONFINITE, loss, reason)
+
+    def _mark(self, producer_id: str, sequence: int) -> None:
+        if producer_id and sequence:
+            self.producers[producer_id] = sequence
+
+    def _gradients_nonfinite(self) -> bool:
+        grads = [p.grad for p in self._params.values() if p.grad is not None]
+        if not grads:
+            return False
+        self._found_inf.zero_()
+        # Multiplying by exactly 1.0 leaves every finite gradient bit-for-bit as it was.
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
+        return bool(self._found_inf.item())
+
+    # -- inspection and inference --------------------------------------------------------
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output in inference mode: detached, no graph kept."""
+        with torch.inference_mode():
+            output: torch.Tensor = self.module(x.to(self.device))
+            return output.detach()
+
+    def gradients(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        grad_output: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], float | None]:
+        """d loss / d theta, or the vector-Jacobian product v^T (d output / d theta).
+
+        ``torch.autograd.grad`` leaves every ``.grad`` alone: nothing accumulates, nothing steps.
+        """
+        trainable = {n: p for n, p in self._params.items() if p.requires_grad}
+        if not trainable:
+            raise FailedPrecondition(f"model {self.name!r} has no trainable parameters")
+        output = self.module(x.to(self.device))
+        if grad_output is not None:
+            if grad_output.shape != output.shape:
+                raise InvalidArgument(
+                    "grad_output",
+                    f"has shape {list(grad_output.shape)}, the output has {list(output.shape)}",
+                )
+            root, vector, loss = output, grad_output.to(self.device, output.dtype), None
+        else:
+            assert y is not None
+            root = loss_value(
+                self.spec.loss,
+                output,
+                y.to(self.device),
+                None if weight is None else weight.to(self.device),
+            )
+            vector, loss = None, root.item()
+        grads = torch.autograd.grad(
+            root, list(trainable.values()), grad_outputs=vector, allow_unused=True
+        )
+        return {
+            n: torch.zeros_like(p) if g is None else g
+            for (n, p), g in zip(trainable.items(), grads, strict=True)
+        }, loss
+
+    def parameters(
+        self, include_gradients: bool = False
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Detached copies of the parameters and, if asked, of the gradients set now."""
+        params = {n: p.detach().clone() for n, p in self._params.items()}
+        grads = {}
+        if include_gradients:
+            grads = {
+                n: p.grad.detach().clone() for n, p in self._params.items() if p.grad is not None
+            }
+        return params, grads
+
+    def set_parameters(self, values: dict[str, torch.Tensor], reset_optimizer: bool) -> None:
+        """Overwrite named parameters, all or none; clears the divergence guard."""
+        for name, value in values.items():
+            param = self._params.get(name)
+            if param is None:
+                known = ", ".join(self._params)
+                raise InvalidArgument(
+                    f"parameters[{name}]", f"no such parameter; the model has {known}"
+                )
+            if tuple(value.shape) != tuple(param.shape):
+                raise InvalidArgument(
+                    f"parameters[{name}]",
+                    f"has shape {list(value.shape)}, the parameter has {list(param.shape)}",
+                )
+            if not value.is_floating_point():
+                raise InvalidArgument(
+                    f"parameters[{name}]", f"has dtype {value.dtype}, expected float"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise InvalidArgument(f"parameters[{name}]", "contains a non-finite value")
+        with torch.no_grad():
+            for name, value in values.items():
+                self._params[name].copy_(value)
+        if reset_optimizer:
+            self.optimizer.state.clear()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending = 0
+        self.nonfinite_streak = 0
+
+    def update(self, lr: float | None, freeze: tuple[str, ...], unfreeze: tuple[str, ...]) -> None:
+        """Change the learning rate; freeze (``requires_grad_(False)``) or unfreeze parameters."""
+        for field_name, names in (("freeze", freeze), ("unfreeze", unfreeze)):
+            for name in names:
+                if name not in self._params:
+                    known = ", ".join(self._params)
+                    raise InvalidArgument(
+                        field_name, f"no parameter named {name!r}; the model has {known}"
+                    )
+        both = set(freeze) & set(unfreeze)
+        if both:
+            raise InvalidArgument("freeze", f"{sorted(both)} are in both freeze and unfreeze")
+        if lr is not None and not (math.isfinite(lr) and lr >= 0):
+            raise InvalidArgument("lr", f"must be a finite number >= 0, got {lr}")
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        for name in freeze:
+            # A frozen parameter must not move, not even by a gradient accumulated before.
+            self._params[name].requires_grad_(False)
+            self._params[name].grad = None
+        for name in unfreeze:
+            self._params[name].requires_grad_(True)
+        frozen = tuple(n for n, p in self._params.items() if not p.requires_grad)
+        optimizer = (
+            self.spec.optimizer if lr is None else self.spec.optimizer.model_copy(update={"lr": lr})
+        )
+        self.spec = self.spec.model_copy(update={"frozen": frozen, "optimizer": optimizer})
+
+    def info(self) -> ModelInfo:
+        """Spec, step, device, parameter shapes and the loss's autograd chain."""
+        return ModelInfo(
+            name=self.name,
+            spec=self.spec,
+            step=self.step,
+            pending_batches=self.pending,
+            device=str(self.device),
+            parameters=tuple(
+                ParameterInfo(n, tuple(p.shape), not p.requires_grad)
+                for n, p in self._params.items()
+            ),
+            autograd_chain=self.autograd_chain(),
+            nonfinite_streak=self.nonfinite_streak,
+        )
+
+    def autograd_chain(self) -> tuple[str, ...]:
+        """The ``grad_fn`` names of the loss on one zero row, breadth first (the seed's grad_fn)."""
+        x = torch.zeros(
+            1,
+            self.spec.architecture.in_features,
+            device=self.device,
+            dtype=next(iter(self._params.values())).dtype,
+        )
+        if self.spec.loss.kind == "cross_entropy":
+            y = torch.zeros(1, dtype=torch.int64, device=self.device)
+        else:
+            y = torch.zeros(
+                1, self.spec.architecture.out_features, device=self.device, dtype=x.dtype
+            )
+        loss = loss_value(self.spec.loss, self.module(x), y, None)
+        names: list[str] = []
+        seen: set[int] = set()
+        frontier = [loss.grad_fn]
+        while frontier:
+            node = frontier.pop(0)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            names.append(node.name().removeprefix("torch::autograd::"))
+            frontier.extend(next_fn for next_fn, _ in node.next_functions)
+        return tuple(names)

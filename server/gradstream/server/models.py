@@ -1,0 +1,151 @@
+"""Building the module, loss and optimizer a spec describes.
+
+Architectures other than ``linear`` and ``mlp`` come from plug-ins: a package
+registers a callable ``(ArchitectureSpec) -> torch.nn.Module`` under the
+entry-point group ``gradstream.architectures``, keyed by its ``kind``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Literal
+
+import torch
+from gradstream.server.errors import InvalidArgument
+from gradstream.server.spec import ArchitectureSpec, LossSpec, ModelSpec, OptimizerSpec
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+ArchitectureBuilder = Callable[[ArchitectureSpec], nn.Module]
+ENTRY_POINT_GROUP = "gradstream.architectures"
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+}
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _linear(spec: ArchitectureSpec) -> nn.Module:
+    return nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
+
+
+def _mlp(spec: ArchitectureSpec) -> nn.Module:
+    widths = [spec.in_features, *spec.hidden, spec.out_features]
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+        if i:
+            layers.append(_ACTIVATIONS[spec.activation]())
+        layers.append(nn.Linear(fan_in, fan_out, bias=spec.bias))
+    return nn.Sequential(*layers)
+
+
+@functools.cache
+def architectures() -> dict[str, ArchitectureBuilder]:
+    """Every known architecture: the built-ins, then installed plug-ins."""
+    found: dict[str, ArchitectureBuilder] = {"linear": _linear, "mlp": _mlp}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(point.name, point.load())
+    return found
+
+
+def build_module(spec: ModelSpec, device: torch.device) -> nn.Module:
+    """The spec's network with its initial parameters, on ``device`` in the spec's dtype."""
+    builders = architectures()
+    kind = spec.architecture.kind
+    if kind not in builders:
+        known = ", ".join(sorted(builders))
+        raise InvalidArgument(
+            "spec.architecture.kind", f"unknown architecture {kind!r}; known: {known}"
+        )
+    # A private RNG stream: the same seed gives the same weights whatever else ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init.seed)
+        module = builders[kind](spec.architecture)
+    names = {name for name, _ in module.named_parameters()}
+    _check_names(spec.frozen, names, "spec.frozen")
+    with torch.no_grad():
+        if spec.init.kind in ("zeros", "tensors"):
+            for p in module.parameters():
+                p.zero_()
+        if spec.init.kind == "tensors":
+            _check_names(tuple(spec.init.tensors), names, "spec.init.tensors")
+            params = dict(module.named_parameters())
+            for name, value in spec.init.tensors.items():
+                target = params[name]
+                if tuple(value.shape) != tuple(target.shape):
+                    raise InvalidArgument(
+                        f"spec.init.tensors[{name}]",
+                        f"has shape {list(value.shape)}, the parameter has {list(target.shape)}",
+                    )
+                target.copy_(torch.from_numpy(value.astype("float64", copy=False)))
+    module = module.to(device=device, dtype=DTYPES[spec.dtype])
+    for name, p in module.named_parameters():
+        p.requires_grad_(name not in spec.frozen)
+    return module
+
+
+def build_optimizer(spec: OptimizerSpec, module: nn.Module) -> torch.optim.Optimizer:
+    """SGD over every parameter: frozen ones have no gradient, so SGD leaves them alone."""
+    return torch.optim.SGD(
+        module.parameters(),
+        lr=spec.lr,
+        momentum=spec.momentum,
+        dampening=spec.dampening,
+        weight_decay=spec.weight_decay,
+        nesterov=spec.nesterov,
+        maximize=spec.maximize,
+        foreach=spec.foreach,
+        differentiable=spec.differentiable,
+        fused=spec.fused,
+    )
+
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+def loss_value(
+    spec: LossSpec, output: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """The scalar loss; with sample weights ``sum(w * l_i) / sum(w)`` (mean) or ``sum(w * l_i)``.
+
+    ``l_i`` is row i's loss, reduced over its own elements the same way (mean or sum),
+    so that unit weights give the unweighted loss.
+    """
+    if weight is None:
+        return _elementwise(spec, output, y, spec.reduction)
+    per_element = _elementwise(spec, output, y, "none")
+    if per_element.ndim > 1:
+        dims = tuple(range(1, per_element.ndim))
+        per_element = per_element.mean(dims) if spec.reduction == "mean" else per_element.sum(dims)
+    total = (weight * per_element).sum()
+    return total / weight.sum() if spec.reduction == "mean" else total
+
+
+def _elementwise(
+    spec: LossSpec, output: torch.Tensor, y: torch.Tensor, reduction: Reduction
+) -> torch.Tensor:
+    match spec.kind:
+        case "mse":
+            return F.mse_loss(output, y, reduction=reduction)
+        case "l1":
+            return F.l1_loss(output, y, reduction=reduction)
+        case "huber":
+            return F.huber_loss(output, y, reduction=reduction, delta=spec.delta)
+        case "cross_entropy":
+            return F.cross_entropy(output, y, reduction=reduction)
+        case "bce_with_logits":
+            return F.binary_cross_entropy_with_logits(output, y, reduction=reduction)
+
+
+def _check_names(given: tuple[str, ...], known: set[str], field: str) -> None:
+    for name in given:
+        if name not in known:
+            raise InvalidArgument(
+                field, f"no parameter named {name!r}; the model has {', '.join(sorted(known))}"
+            )

@@ -1,0 +1,78 @@
+"""The models resident on this server, by name, each with its worker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from gradstream.server.engine import ModelInfo, Trainer
+from gradstream.server.errors import AlreadyExists, NotFound, ResourceExhausted
+from gradstream.server.metrics import Metrics
+from gradstream.server.spec import ModelSpec, check_model_name
+from gradstream.server.worker import ModelWorker
+
+
+class ModelRegistry:
+    """Creates, finds and frees models; enforces ``max_models``."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        metrics: Metrics,
+        max_models: int = 64,
+        queue_depth: int = 4,
+        max_nonfinite_steps: int = 0,
+    ) -> None:
+        self.device = device
+        self.metrics = metrics
+        self.max_models = max_models
+        self.queue_depth = queue_depth
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._workers: dict[str, ModelWorker] = {}
+        self._creating: set[str] = set()
+
+    def get(self, name: str) -> ModelWorker:
+        """The worker of a model, or NOT_FOUND."""
+        worker = self._workers.get(name)
+        if worker is None:
+            raise NotFound(f"no model named {name!r}")
+        return worker
+
+    def names(self) -> list[str]:
+        """Model names, sorted."""
+        return sorted(self._workers)
+
+    async def create(self, name: str, spec: ModelSpec) -> ModelInfo:
+        """Build the model off the event loop and start its worker."""
+        check_model_name(name)
+        if name in self._workers or name in self._creating:
+            raise AlreadyExists(f"a model named {name!r} exists already")
+        if len(self._workers) + len(self._creating) >= self.max_models:
+            raise ResourceExhausted(
+                f"max_models: the server holds {self.max_models} models already"
+            )
+        self._creating.add(name)
+        try:
+            trainer = await asyncio.to_thread(
+                Trainer, name, spec, self.device, self.max_nonfinite_steps
+            )
+            info = await asyncio.to_thread(trainer.info)
+        finally:
+            self._creating.discard(name)
+        self._workers[name] = ModelWorker(trainer, self.queue_depth)
+        self.metrics.model_created(name, spec.optimizer.lr)
+        self.metrics.models.set(len(self._workers))
+        return info
+
+    async def delete(self, name: str) -> None:
+        """Stop the model's worker after the jobs queued before, then drop it."""
+        worker = self.get(name)
+        del self._workers[name]
+        await asyncio.to_thread(worker.close)
+        self.metrics.model_deleted(name)
+        self.metrics.models.set(len(self._workers))
+
+    async def close(self) -> None:
+        """Stop every worker."""
+        for name in list(self._workers):
+            await self.delete(name)

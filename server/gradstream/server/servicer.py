@@ -1,0 +1,308 @@
+"""The wire <-> domain translation of ``gradstream.v1.TrainerService``; no torch math here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from gradstream.client._spec import spec_from_proto, spec_to_proto
+from gradstream.server.batches import Batch, BatchChecker
+from gradstream.server.codec import decode, encode
+from gradstream.server.engine import ModelInfo, Outcome, StepResult, Trainer, TrainOptions
+from gradstream.server.errors import GradstreamError, InvalidArgument
+from gradstream.server.metrics import Metrics
+from gradstream.server.registry import ModelRegistry
+from gradstream.server.spec import parse_spec
+from gradstream.server.worker import ModelWorker
+from gradstream.v1 import trainer_pb2 as pb
+from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+
+_OUTCOMES: dict[Outcome, Any] = {
+    outcome: pb.Outcome.Value(f"OUTCOME_{outcome.value}") for outcome in Outcome
+}
+Context = grpc.aio.ServicerContext[object, object]
+
+
+@dataclass(frozen=True, slots=True)
+class _Rejected:
+    """A batch that failed validation: it still gets its place in the result order."""
+
+    reason: str
+    sequence: int
+
+
+_Item = Batch | _Rejected
+
+
+class _Stream:
+    """The state one Train stream shares with the jobs it queued."""
+
+    def __init__(self, options: TrainOptions) -> None:
+        self.options = options
+        self.cancelled = False
+        self.error: GradstreamError | None = None  # ends the stream after the results before it
+
+
+class TrainerServicer(pb_grpc.TrainerServiceServicer):
+    """Decodes and validates requests, queues the work on the model's worker, encodes replies."""
+
+    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    async def CreateModel(
+        self, request: pb.CreateModelRequest, context: Context
+    ) -> pb.CreateModelResponse:
+        try:
+            data = spec_from_proto(request.spec)
+        except ValueError as exc:  # a malformed init tensor
+            raise InvalidArgument("spec", str(exc)) from None
+        info = await self.registry.create(request.name, parse_spec(data))
+        return pb.CreateModelResponse(model=_info(info))
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
+        info = await self.registry.get(request.name).run(Trainer.info)
+        return pb.GetModelResponse(model=_info(info))
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        infos = []
+        for name in self.registry.names():
+            try:
+                infos.append(_info(await self.registry.get(name).run(Trainer.info)))
+            except GradstreamError:  # deleted while listing
+                continue
+        return pb.ListModelsResponse(models=infos)
+
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: Context
+    ) -> pb.DeleteModelResponse:
+        await self.registry.delete(request.name)
+        return pb.DeleteModelResponse()
+
+    async def UpdateModel(
+        self, request: pb.UpdateModelRequest, context: Context
+    ) -> pb.UpdateModelResponse:
+        lr = request.lr if request.HasField("lr") else None
+        freeze, unfreeze = tuple(request.freeze), tuple(request.unfreeze)
+
+        def update(trainer: Trainer) -> ModelInfo:
+            trainer.update(lr, freeze, unfreeze)
+            return trainer.info()
+
+        info = await self.registry.get(request.name).run(update)
+        if lr is not None:
+            self.metrics.learning_rate.labels(request.name).set(lr)
+        return pb.UpdateModelResponse(model=_info(info))
+
+    async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
+        worker = self.registry.get(request.name)
+        x = worker.trainer.checker.inputs(decode(request.x, "x"))
+        y = await worker.run(lambda t: t.predict(x).cpu())
+        return pb.PredictResponse(y=encode(y))
+
+    async def ComputeGradients(
+        self, request: pb.ComputeGradientsRequest, context: Context
+    ) -> pb.ComputeGradientsResponse:
+        worker = self.registry.get(request.name)
+        checker = worker.trainer.checker
+        x = checker.inputs(decode(request.x, "x"))
+        has_y, has_v = request.HasField("y"), request.HasField("grad_output")
+        if has_y == has_v:
+            raise InvalidArgument(
+                "y", "give exactly one of y (gradient of the loss) and grad_output"
+            )
+        y = weight = vector = None
+        if has_y:
+            y = checker.targets(decode(request.y, "y"), x.shape[0])
+            if request.HasField("sample_weight"):
+                weight = checker.weights(decode(request.sample_weight, "sample_weight"), x.shape[0])
+        else:
+            vector = decode(request.grad_output, "grad_output")
+            if not vector.is_floating_point() or not bool(torch.isfinite(vector).all()):
+                raise InvalidArgument("grad_output", "must be finite floating point values")
+
+        def gradients(trainer: Trainer) -> tuple[dict[str, torch.Tensor], float | None]:
+            grads, loss = trainer.gradients(x, y, weight, vector)
+            return {n: g.cpu() for n, g in grads.items()}, loss
+
+        grads, loss = await worker.run(gradients)
+        response = pb.ComputeGradientsResponse(loss=loss)
+        for name, grad in grads.items():
+            encode(grad, response.gradients[name])
+        return response
+
+    async def GetParameters(
+        self, request: pb.GetParametersRequest, context: Context
+    ) -> pb.GetParametersResponse:
+        def read(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+            params, grads = trainer.parameters(request.include_gradients)
+            return params, grads, trainer.step
+
+        params, grads, step = await self.registry.get(request.name).run(read)
+        response = pb.GetParametersResponse(step=step)
+        for name, value in params.items():
+            encode(value, response.parameters[name])
+        for name, value in grads.items():
+            encode(value, response.gradients[name])
+        return response
+
+    async def SetParameters(
+        self, request: pb.SetParametersRequest, context: Context
+    ) -> pb.SetParametersResponse:
+        worker = self.registry.get(request.name)
+        values = {n: decode(t, f"parameters[{n}]") for n, t in request.parameters.items()}
+        reset = request.reset_optimizer
+
+        def assign(trainer: Trainer) -> ModelInfo:
+            trainer.set_parameters(values, reset)
+            return trainer.info()
+
+        return pb.SetParametersResponse(model=_info(await worker.run(assign)))
+
+    async def Train(
+        self, request_iterator: AsyncIterator[pb.TrainRequest], context: Context
+    ) -> AsyncIterator[pb.TrainResponse]:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or not first.HasField("open"):
+            raise InvalidArgument("open", "the first TrainRequest of a stream must carry open")
+        worker = self.registry.get(first.open.model)
+        stream = _Stream(TrainOptions(first.open.producer_id, max(1, first.open.report_every)))
+        producer = first.open.producer_id
+
+        def opened(trainer: Trainer) -> pb.StreamState:
+            return pb.StreamState(
+                model=trainer.name,
+                step=trainer.step,
+                last_applied_sequence=trainer.producers.get(producer, 0),
+            )
+
+        yield pb.TrainResponse(opened=await worker.run(opened))
+        # Reading runs ahead of the worker so decoding message n+1 overlaps step n;
+        # the worker's bounded queue stops the reader when it is too far ahead.
+        jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read(first, requests, worker, stream, jobs))
+        try:
+            while (job := await jobs.get()) is not None:
+                results = await job
+                if results:
+                    yield pb.TrainResponse(results=[_result(r) for r in results])
+                if stream.error is not None:
+                    raise stream.error
+            await reader
+        finally:
+            stream.cancelled = True
+            reader.cancel()
+
+    async def _read(
+        self,
+        first: pb.TrainRequest,
+        requests: AsyncIterator[pb.TrainRequest],
+        worker: ModelWorker,
+        stream: _Stream,
+        jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
+    ) -> None:
+        checker = worker.trainer.checker
+        name = worker.trainer.name
+        try:
+            request: pb.TrainRequest | None = first
+            while request is not None:
+                if request is not first and request.HasField("open"):
+                    raise InvalidArgument(
+                        "open", "only the first TrainRequest of a stream may carry open"
+                    )
+                if request.batches:
+                    items = [_validate(checker, b, i) for i, b in enumerate(request.batches)]
+                    jobs.put_nowait(
+                        await worker.submit(_train_job(items, stream, self.metrics, name))
+                    )
+                request = await anext(requests, None)
+        except BaseException as exc:
+            failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            jobs.put_nowait(failed)
+            raise
+        finally:
+            jobs.put_nowait(None)
+
+
+def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> _Item:
+    field = f"batches[{index}]"
+    try:
+        weight = (
+            decode(batch.sample_weight, f"{field}.sample_weight")
+            if batch.HasField("sample_weight")
+            else None
+        )
+        return checker.batch(
+            decode(batch.x, f"{field}.x"),
+            decode(batch.y, f"{field}.y"),
+            weight,
+            batch.sequence,
+            field,
+        )
+    except InvalidArgument as exc:
+        return _Rejected(str(exc), batch.sequence)
+
+
+def _train_job(
+    items: list[_Item], stream: _Stream, metrics: Metrics, model: str
+) -> Callable[[Trainer], list[StepResult]]:
+    def job(trainer: Trainer) -> list[StepResult]:
+        start = time.perf_counter()
+        results: list[StepResult] = []
+        rows: list[int] = []
+        options = stream.options
+        for item in items:
+            if stream.cancelled:  # nothing is committed after the client went away
+                break
+            if isinstance(item, _Rejected):
+                options.batches_seen += 1
+                sequence = item.sequence or options.batches_seen
+                results.append(
+                    StepResult(sequence, trainer.step, Outcome.REJECTED, reason=item.reason)
+                )
+                rows.append(0)
+            else:
+                try:
+                    results.append(trainer.train(item, options))
+                except GradstreamError as exc:
+                    stream.error = exc
+                    break
+                rows.append(item.x.shape[0])
+        metrics.record(model, zip(results, rows, strict=True), time.perf_counter() - start)
+        return results
+
+    return job
+
+
+def _result(result: StepResult) -> pb.StepResult:
+    return pb.StepResult(
+        sequence=result.sequence,
+        step=result.step,
+        loss=result.loss,
+        outcome=_OUTCOMES[result.outcome],
+        reason=result.reason,
+    )
+
+
+def _info(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name,
+        spec=spec_to_proto(info.spec.model_dump()),
+        step=info.step,
+        pending_batches=info.pending_batches,
+        device=info.device,
+        parameters=[
+            pb.ParameterInfo(name=p.name, shape=p.shape, frozen=p.frozen) for p in info.parameters
+        ],
+        autograd_chain=info.autograd_chain,
+        nonfinite_streak=info.nonfinite_streak,
+    )

@@ -1,0 +1,59 @@
+"""Shared fixtures: a real server on 127.0.0.1:0 and clients connected to it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gradstream.client import Client
+from gradstream.server.app import BackgroundServer
+from gradstream.server.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+_names = itertools.count()
+
+
+def require_tool(name: str, *candidates: Path) -> str:
+    """The path of a command-line tool; skip without it, unless CI says the tools must be there."""
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    if os.environ.get("GRADSTREAM_REQUIRE_TOOLS"):
+        pytest.fail(f"{name} is required here (GRADSTREAM_REQUIRE_TOOLS is set) but not installed")
+    pytest.skip(f"{name} is not installed")
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[BackgroundServer]:
+    """One in-process server for the session, on free loopback ports, CPU."""
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        health_port=0,
+        metrics_port=0,
+        device="cpu",
+        max_message_bytes=8 * 1024 * 1024,
+        max_models=1000,
+    )
+    with BackgroundServer(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: BackgroundServer) -> Iterator[Client]:
+    """A client of the session server."""
+    with Client(server.target, max_message_bytes=32 * 1024 * 1024) as c:
+        yield c
+
+
+@pytest.fixture
+def name() -> str:
+    """A model name no other test uses."""
+    return f"m{next(_names)}"
