@@ -141,7 +141,8 @@ def restore(snapshot: Snapshot, device: torch.device, max_nonfinite_steps: int =
     tensors = snapshot.tensors
     spec_data = json.loads(json.dumps(snapshot.spec))
     spec_data["init"]["tensors"] = {
-        key.removeprefix("init/"): value.numpy() for key, value in tensors.items()
+        key.removeprefix("init/"): value.numpy()
+        for key, value in tensors.items()
         if key.startswith("init/")
     }
     try:
@@ -178,7 +179,9 @@ def restore(snapshot: Snapshot, device: torch.device, max_nonfinite_steps: int =
                 state[key.removeprefix(prefix)] = value.to(device, copy=True)
         if state:
             trainer.optimizer.state[param] = state
-    for group, saved_group in zip(trainer.optimizer.param_groups, snapshot.param_groups, strict=False):
+    for group, saved_group in zip(
+        trainer.optimizer.param_groups, snapshot.param_groups, strict=False
+    ):
         for key, value in saved_group.items():
             if key in group:
                 group[key] = value
@@ -295,10 +298,13 @@ def check_safetensors_header(data: bytes, what: str) -> None:
     header = int.from_bytes(data[:8], "little")
     if header > MAX_HEADER_BYTES:
         raise DataLoss(
-            f"{what} declares a {header}-byte header, over the {MAX_HEADER_BYTES}-byte limit: refused"
+            f"{what} declares a {header}-byte header, "
+            f"over the {MAX_HEADER_BYTES}-byte limit: refused"
         )
     if 8 + header > len(data):
-        raise DataLoss(f"{what} declares a {header}-byte header but has {len(data)} bytes: truncated")
+        raise DataLoss(
+            f"{what} declares a {header}-byte header but has {len(data)} bytes: truncated"
+        )
 
 
 def newest(model_dir: Path) -> tuple[Path, Snapshot, list[tuple[Path, str]]]:

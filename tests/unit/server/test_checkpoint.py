@@ -1,4 +1,4 @@
-"""checkpoint.py: what a checkpoint holds restores bitwise; a damaged one is refused, never parsed."""
+"""checkpoint.py: a checkpoint restores bitwise; a damaged one is refused, never parsed."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
 
 
 def test_restore_mid_accumulation_continues_bitwise_like_the_uninterrupted_run(
