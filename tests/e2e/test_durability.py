@@ -22,6 +22,9 @@ import torch
 from gradstream.client import Client, DataLoss, ProducerStream, StepResult
 from gradstream.client._local import LocalServer
 from gradstream.server import checkpoint as ck
+from gradstream.server.batches import Batch
+from gradstream.server.engine import Outcome, Trainer, TrainOptions
+from gradstream.server.spec import parse_spec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SPEC = {
@@ -104,18 +107,22 @@ def _assert_each_once(results: list[StepResult], n: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> ck.Snapshot:
-    """The reference: the same 200 batches through a server that is never killed."""
-    directory = tmp_path_factory.mktemp("reference")
-    server = _serve(directory, directory / "server.log")
+def uninterrupted() -> ck.Snapshot:
+    """The reference: the same 200 batches through the server's own Trainer, never stopped.
+
+    One torch thread, like the servers under test (``--threads 1``).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        with Client(server.target) as client:
-            client.create_model("m", SPEC)
-            results = list(client.train("m", _data(BATCHES, 1), producer_id="p"))
-            assert [r.outcome for r in results] == ["APPLIED"] * BATCHES
+        trainer = Trainer("m", parse_spec(SPEC), torch.device("cpu"))
+        options = TrainOptions(producer_id="p")
+        for i, (x, y) in enumerate(_data(BATCHES, 1)):
+            batch = Batch(torch.from_numpy(x), torch.from_numpy(y), sequence=i + 1)
+            assert trainer.train(batch, options).outcome == Outcome.APPLIED
+        return ck.take(trainer)
     finally:
-        assert server.stop() == 0
-    return _saved_state(directory, "m")
+        torch.set_num_threads(threads)
 
 
 def _kill_and_resume(tmp_path: Path, seed: int, reference: ck.Snapshot) -> None:
@@ -298,73 +305,60 @@ def _metric(port: int, line_start: str) -> float:
     raise AssertionError(f"no metric line starts with {line_start}")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "one byte flipped"])
-def test_corrupt_newest_checkpoint_restores_the_previous_and_reports_it(
-    tmp_path: Path, damage: str
-) -> None:
-    log = tmp_path / "server.log"
-    server = _serve(tmp_path, log, "--checkpoint-every-steps", "0")
-    with Client(server.target) as client:
-        client.create_model("m", SPEC)
-        list(client.train("m", _data(10, 1)))
-        previous = client.save_checkpoint("m")
-        previous_params = client.parameters("m")
-        list(client.train("m", _data(5, 2)))
-        newest = client.save_checkpoint("m")
-        assert (previous.step, newest.step) == (10, 15)
-    server.stop(signal.SIGKILL)
-    tensors = tmp_path / "m" / newest.checkpoint / ck.TENSORS
-    data = bytearray(tensors.read_bytes())
-    if damage == "truncated":
-        del data[len(data) // 2 :]
-    else:
-        data[len(data) - 5] ^= 0x10
-    tensors.write_bytes(bytes(data))
-
-    server = _serve(tmp_path, log)
-    try:
-        with Client(server.target) as client:
-            assert client.get_model("m").step == 10
-            # Parameters at step 15 came from the damaged one; these are step 10's.
-            restored = client.parameters("m")
-            assert restored.keys() == previous_params.keys()
-            for key, value in previous_params.items():
-                np.testing.assert_array_equal(restored[key], value)
-        assert (
-            _metric(server.metrics_port, 'gradstream_checkpoint_restore_fallbacks_total{model="m"}')
-            == 1
-        )
-        assert (
-            _metric(server.metrics_port, "gradstream_checkpoint_last_success_timestamp_seconds") > 0
-        )
-    finally:
-        server.stop()
-    assert f"skipping checkpoint {newest.checkpoint} of model 'm'" in log.read_text()
-
-
-def test_a_model_without_a_valid_checkpoint_answers_data_loss_others_are_unaffected(
+def test_damaged_checkpoints_fall_back_or_answer_data_loss_and_other_models_go_on(
     tmp_path: Path,
 ) -> None:
+    """Newest truncated / one byte flipped: the previous one is restored and reported.
+    Every checkpoint a pickle: that model answers DATA_LOSS, the others serve."""
     log = tmp_path / "server.log"
-    server = _serve(tmp_path, log)
+    server = _serve(tmp_path, log, "--checkpoint-every-steps", "0")
+    damaged = ("truncated", "flipped")
+    previous: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
+    newest: dict[str, str] = {}
     with Client(server.target) as client:
-        client.create_model("good", SPEC)
-        client.create_model("bad", SPEC)
-        list(client.train("good", _data(3, 1)))
-    assert server.stop() == 0
-    for path in (tmp_path / "bad").iterdir():  # every checkpoint of "bad": a pickle now
+        for model in (*damaged, "pickled", "good"):
+            client.create_model(model, SPEC)
+            list(client.train(model, _data(10, 1)))
+            previous[model] = (client.save_checkpoint(model).step, client.parameters(model))
+            list(client.train(model, _data(5, 2)))
+            newest[model] = client.save_checkpoint(model).checkpoint
+    server.stop(signal.SIGKILL)
+    for model in damaged:
+        tensors = tmp_path / model / newest[model] / ck.TENSORS
+        data = bytearray(tensors.read_bytes())
+        if model == "truncated":
+            del data[len(data) // 2 :]
+        else:
+            data[len(data) - 5] ^= 0x10
+        tensors.write_bytes(bytes(data))
+    for path in (tmp_path / "pickled").iterdir():  # every checkpoint of it: a pickle now
         (path / ck.TENSORS).write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
 
     server = _serve(tmp_path, log)
     try:
         with Client(server.target) as client:
-            with pytest.raises(DataLoss, match="pickle"):
-                client.get_model("bad")
-            with pytest.raises(DataLoss):
-                list(client.train("bad", _data(1, 1)))
-            assert client.get_model("good").step == 3
+            for model in damaged:
+                step, params = previous[model]
+                assert (step, client.get_model(model).step) == (10, 10)
+                restored = client.parameters(model)
+                assert restored.keys() == params.keys()
+                for key, value in params.items():
+                    np.testing.assert_array_equal(restored[key], value)
+                fallbacks = f'gradstream_checkpoint_restore_fallbacks_total{{model="{model}"}}'
+                assert _metric(server.metrics_port, fallbacks) == 1
+            assert client.get_model("good").step == 15
             assert [r.outcome for r in client.train("good", _data(2, 1))] == ["APPLIED"] * 2
-            client.delete_model("bad")  # an operator's way out: the name is free again
-            client.create_model("bad", SPEC)
+            with pytest.raises(DataLoss, match="pickle"):
+                client.get_model("pickled")
+            with pytest.raises(DataLoss):
+                list(client.train("pickled", _data(1, 1)))
+            client.delete_model("pickled")  # an operator's way out: the name is free again
+            client.create_model("pickled", SPEC)
+        success = 'gradstream_checkpoint_last_success_timestamp_seconds{model="good"}'
+        assert _metric(server.metrics_port, success) > 0
     finally:
         server.stop()
+    text = log.read_text()
+    for model in damaged:
+        assert f"skipping checkpoint {newest[model]} of model {model!r}" in text
+    assert "model 'pickled' not restored" in text

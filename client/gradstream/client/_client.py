@@ -18,7 +18,8 @@ from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 Array = npt.NDArray[Any]
-BatchLike = tuple[Any, Any] | tuple[Any, Any, Any]
+# (x, y), (x, y, sample_weight) or, for producers, (x, y, sample_weight_or_None, sequence)
+BatchLike = tuple[Any, Any] | tuple[Any, Any, Any] | tuple[Any, Any, Any, Any]
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _OUTCOME_NAMES = {v: k.removeprefix("OUTCOME_") for k, v in pb.Outcome.items()}
 

@@ -323,10 +323,10 @@ class ProducerStream(Iterator[Any]):
             )
         if given:
             sequence = int(item[3])
-            if sequence <= self._fed:
+            if sequence <= self._last_fed:
                 raise ValueError(
                     f"batch {index}: sequence {sequence} does not increase "
-                    f"(the one before was {self._fed})"
+                    f"(the one before was {self._last_fed})"
                 )
         else:
             sequence = self._fed + 1
