@@ -164,8 +164,11 @@ class Server:
         self.servicer.drain()
         if self._timer is not None:
             self._timer.cancel()
+        # Streams get at most half the drain time: the final checkpoint needs the rest.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.servicer.wait_streams_closed(), deadline - loop.time())
+            await asyncio.wait_for(
+                self.servicer.wait_streams_closed(), self.settings.drain_timeout / 2
+            )
         if self.checkpointer.enabled:
             try:
                 await asyncio.wait_for(

@@ -16,7 +16,7 @@ from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.codec import decode, encode
 from gradstream.server.engine import ModelInfo, Outcome, StepResult, Trainer, TrainOptions
-from gradstream.server.errors import GradstreamError, InvalidArgument, Unavailable
+from gradstream.server.errors import DataLoss, GradstreamError, InvalidArgument, Unavailable
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.spec import parse_spec
@@ -129,8 +129,12 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def DeleteModel(
         self, request: pb.DeleteModelRequest, context: Context
     ) -> pb.DeleteModelResponse:
+        try:
+            worker: ModelWorker | None = self.registry.get(request.name)
+        except DataLoss:  # restored from no checkpoint: nothing runs, only files to remove
+            worker = None
         await self.registry.delete(request.name)
-        await self.checkpointer.forget(request.name)
+        await self.checkpointer.forget(request.name, worker)
         return pb.DeleteModelResponse()
 
     async def UpdateModel(
