@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--report-every", type=int, default=10)
     train.add_argument("--quiet", action="store_true", help="no progress line")
+    train.add_argument(
+        "--producer-id",
+        default=None,
+        help="apply each batch exactly once, across server restarts (docs/durability.md)",
+    )
     train.set_defaults(run=_train)
 
     predict = client_command("predict", "run the model on inputs and print the outputs")
@@ -190,7 +195,10 @@ def _train(args: argparse.Namespace) -> int:
     total = args.epochs * -(-len(x) // size)
     progress = _Progress(total, quiet=args.quiet)
     with Client(args.target, timeout=None) as client:
-        for result in client.train(args.name, batches(), report_every=args.report_every):
+        results = client.train(
+            args.name, batches(), report_every=args.report_every, producer_id=args.producer_id
+        )
+        for result in results:
             progress.update(result)
     progress.close()
     return 0
