@@ -39,7 +39,7 @@ test: install tools
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy client server tests
+	$(BIN)/mypy client server tests benchmarks
 
 format: install
 	$(BIN)/ruff format .

@@ -7,14 +7,16 @@ steps are serialized without locks.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import torch
+
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.errors import FailedPrecondition, InvalidArgument
-from gradstream.server.models import build_module, build_optimizer, loss_value
+from gradstream.server.models import build_module, build_optimizer, loss_function, loss_value
 from gradstream.server.spec import ModelSpec
 
 
@@ -89,6 +91,19 @@ class Trainer:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.producers: dict[str, int] = {}  # producer_id -> last applied sequence
         self._params = dict(self.module.named_parameters())
+        self._param_list = list(self._params.values())
+        self._on_cpu = device.type == "cpu"
+        self._loss = loss_function(spec.loss)
+        dtype = self._param_list[0].dtype if self._param_list else torch.float32
+        # backward()'s implicit seed, made once instead of on every step.
+        self._grad_seed = torch.ones((), device=device, dtype=dtype)
+        # SGD.step without its profiling and hook wrappers (the same math, bit for bit);
+        # the wrappers' one duty that matters, no_grad, is done by train().
+        self._raw_step = (
+            self.optimizer.step
+            if spec.optimizer.differentiable
+            else inspect.unwrap(type(self.optimizer).step).__get__(self.optimizer)
+        )
         # found_inf is filled on the device by one fused kernel for all gradients.
         self._found_inf = torch.zeros(1, device=device)
         self._one = torch.ones((), device=device)
@@ -110,17 +125,21 @@ class Trainer:
             )
         k = self.spec.accumulate_steps
         if self.pending == 0:
-            self.optimizer.zero_grad(set_to_none=True)
-        x = batch.x.to(self.device, non_blocking=True)
-        y = batch.y.to(self.device, non_blocking=True)
-        w = None if batch.weight is None else batch.weight.to(self.device, non_blocking=True)
-        loss = loss_value(self.spec.loss, self.module(x), y, w)
+            # zero_grad(set_to_none=True), without Optimizer.zero_grad's profiler scaffolding.
+            for p in self._param_list:
+                p.grad = None
+        x, y, w = batch.x, batch.y, batch.weight
+        if not self._on_cpu:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            w = None if w is None else w.to(self.device, non_blocking=True)
+        loss = self._loss(self.module(x), y, w)
         # The loss is checked before backward so a bad batch adds nothing to the
         # gradients already accumulated; what is still pending stays pending.
         loss_number = loss.item()
         if not math.isfinite(loss_number):
             return self._skipped(sequence, loss_number, "loss is not finite")
-        torch.autograd.backward(loss)
+        torch.autograd.backward(loss, self._grad_seed)
         self._mark(options.producer_id, batch.sequence)
         self.pending += 1
         report = options.batches_seen % options.report_every == 0
@@ -132,7 +151,8 @@ class Trainer:
         if self._gradients_nonfinite():
             self.optimizer.zero_grad(set_to_none=True)
             return self._skipped(sequence, loss_number, "gradient is not finite")
-        self.optimizer.step()
+        with torch.no_grad():
+            self._raw_step()
         self.step += 1
         self.nonfinite_streak = 0
         self.last_loss = loss_number

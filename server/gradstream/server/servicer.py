@@ -10,9 +10,10 @@ from typing import Any
 
 import grpc
 import torch
+
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.batches import Batch, BatchChecker
-from gradstream.server.codec import decode, encode
+from gradstream.server.codec import decode, decode_array, encode
 from gradstream.server.engine import ModelInfo, Outcome, StepResult, Trainer, TrainOptions
 from gradstream.server.errors import GradstreamError, InvalidArgument
 from gradstream.server.metrics import Metrics
@@ -103,7 +104,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         worker = self.registry.get(request.name)
-        x = worker.trainer.checker.inputs(decode(request.x, "x"))
+        x = worker.trainer.checker.inputs(decode_array(request.x, "x"))
         y = await worker.run(lambda t: t.predict(x).cpu())
         return pb.PredictResponse(y=encode(y))
 
@@ -112,7 +113,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     ) -> pb.ComputeGradientsResponse:
         worker = self.registry.get(request.name)
         checker = worker.trainer.checker
-        x = checker.inputs(decode(request.x, "x"))
+        x = checker.inputs(decode_array(request.x, "x"))
         has_y, has_v = request.HasField("y"), request.HasField("grad_output")
         if has_y == has_v:
             raise InvalidArgument(
@@ -120,9 +121,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             )
         y = weight = vector = None
         if has_y:
-            y = checker.targets(decode(request.y, "y"), x.shape[0])
+            y = checker.targets(decode_array(request.y, "y"), x.shape[0])
             if request.HasField("sample_weight"):
-                weight = checker.weights(decode(request.sample_weight, "sample_weight"), x.shape[0])
+                weight = checker.weights(
+                    decode_array(request.sample_weight, "sample_weight"), x.shape[0]
+                )
         else:
             vector = decode(request.grad_output, "grad_output")
             if not vector.is_floating_point() or not bool(torch.isfinite(vector).all()):
@@ -237,13 +240,13 @@ def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> _Item:
     field = f"batches[{index}]"
     try:
         weight = (
-            decode(batch.sample_weight, f"{field}.sample_weight")
+            decode_array(batch.sample_weight, f"{field}.sample_weight")
             if batch.HasField("sample_weight")
             else None
         )
         return checker.batch(
-            decode(batch.x, f"{field}.x"),
-            decode(batch.y, f"{field}.y"),
+            decode_array(batch.x, f"{field}.x"),
+            decode_array(batch.y, f"{field}.y"),
             weight,
             batch.sequence,
             field,
