@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 BUF := .tools/node_modules/.bin/buf
 PROTO_OUT ?= proto
 
-.PHONY: install demo test lint format proto tools bench clean
+.PHONY: install demo test lint format proto tools bench images clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,14 @@ proto: install
 
 bench: install
 	$(BIN)/gradstream bench
+
+# Container images (deploy/Dockerfile): the CPU and the CUDA target, tagged VERSION-cpu and
+# VERSION-cuda as the kustomize overlays expect. Needs a Docker engine (BuildKit).
+IMAGE ?= gradstream
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:
+	docker build -f deploy/Dockerfile --target cpu -t $(IMAGE):$(VERSION)-cpu .
+	docker build -f deploy/Dockerfile --target cuda -t $(IMAGE):$(VERSION)-cuda .
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache
