@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from gradstream.server.config import Settings
 
+from gradstream.server.config import Settings
 from tests.conftest import ROOT, require_tool
 from tests.deploy.conftest import DEPLOY, dockerfile_instructions, load_compose, pending_missing
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from gradstream.server.config import Settings
-
 from tests.conftest import ROOT, require_tool
 from tests.deploy.conftest import DEPLOY, dockerfile_env, dockerfile_instructions
 

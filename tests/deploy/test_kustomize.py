@@ -11,9 +11,9 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+
 from gradstream.server.app import SERVICE_NAME
 from gradstream.server.config import Settings
-
 from tests.conftest import ROOT
 from tests.deploy.conftest import (
     COMPONENTS,

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gradstream.server.config import Settings
 
+from gradstream.server.config import Settings
 from tests.deploy.conftest import (
     COMPONENTS,
     OVERLAYS,

@@ -1,4 +1,4 @@
-"""``gradstream bench --quick`` runs every contender and prints the table (a smoke test, not a measurement)."""
+"""``gradstream bench --quick`` runs every contender and prints the table (a smoke test)."""
 
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from gradstream.client import Client
-from gradstream.client._local import LocalServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradstream.client import Client
+from gradstream.client._local import LocalServer
 from tests.deploy.conftest import OVERLAYS, config_data, container, pod_spec, render
 
 # Paths inside Secrets this machine does not have: leave those settings out.
