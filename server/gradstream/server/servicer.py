@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -14,7 +13,14 @@ import torch
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.codec import decode, decode_array, encode
-from gradstream.server.engine import ModelInfo, Outcome, StepResult, Trainer, TrainOptions
+from gradstream.server.engine import (
+    ModelInfo,
+    Outcome,
+    Rejected,
+    StepResult,
+    Trainer,
+    TrainOptions,
+)
 from gradstream.server.errors import GradstreamError, InvalidArgument
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
@@ -27,17 +33,6 @@ _OUTCOMES: dict[Outcome, Any] = {
     outcome: pb.Outcome.Value(f"OUTCOME_{outcome.value}") for outcome in Outcome
 }
 Context = grpc.aio.ServicerContext[object, object]
-
-
-@dataclass(frozen=True, slots=True)
-class _Rejected:
-    """A batch that failed validation: it still gets its place in the result order."""
-
-    reason: str
-    sequence: int
-
-
-_Item = Batch | _Rejected
 
 
 class _Stream:
@@ -222,7 +217,12 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                         "open", "only the first TrainRequest of a stream may carry open"
                     )
                 if request.batches:
-                    items = [_validate(checker, b, i) for i, b in enumerate(request.batches)]
+                    items = [
+                        item if isinstance(item, Rejected) else worker.trainer.stage(item)
+                        for item in (
+                            _validate(checker, b, i) for i, b in enumerate(request.batches)
+                        )
+                    ]
                     jobs.put_nowait(
                         await worker.submit(_train_job(items, stream, self.metrics, name))
                     )
@@ -236,7 +236,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             jobs.put_nowait(None)
 
 
-def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> _Item:
+def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> Batch | Rejected:
     field = f"batches[{index}]"
     try:
         weight = (
@@ -252,35 +252,21 @@ def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> _Item:
             field,
         )
     except InvalidArgument as exc:
-        return _Rejected(str(exc), batch.sequence)
+        return Rejected(str(exc), batch.sequence)
 
 
 def _train_job(
-    items: list[_Item], stream: _Stream, metrics: Metrics, model: str
+    items: list[Batch | Rejected], stream: _Stream, metrics: Metrics, model: str
 ) -> Callable[[Trainer], list[StepResult]]:
     def job(trainer: Trainer) -> list[StepResult]:
         start = time.perf_counter()
-        results: list[StepResult] = []
-        rows: list[int] = []
-        options = stream.options
-        for item in items:
-            if stream.cancelled:  # nothing is committed after the client went away
-                break
-            if isinstance(item, _Rejected):
-                options.batches_seen += 1
-                sequence = item.sequence or options.batches_seen
-                results.append(
-                    StepResult(sequence, trainer.step, Outcome.REJECTED, reason=item.reason)
-                )
-                rows.append(0)
-            else:
-                try:
-                    results.append(trainer.train(item, options))
-                except GradstreamError as exc:
-                    stream.error = exc
-                    break
-                rows.append(item.x.shape[0])
-        metrics.record(model, zip(results, rows, strict=True), time.perf_counter() - start)
+        results, stream.error = trainer.train_batches(
+            items,
+            stream.options,
+            lambda: stream.cancelled,  # nothing commits after a cancel
+        )
+        rows = [0 if isinstance(i, Rejected) else i.x.shape[0] for i in items]
+        metrics.record(model, zip(results, rows, strict=False), time.perf_counter() - start)
         return results
 
     return job
