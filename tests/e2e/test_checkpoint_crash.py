@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from gradstream.server import checkpoint as ck
 from gradstream.server.errors import DataLoss
 

@@ -19,13 +19,14 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from gradstream.client import Client, DataLoss, ProducerStream, StepResult
 from gradstream.client._local import LocalServer
 from gradstream.server import checkpoint as ck
 from gradstream.server.batches import Batch
 from gradstream.server.engine import Outcome, Trainer, TrainOptions
 from gradstream.server.spec import parse_spec
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SPEC = {
     "architecture": {"kind": "mlp", "in_features": 3, "out_features": 2, "hidden": [8]},

@@ -13,6 +13,11 @@ from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument
@@ -21,10 +26,6 @@ from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.servicer import TrainerServicer
 from gradstream.v1 import trainer_pb2, trainer_pb2_grpc
-from grpc_health.v1 import _async as health_aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 log = logging.getLogger("gradstream.server")
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import safetensors.torch
 import torch
+
 from gradstream.server.engine import Trainer
 from gradstream.server.errors import DataLoss, FailedPrecondition, GradstreamError, NotFound
 from gradstream.server.metrics import Metrics

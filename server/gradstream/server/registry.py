@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import torch
+
 from gradstream.server.engine import ModelInfo, Trainer
 from gradstream.server.errors import AlreadyExists, DataLoss, NotFound, ResourceExhausted
 from gradstream.server.metrics import Metrics

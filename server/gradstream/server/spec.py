@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from gradstream.server.errors import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gradstream.server.errors import InvalidArgument
 
 BUILTIN_ARCHITECTURES = ("linear", "mlp")
 Activation = Literal["relu", "tanh", "gelu", "sigmoid"]
@@ -17,6 +18,7 @@ Reduction = Literal["mean", "sum"]
 DType = Literal["float32", "float64"]
 PositiveInt = Annotated[int, Field(gt=0)]
 
+_BLAMED = re.compile(r"^([a-z_.]+): (.*)$", re.DOTALL)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -144,6 +146,11 @@ def _describe(exc: ValidationError, root: str) -> tuple[str, str]:
     error = exc.errors(include_url=False)[0]
     path = ".".join(str(part) for part in (root, *error["loc"]))
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] not in ("value_error", "missing"):
+    if error["type"] == "value_error":
+        # Cross-field checks say which field they blame: "nesterov: needs momentum > 0".
+        blamed = _BLAMED.match(message)
+        if blamed:
+            path, message = f"{path}.{blamed[1]}", blamed[2]
+    elif error["type"] != "missing":
         message = f"{message} (got {error['input']!r})"
     return path, message
