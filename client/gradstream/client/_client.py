@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -223,7 +224,8 @@ class Client:
         skip_rejected: bool = False,
         batches_per_message: int = 64,
         message_bytes: int = 4 * 1024 * 1024,
-        window: int = 4,
+        window: int = 16,
+        window_bytes: int = 64 * 1024 * 1024,
         producer_id: str | None = None,
         max_pending_batches: int = 4096,
         max_pending_bytes: int = 256 * 1024 * 1024,
@@ -234,8 +236,8 @@ class Client:
 
         Several batches travel in one message (up to ``batches_per_message`` and
         ``message_bytes``), which is what makes small batches fast. From a lazy
-        iterator, batches are sent as soon as they are produced; at most ``window``
-        messages are unacknowledged at a time. The loss is read
+        iterator, batches are sent as soon as they are produced. At most ``window``
+        messages and ``window_bytes`` are unacknowledged at a time. The loss is read
         back from the device every ``report_every`` batches. A REJECTED batch
         raises ``BatchRejected`` unless ``skip_rejected``.
 
@@ -277,6 +279,7 @@ class Client:
             batches_per_message=batches_per_message,
             message_bytes=message_bytes,
             window=window,
+            window_bytes=window_bytes,
         )
 
     def _train(
@@ -289,9 +292,10 @@ class Client:
         batches_per_message: int,
         message_bytes: int,
         window: int,
+        window_bytes: int,
     ) -> Iterator[StepResult]:
         opener = pb.TrainRequest(open=pb.TrainOpen(model=name, report_every=report_every))
-        packer = _Packer(batches, batches_per_message, message_bytes, window)
+        packer = _Packer(batches, batches_per_message, message_bytes, window, window_bytes)
         responses: Any = self._stub.Train(packer.requests(opener))
         try:
             for response in responses:
@@ -327,18 +331,28 @@ class _Packer:
     A sequence is packed directly. A lazy iterator is drained by a thread that
     encodes into the message being filled; a message goes out with whatever is
     ready, so a slow producer gets one batch per message and a fast one full ones.
-    At most ``window`` messages are unacknowledged at once: that bounds the
-    client's memory and the latency a batch spends queued behind others.
+    At most ``window`` messages and ``window_bytes`` bytes (but always one message)
+    are unacknowledged at once: that bounds the client's memory and the time a
+    batch waits behind others, while keeping enough in flight to fill the pipe.
     """
 
     def __init__(
-        self, batches: Iterable[BatchLike], per_message: int, message_bytes: int, window: int
+        self,
+        batches: Iterable[BatchLike],
+        per_message: int,
+        message_bytes: int,
+        window: int,
+        window_bytes: int,
     ) -> None:
         self.batches = batches
         self.per_message = max(1, per_message)
         self.message_bytes = message_bytes
+        self.window = max(1, window)
+        self.window_bytes = window_bytes
         self.error: BaseException | None = None
-        self._credits = threading.Semaphore(max(1, window))
+        self._in_flight: deque[int] = deque()  # sizes of unacknowledged messages
+        self._in_flight_bytes = 0
+        self._acks = threading.Condition()
         self._stopped = threading.Event()
         self._filled = threading.Condition()
         self._current = pb.TrainRequest()
@@ -352,8 +366,11 @@ class _Packer:
             self._filled.notify_all()
 
     def acked(self) -> None:
-        """One message was answered: another may go out."""
-        self._credits.release()
+        """The oldest message was answered: more may go out."""
+        with self._acks:
+            if self._in_flight:
+                self._in_flight_bytes -= self._in_flight.popleft()
+            self._acks.notify_all()
 
     def raise_producer_error(self) -> None:
         """The caller's iterator failed: that, not the cancelled call, is the error to see."""
@@ -364,27 +381,34 @@ class _Packer:
         """The request stream: the opener, then messages as credits allow."""
         yield opener
         messages = self._packed() if isinstance(self.batches, Sequence) else self._pumped()
-        for message in messages:
-            while not self._credits.acquire(timeout=0.1):
-                if self._stopped.is_set():
-                    return
+        for message, size in messages:
+            with self._acks:
+                while self._in_flight and (
+                    len(self._in_flight) >= self.window
+                    or self._in_flight_bytes + size > self.window_bytes
+                ):
+                    if self._stopped.is_set():
+                        return
+                    self._acks.wait(0.1)
+                self._in_flight.append(size)
+                self._in_flight_bytes += size
             yield message
 
     def _full(self, request: pb.TrainRequest, size: int) -> bool:
         return len(request.batches) >= self.per_message or size >= self.message_bytes
 
-    def _packed(self) -> Iterator[pb.TrainRequest]:
+    def _packed(self) -> Iterator[tuple[pb.TrainRequest, int]]:
         request, size = pb.TrainRequest(), 0
         assert isinstance(self.batches, Sequence)
         for index, batch in enumerate(self.batches):
             size += _add(request, batch, index)
             if self._full(request, size):
-                yield request
+                yield request, size
                 request, size = pb.TrainRequest(), 0
         if request.batches:
-            yield request
+            yield request, size
 
-    def _pumped(self) -> Iterator[pb.TrainRequest]:
+    def _pumped(self) -> Iterator[tuple[pb.TrainRequest, int]]:
         threading.Thread(target=self._pump, name="gradstream-batches", daemon=True).start()
         while True:
             with self._filled:
@@ -394,9 +418,10 @@ class _Packer:
                     self._filled.wait(0.1)
                 if not self._current.batches:
                     return
-                message, self._current, self._size = self._current, pb.TrainRequest(), 0
+                message, size = self._current, self._size
+                self._current, self._size = pb.TrainRequest(), 0
                 self._filled.notify_all()
-            yield message
+            yield message, size
 
     def _pump(self) -> None:
         try:

@@ -65,10 +65,16 @@ def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
 
 def from_proto(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
     """Decode without copying: a read-only view of the message's bytes."""
-    dtype = NUMPY_DTYPES.get(tensor.dtype)
+    return from_parts(tensor.dtype, tuple(tensor.shape), tensor.data, field)
+
+
+def from_parts(
+    code: int, shape: tuple[int, ...], data: bytes | memoryview, field: str
+) -> npt.NDArray[Any]:
+    """A read-only array over ``data`` after checking dtype, shape and byte length agree."""
+    dtype = NUMPY_DTYPES.get(code)
     if dtype is None:
-        raise TensorFormatError(f"{field}.dtype", f"unknown data type code {tensor.dtype}")
-    shape = tuple(tensor.shape)
+        raise TensorFormatError(f"{field}.dtype", f"unknown data type code {code}")
     if len(shape) > MAX_DIMS:
         raise TensorFormatError(
             f"{field}.shape", f"has {len(shape)} dimensions, at most {MAX_DIMS}"
@@ -76,10 +82,10 @@ def from_proto(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
     if any(d < 0 for d in shape):
         raise TensorFormatError(f"{field}.shape", f"{list(shape)} has a negative dimension")
     expected = math.prod(shape) * dtype.itemsize
-    if expected != len(tensor.data):
+    if expected != len(data):
+        name = pb.DataType.Name(code).removeprefix("DATA_TYPE_").lower()
         raise TensorFormatError(
             f"{field}.data",
-            f"has {len(tensor.data)} bytes, shape {list(shape)} of "
-            f"{pb.DataType.Name(tensor.dtype).removeprefix('DATA_TYPE_').lower()} needs {expected}",
+            f"has {len(data)} bytes, shape {list(shape)} of {name} needs {expected}",
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

@@ -24,8 +24,8 @@ from gradstream.server.errors import InvalidArgument
 from gradstream.server.interceptors import ErrorInterceptor
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
-from gradstream.server.servicer import TrainerServicer
-from gradstream.v1 import trainer_pb2, trainer_pb2_grpc
+from gradstream.server.servicer import TrainerServicer, add_to_server
+from gradstream.v1 import trainer_pb2
 
 log = logging.getLogger("gradstream.server")
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -61,6 +61,9 @@ class Server:
         self.device = resolve_device(settings.device)
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        # The first optimizer imports torch._dynamo, seconds of work: do it before serving,
+        # not inside the first CreateModel.
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)])
         self.metrics = Metrics()
         self.registry = ModelRegistry(
             self.device,
@@ -102,7 +105,7 @@ class Server:
         await self.checkpointer.restore_all(self.registry)
         self._timer = asyncio.create_task(self.checkpointer.run_timer(self.registry))
         self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, self._grpc)
+        add_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc

@@ -9,8 +9,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from gradstream.client._tensor import TensorFormatError, from_proto, to_proto
+from gradstream.client._tensor import TensorFormatError, from_parts, to_proto
 from gradstream.server.errors import InvalidArgument
+from gradstream.server.wire import WireTensor
 from gradstream.v1 import trainer_pb2 as pb
 
 # Decoded tensors are read-only views of the request's bytes; nothing writes to
@@ -23,8 +24,15 @@ def decode_array(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
 
     A malformed message raises InvalidArgument naming the field.
     """
+    return decode_wire(WireTensor(tensor.dtype, tuple(tensor.shape), tensor.data), field)
+
+
+def decode_wire(tensor: WireTensor | None, field: str) -> npt.NDArray[Any]:
+    """``decode_array`` for a tensor of a decoded Train request (a view, never a copy)."""
+    if tensor is None:
+        raise InvalidArgument(field, "is missing")
     try:
-        array = from_proto(tensor, field)
+        array = from_parts(tensor.dtype, tensor.shape, tensor.data, field)
     except TensorFormatError as exc:
         raise InvalidArgument(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
     if tensor.dtype == pb.DATA_TYPE_BFLOAT16:  # numpy has no bfloat16; float32 holds it exactly

@@ -14,7 +14,7 @@ import torch
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.checkpoint import Checkpointer
-from gradstream.server.codec import decode, decode_array, encode
+from gradstream.server.codec import decode, decode_array, decode_wire, encode
 from gradstream.server.engine import (
     ModelInfo,
     Outcome,
@@ -27,9 +27,9 @@ from gradstream.server.errors import DataLoss, GradstreamError, InvalidArgument,
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.spec import parse_spec
+from gradstream.server.wire import TrainMessage, WireBatch, parse_train_request
 from gradstream.server.worker import ModelWorker
 from gradstream.v1 import trainer_pb2 as pb
-from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 
 log = logging.getLogger("gradstream.server")
 
@@ -50,7 +50,7 @@ class _Stream:
         self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
 
 
-class TrainerServicer(pb_grpc.TrainerServiceServicer):
+class TrainerServicer:
     """Decodes and validates requests, queues the work on the model's worker, encodes replies."""
 
     def __init__(
@@ -216,11 +216,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.SetParametersResponse(model=_info(await worker.run(assign)))
 
     async def Train(
-        self, request_iterator: AsyncIterator[pb.TrainRequest], context: Context
+        self, request_iterator: AsyncIterator[TrainMessage], context: Context
     ) -> AsyncIterator[pb.TrainResponse]:
         requests = aiter(request_iterator)
         first = await anext(requests, None)
-        if first is None or not first.HasField("open"):
+        if first is None or first.open is None:
             raise InvalidArgument("open", "the first TrainRequest of a stream must carry open")
         if self.draining:
             raise Unavailable("the server is shutting down; reconnect to it once it is back")
@@ -271,8 +271,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     async def _read(
         self,
-        first: pb.TrainRequest,
-        requests: AsyncIterator[pb.TrainRequest],
+        first: TrainMessage,
+        requests: AsyncIterator[TrainMessage],
         worker: ModelWorker,
         stream: _Stream,
         jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
@@ -280,9 +280,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         checker = worker.trainer.checker
         name = worker.trainer.name
         try:
-            request: pb.TrainRequest | None = first
+            request: TrainMessage | None = first
             while request is not None:
-                if request is not first and request.HasField("open"):
+                if request is not first and request.open is not None:
                     raise InvalidArgument(
                         "open", "only the first TrainRequest of a stream may carry open"
                     )
@@ -312,18 +312,14 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             jobs.put_nowait(None)
 
 
-def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> Batch | Rejected:
+def _validate(checker: BatchChecker, batch: WireBatch, index: int) -> Batch | Rejected:
     field = f"batches[{index}]"
     try:
-        weight = (
-            decode_array(batch.sample_weight, f"{field}.sample_weight")
-            if batch.HasField("sample_weight")
-            else None
-        )
+        weight = batch.sample_weight
         return checker.batch(
-            decode_array(batch.x, f"{field}.x"),
-            decode_array(batch.y, f"{field}.y"),
-            weight,
+            decode_wire(batch.x, f"{field}.x"),
+            decode_wire(batch.y, f"{field}.y"),
+            None if weight is None else decode_wire(weight, f"{field}.sample_weight"),
             batch.sequence,
             field,
         )
@@ -371,3 +367,29 @@ def _info(info: ModelInfo) -> pb.ModelInfo:
         autograd_chain=info.autograd_chain,
         nonfinite_streak=info.nonfinite_streak,
     )
+
+
+def add_to_server(servicer: TrainerServicer, server: grpc.aio.Server) -> None:
+    """Register the service like the generated ``add_TrainerServiceServicer_to_server``,
+    except that Train requests are decoded by ``wire.parse_train_request`` (zero-copy
+    for large messages)."""
+    service = pb.DESCRIPTOR.services_by_name["TrainerService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        deserialize = parse_train_request if method.name == "Train" else request_type.FromString
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=deserialize,
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
