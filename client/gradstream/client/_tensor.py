@@ -47,15 +47,20 @@ def as_array(value: Any) -> npt.NDArray[Any]:
     return np.asarray(value)
 
 
-def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
-    """Encode an array-like; float64 stays float64 and ints stay ints (the server converts)."""
+def wire_array(value: Any) -> tuple[npt.NDArray[Any], int]:
+    """The array as it travels (contiguous, little-endian) and its DataType code."""
     array = as_array(value)
     if array.dtype == np.bool_ or array.dtype.kind == "u":
         array = array.astype(np.int64)
     code = _CODES.get(f"{array.dtype.kind}{array.dtype.itemsize}")
     if code is None:
         raise TypeError(f"cannot send arrays of dtype {array.dtype}; use float32/64, int32/64")
-    array = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code]), code
+
+
+def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode an array-like; float64 stays float64 and ints stay ints (the server converts)."""
+    array, code = wire_array(value)
     tensor = pb.Tensor() if out is None else out
     tensor.dtype = code  # type: ignore[assignment]
     tensor.shape[:] = array.shape

@@ -27,12 +27,30 @@ def decode_array(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
     return decode_wire(WireTensor(tensor.dtype, tuple(tensor.shape), tensor.data), field)
 
 
-def decode_wire(tensor: WireTensor | None, field: str) -> npt.NDArray[Any]:
-    """``decode_array`` for a tensor of a decoded Train request (a view, never a copy)."""
+def decode_wire(
+    tensor: WireTensor | None, field: str, segment: memoryview | None = None
+) -> npt.NDArray[Any]:
+    """``decode_array`` for a tensor of a decoded Train request (a view, never a copy).
+
+    A tensor may point into the stream's shared-memory ``segment`` instead of carrying data.
+    """
     if tensor is None:
         raise InvalidArgument(field, "is missing")
+    data = tensor.data
+    if tensor.shared is not None:
+        offset, length = tensor.shared
+        if segment is None:
+            raise InvalidArgument(f"{field}.shared", "the stream opened no shared_memory segment")
+        if len(data):
+            raise InvalidArgument(f"{field}.data", "give data or shared, not both")
+        if offset + length > len(segment):
+            raise InvalidArgument(
+                f"{field}.shared",
+                f"bytes [{offset}, {offset + length}) lie outside the {len(segment)}-byte segment",
+            )
+        data = segment[offset : offset + length]
     try:
-        array = from_parts(tensor.dtype, tensor.shape, tensor.data, field)
+        array = from_parts(tensor.dtype, tensor.shape, data, field)
     except TensorFormatError as exc:
         raise InvalidArgument(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
     if tensor.dtype == pb.DATA_TYPE_BFLOAT16:  # numpy has no bfloat16; float32 holds it exactly

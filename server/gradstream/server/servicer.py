@@ -26,6 +26,7 @@ from gradstream.server.engine import (
 from gradstream.server.errors import DataLoss, GradstreamError, InvalidArgument, Unavailable
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
+from gradstream.server.shm import map_shared_memory
 from gradstream.server.spec import parse_spec
 from gradstream.server.wire import TrainMessage, WireBatch, parse_train_request
 from gradstream.server.worker import ModelWorker
@@ -48,6 +49,7 @@ class _Stream:
         self.error: GradstreamError | None = None  # ends the stream after the results before it
         self.reader: asyncio.Task[None] | None = None
         self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
+        self.segment: memoryview | None = None  # the producer's shared memory, mapped read-only
 
 
 class TrainerServicer:
@@ -228,6 +230,8 @@ class TrainerServicer:
         stream = _Stream(TrainOptions(first.open.producer_id, max(1, first.open.report_every)))
         producer = first.open.producer_id
         durable_sent = self.checkpointer.durable_sequence(worker.trainer.name, producer)
+        if first.open.shared_memory:
+            stream.segment = map_shared_memory(first.open.shared_memory, context.peer())
 
         def opened(trainer: Trainer) -> pb.StreamState:
             return pb.StreamState(
@@ -265,6 +269,7 @@ class TrainerServicer:
             finally:
                 stream.cancelled = True
                 reader.cancel()
+                stream.segment = None  # unmapped once the last batch viewing it is gone
         finally:
             self._streams.discard(stream)
             self._streams_closed.set()
@@ -290,7 +295,8 @@ class TrainerServicer:
                     items = [
                         item if isinstance(item, Rejected) else worker.trainer.stage(item)
                         for item in (
-                            _validate(checker, b, i) for i, b in enumerate(request.batches)
+                            _validate(checker, b, i, stream.segment)
+                            for i, b in enumerate(request.batches)
                         )
                     ]
                     jobs.put_nowait(
@@ -312,14 +318,16 @@ class TrainerServicer:
             jobs.put_nowait(None)
 
 
-def _validate(checker: BatchChecker, batch: WireBatch, index: int) -> Batch | Rejected:
+def _validate(
+    checker: BatchChecker, batch: WireBatch, index: int, segment: memoryview | None
+) -> Batch | Rejected:
     field = f"batches[{index}]"
     try:
         weight = batch.sample_weight
         return checker.batch(
-            decode_wire(batch.x, f"{field}.x"),
-            decode_wire(batch.y, f"{field}.y"),
-            None if weight is None else decode_wire(weight, f"{field}.sample_weight"),
+            decode_wire(batch.x, f"{field}.x", segment),
+            decode_wire(batch.y, f"{field}.y", segment),
+            None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
             batch.sequence,
             field,
         )

@@ -27,6 +27,7 @@ class WireTensor:
     dtype: int = 0
     shape: tuple[int, ...] = ()
     data: bytes | memoryview = b""
+    shared: tuple[int, int] | None = None  # (offset, length) in the stream's segment
 
 
 @dataclass(slots=True)
@@ -81,7 +82,8 @@ def _tensor_of(batch: pb.Batch, name: str) -> WireTensor | None:
     if not batch.HasField(name):
         return None
     t: pb.Tensor = getattr(batch, name)
-    return WireTensor(t.dtype, tuple(t.shape), t.data)
+    shared = (t.shared.offset, t.shared.length) if t.HasField("shared") else None
+    return WireTensor(t.dtype, tuple(t.shape), t.data, shared)
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -184,5 +186,19 @@ def _tensor(buf: memoryview) -> WireTensor:
                 raise _Fallback
             assert isinstance(value, memoryview)
             tensor.data = value
+        elif number == 4:
+            if wire_type != 2 or tensor.shared is not None:
+                raise _Fallback
+            assert isinstance(value, memoryview)
+            offset = length = 0
+            for slice_number, slice_type, slice_value in _fields(value):
+                if slice_number in (1, 2):
+                    if slice_type != 0:
+                        raise _Fallback
+                    assert isinstance(slice_value, int)
+                    offset, length = (
+                        (slice_value, length) if slice_number == 1 else (offset, slice_value)
+                    )
+            tensor.shared = (offset, length)
     tensor.shape = tuple(shape)
     return tensor
