@@ -260,6 +260,9 @@ class Client:
         if producer_id:
             from gradstream.client._producer import ProducerStream
 
+            if shared_memory:
+                raise ValueError("shared_memory is not supported with producer_id (yet)")
+
             return ProducerStream(
                 self._stub,
                 self._channel,
