@@ -1,26 +1,156 @@
-"""Every Prometheus metric the server exports, on its own registry and HTTP port."""
+"""Every Prometheus metric the server exports, on its own registry and HTTP port.
+
+Cost model: the step's own bookkeeping (``record``) is a handful of counter
+increments per request message, never a device read. Weights and gradients are
+read from the device only after a message whose steps passed a multiple of
+``metrics_every`` (``sample_due``), with one batched
+op and one copy to the host. Label values are bounded by what the server knows
+(model and parameter names, a fixed list of reasons and status codes): never a
+client, stream or request id, never a value taken from a request.
+"""
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
+import grpc
 import prometheus_client
-from gradstream.server.engine import Outcome, StepResult
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import torch
+from google.protobuf.descriptor import ServiceDescriptor
+from gradstream.server.engine import Outcome, StepResult, Trainer
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # The _created series double every counter and no dashboard reads them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _BATCH_INDEX = re.compile(r"^batches\[\d+\]\.")
 _STEP_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
+# Every field a batch can be rejected for (batches.py, codec.py); anything else is "other".
+REJECT_REASONS = ("x", "y", "sample_weight", "other")
+SKIP_REASONS = ("nonfinite_loss", "nonfinite_gradient")
+# Long-lived Train streams need buckets far past the defaults' 10 s.
+_RPC_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 1800.0)
+GRPC_TYPES = ("unary", "client_stream", "server_stream", "bidi_stream")
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    """A model's parameter series, resolved once: sampling then only sets values."""
+
+    names: tuple[str, ...]
+    params: tuple[torch.nn.Parameter, ...]
+    norms: tuple[Gauge, ...]
+    gradient_norms: tuple[Gauge, ...]
+    small: tuple[int, ...]  # positions in ``names`` of the parameters exported value by value
+    values: tuple[Gauge, ...]  # one per element of the small parameters, in order
+
+
+class _DeviceMemory(Collector):
+    """Bytes held by PyTorch's CUDA caching allocator, read at scrape time.
+
+    ``memory_allocated`` reads the allocator's host-side counters: no device sync.
+    """
+
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        self.devices = tuple(devices)
+
+    def collect(self) -> Iterator[Metric]:
+        allocated = GaugeMetricFamily(
+            "gradstream_device_memory_allocated_bytes",
+            "Bytes of device memory held by tensors.",
+            labels=["device"],
+        )
+        reserved = GaugeMetricFamily(
+            "gradstream_device_memory_reserved_bytes",
+            "Bytes of device memory reserved by PyTorch's caching allocator.",
+            labels=["device"],
+        )
+        for device in self.devices:
+            allocated.add_metric([str(device)], float(torch.cuda.memory_allocated(device)))
+            reserved.add_metric([str(device)], float(torch.cuda.memory_reserved(device)))
+        yield allocated
+        yield reserved
+
+
+class GrpcServerMetrics:
+    """The standard ``grpc_server_*`` family (as go-grpc-prometheus names it)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        r = registry
+        self.started = Counter(
+            "grpc_server_started", "RPCs started on the server.", labels, registry=r
+        )
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success or failure.",
+            [*labels, "grpc_code"],
+            registry=r,
+        )
+        self.received = Counter(
+            "grpc_server_msg_received", "RPC stream messages received.", labels, registry=r
+        )
+        self.sent = Counter("grpc_server_msg_sent", "RPC stream messages sent.", labels, registry=r)
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its status.",
+            labels,
+            buckets=_RPC_BUCKETS,
+            registry=r,
+        )
+
+    def preinitialize(self, services: Iterable[ServiceDescriptor]) -> None:
+        """Create every method's series at zero, every status code included."""
+        for service in services:
+            for method in service.methods:
+                kind = grpc_type(method.client_streaming, method.server_streaming)
+                labels = (kind, service.full_name, method.name)
+                self.started.labels(*labels)
+                self.received.labels(*labels)
+                self.sent.labels(*labels)
+                self.seconds.labels(*labels)
+                for code in grpc.StatusCode:
+                    self.handled.labels(*labels, code.name)
+
+
+def grpc_type(client_streaming: bool, server_streaming: bool) -> str:
+    """The ``grpc_type`` label of a method."""
+    return GRPC_TYPES[2 * client_streaming + server_streaming]
 
 
 class Metrics:
-    """The training metrics of every model in one server."""
+    """The training metrics of every model in one server.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    With ``enabled=False`` (no metrics port) nothing is recorded or sampled.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        enabled: bool = True,
+        every: int = 10,
+        max_elements: int = 64,
+        device: torch.device | None = None,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.enabled = enabled
+        self.every = every
+        self.max_elements = max_elements
+        self._probes: dict[str, _Probe] = {}
         r = self.registry
         self.train_loss = Gauge(
             "gradstream_train_loss", "Loss of the last reported step.", ["model"], registry=r
@@ -57,17 +187,49 @@ class Metrics:
             "gradstream_learning_rate", "Current learning rate.", ["model"], registry=r
         )
         self.models = Gauge("gradstream_models", "Models resident on the server.", registry=r)
+        self.parameter_value = Gauge(
+            "gradstream_parameter_value",
+            "Value of one element of a small parameter, sampled every metrics_every steps.",
+            ["model", "parameter", "index"],
+            registry=r,
+        )
+        self.parameter_norm = Gauge(
+            "gradstream_parameter_norm",
+            "L2 norm of a parameter, sampled every metrics_every steps.",
+            ["model", "parameter"],
+            registry=r,
+        )
+        self.gradient_norm = Gauge(
+            "gradstream_gradient_norm",
+            "L2 norm of a parameter's gradient after a step, sampled every metrics_every steps "
+            "(0 when it has none, e.g. frozen).",
+            ["model", "parameter"],
+            registry=r,
+        )
+        # gradstream_checkpoint_* (last success timestamp, duration, failures) belong to
+        # checkpoint.py's owner and are registered on this same registry.
+        self.grpc = GrpcServerMetrics(r)
+        if device is not None and device.type == "cuda":
+            r.register(_DeviceMemory([device]))
+        # What prometheus-client's default registry would carry: process_*, python_info,
+        # python_gc_*; this registry is our own, so they are added explicitly.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
 
     def model_created(self, model: str, lr: float) -> None:
         """Pre-initialize the model's series so rates start from zero, not from absence."""
         self.train_steps.labels(model)
         self.train_samples.labels(model)
-        for reason in ("loss is not finite", "gradient is not finite"):
-            self.steps_skipped.labels(model, _skip_label(reason))
+        self.step_duration.labels(model)
+        for reason in SKIP_REASONS:
+            self.steps_skipped.labels(model, reason)
+        for reason in REJECT_REASONS:
+            self.batches_rejected.labels(model, reason)
         self.learning_rate.labels(model).set(lr)
 
     def model_deleted(self, model: str) -> None:
         """Drop every series of a deleted model."""
+        self._probes.pop(model, None)
         for metric in (
             self.train_loss,
             self.train_steps,
@@ -76,6 +238,9 @@ class Metrics:
             self.learning_rate,
             self.batches_rejected,
             self.steps_skipped,
+            self.parameter_value,
+            self.parameter_norm,
+            self.gradient_norm,
         ):
             for labels in list(metric._metrics):  # prometheus-client has no "remove by model"
                 if labels[0] == model:
@@ -83,6 +248,8 @@ class Metrics:
 
     def record(self, model: str, results: Iterable[tuple[StepResult, int]], seconds: float) -> None:
         """Account one worker job: each result with the row count of its batch."""
+        if not self.enabled:
+            return
         applied = samples = batches = 0
         loss: float | None = None
         for result, rows in results:
@@ -106,6 +273,67 @@ class Metrics:
         if batches:
             self.step_duration.labels(model).observe(seconds / batches)
 
+    def sample_due(self, before: int, after: int) -> bool:
+        """Whether a job that took the model from step ``before`` to ``after`` passed a
+        multiple of ``every``: then it samples, once, after its last step."""
+        return self.enabled and after // self.every > before // self.every
+
+    def sample(self, trainer: Trainer) -> None:
+        """Read norms of every parameter and gradient, and small parameters' values.
+
+        Runs on the model's worker after a job that passed a sampling step: one
+        ``_foreach_norm`` per list, one concatenation and one copy to the host, so
+        the device is waited on once per sample and never on other steps. The
+        gradients are those the last step left (its own, or a partial sum while
+        accumulating).
+        """
+        probe = self._probes.get(trainer.name)
+        if probe is None:
+            probe = self._probes[trainer.name] = self._probe(trainer)
+        params = [p.detach() for p in probe.params]
+        grads = [p.grad for p in probe.params]
+        with torch.no_grad():
+            norms = torch._foreach_norm(params)
+            present = [g for g in grads if g is not None]
+            grad_norms = iter(torch._foreach_norm(present) if present else [])
+            zero = torch.zeros((), device=trainer.device)
+            # float64 holds every float32/bf16 value exactly.
+            parts = [n.double().reshape(1) for n in norms]
+            parts += [(zero if g is None else next(grad_norms)).double().reshape(1) for g in grads]
+            parts += [params[i].double().reshape(-1) for i in probe.small]
+            host = torch.cat(parts).cpu().tolist()  # the one device -> host copy
+        count = len(probe.names)
+        for gauge, value in zip(probe.norms, host[:count], strict=True):
+            gauge.set(value)
+        for gauge, value in zip(probe.gradient_norms, host[count : 2 * count], strict=True):
+            gauge.set(value)
+        for gauge, value in zip(probe.values, host[2 * count :], strict=True):
+            gauge.set(value)
+
+    def _probe(self, trainer: Trainer) -> _Probe:
+        model = trainer.name
+        named = list(trainer.module.named_parameters())
+        names = tuple(name for name, _ in named)
+        small = tuple(i for i, (_, p) in enumerate(named) if p.numel() <= self.max_elements)
+        values = tuple(
+            self.parameter_value.labels(model, names[i], _index_label(index))
+            for i in small
+            for index in itertools.product(*(range(d) for d in named[i][1].shape))
+        )
+        return _Probe(
+            names=names,
+            params=tuple(p for _, p in named),
+            norms=tuple(self.parameter_norm.labels(model, n) for n in names),
+            gradient_norms=tuple(self.gradient_norm.labels(model, n) for n in names),
+            small=small,
+            values=values,
+        )
+
+
+def _index_label(index: tuple[int, ...]) -> str:
+    # Row-major like the tensor itself; "0" for a 0-d tensor (an empty label is no label).
+    return ",".join(map(str, index)) or "0"
+
 
 def _skip_label(reason: str) -> str:
     return "nonfinite_loss" if reason.startswith("loss") else "nonfinite_gradient"
@@ -113,5 +341,5 @@ def _skip_label(reason: str) -> str:
 
 def rejected_label(reason: str) -> str:
     """The bounded label for a rejection: the field at fault, without batch indexes."""
-    field = _BATCH_INDEX.sub("", reason.split(":", 1)[0])
-    return field.split(".")[0] or "other"
+    field = _BATCH_INDEX.sub("", reason.split(":", 1)[0]).split(".")[0]
+    return field if field in REJECT_REASONS else "other"

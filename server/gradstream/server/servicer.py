@@ -259,6 +259,7 @@ def _train_job(
         start = time.perf_counter()
         results: list[StepResult] = []
         rows: list[int] = []
+        first_step = trainer.step
         options = stream.options
         for item in items:
             if stream.cancelled:  # nothing is committed after the client went away
@@ -277,6 +278,9 @@ def _train_job(
                     stream.error = exc
                     break
                 rows.append(item.x.shape[0])
+        # The only place weights are read from the device for metrics: at most once a message.
+        if metrics.sample_due(first_step, trainer.step):
+            metrics.sample(trainer)
         metrics.record(model, zip(results, rows, strict=True), time.perf_counter() - start)
         return results
 
