@@ -43,7 +43,7 @@ REJECT_REASONS = ("x", "y", "sample_weight", "other")
 SKIP_REASONS = ("nonfinite_loss", "nonfinite_gradient")
 # Long-lived Train streams need buckets far past the defaults' 10 s.
 _RPC_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 1800.0)
-GRPC_TYPES = ("unary", "client_stream", "server_stream", "bidi_stream")
+GRPC_TYPES = ("unary", "server_stream", "client_stream", "bidi_stream")  # [2 * client + server]
 
 
 @dataclass(frozen=True, slots=True)
