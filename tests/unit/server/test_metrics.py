@@ -48,7 +48,7 @@ def test_a_sample_exports_every_weight_and_the_norms_of_parameters_and_gradients
     trainer, metrics = _trainer(), Metrics()
     _steps(trainer, 3)
     metrics.sample(trainer)
-    weight, bias = trainer.module.weight, trainer.module.bias
+    weight, bias = trainer.module.get_parameter("weight"), trainer.module.get_parameter("bias")
     for (row, column), value in zip(
         [(r, c) for r in range(2) for c in range(3)],
         weight.detach().flatten().tolist(),
@@ -62,9 +62,10 @@ def test_a_sample_exports_every_weight_and_the_norms_of_parameters_and_gradients
             index=f"{row},{column}",
         )
         assert got == value
-    assert _value(
-        metrics, "gradstream_parameter_value", model="m", parameter="bias", index="1"
-    ) == (bias[1].item())
+    assert (
+        _value(metrics, "gradstream_parameter_value", model="m", parameter="bias", index="1")
+        == bias[1].item()
+    )
     assert _value(metrics, "gradstream_parameter_norm", model="m", parameter="weight") == (
         pytest.approx(torch.linalg.vector_norm(weight).item(), rel=1e-6)
     )
