@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -109,7 +110,7 @@ def test_handled_counts_the_status_the_client_sees(
 
 def test_an_unknown_method_adds_no_series(server: BackgroundServer, channel: grpc.Channel) -> None:
     before = scrape(server)
-    call = channel.unary_unary(f"/{TRAINER}/NoSuchMethod")
+    call = channel.unary_unary(f"/{TRAINER}/NoSuchMethod", None, None)
     with pytest.raises(grpc.RpcError) as error:
         call(b"")
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -137,7 +138,7 @@ def test_weights_on_the_metrics_port_are_the_models_after_a_sampling_step(
     assert scrape(server)[("gradstream_parameter_value", key)] == weight
 
 
-def _bad_batches(count: int) -> Iterator[tuple[np.ndarray, ...]]:
+def _bad_batches(count: int) -> Iterator[tuple[Any, Any] | tuple[Any, Any, Any]]:
     """Invalid batches, each different: non-finite values, wrong shapes, bad weights."""
     for i in range(count):
         match i % 4:
