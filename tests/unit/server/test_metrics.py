@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -10,7 +11,10 @@ from gradstream.server.batches import Batch
 from gradstream.server.engine import Outcome, StepResult, Trainer, TrainOptions
 from gradstream.server.metrics import REJECT_REASONS, Metrics, grpc_type, rejected_label
 from gradstream.server.spec import parse_spec
+from gradstream.v1 import trainer_pb2
 from prometheus_client import CollectorRegistry, generate_latest
+
+from tests.conftest import ROOT
 
 CPU = torch.device("cpu")
 
@@ -216,3 +220,21 @@ def test_device_memory_is_exported_for_a_cuda_device() -> None:
 def test_no_device_memory_series_on_the_cpu() -> None:
     metrics = Metrics(device=CPU)
     assert "gradstream_device_memory" not in generate_latest(metrics.registry).decode()
+
+
+def test_every_exported_metric_is_documented() -> None:
+    docs = (ROOT / "docs" / "observability.md").read_text()
+    trainer, metrics = _trainer(), Metrics()
+    metrics.model_created("m", 0.1)
+    metrics.record("m", [(r, 4) for r in _steps(trainer, 1)], 0.001)
+    metrics.sample(trainer)
+    metrics.grpc.preinitialize([trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]])
+    names = {
+        re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split(" ")[0])
+        for line in generate_latest(metrics.registry).decode().splitlines()
+        if line.startswith(("gradstream_", "grpc_"))
+    }
+    names |= {"gradstream_device_memory_allocated_bytes", "gradstream_device_memory_reserved_bytes"}
+    assert len(names) == 18
+    for name in sorted(names):
+        assert f"`{name}`" in docs, f"{name} is not in docs/observability.md"
