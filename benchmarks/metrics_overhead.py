@@ -4,7 +4,10 @@ Two real ``gradstream serve`` processes run side by side, one with the metrics
 port (and a scraper hitting it every second, harsher than Prometheus's usual
 15 s) and one with ``--metrics-port -1``. Timed runs alternate between them so
 drift on a shared machine hits both alike; the figure is the median of the
-per-round ratios. Not a test: it prints numbers, it asserts nothing.
+per-round ratios. It also prints each server's CPU time per step (from /proc),
+which other load on the machine disturbs far less than wall-clock rates.
+``--control`` runs both servers without metrics to show the noise floor.
+Not a test: it prints numbers, it asserts nothing.
 
     .venv/bin/python benchmarks/metrics_overhead.py [--rounds 7] [--batches 20000]
 """
@@ -12,11 +15,13 @@ per-round ratios. Not a test: it prints numbers, it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from gradstream.client import Client
@@ -36,10 +41,25 @@ def _batches(count: int, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return list(zip(x, y, strict=True))
 
 
-def _steps_per_second(client: Client, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), 0 elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(
+    client: Client, server: LocalServer, batches: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[float, float]:
+    """Steps per second, and the server's CPU microseconds per step."""
+    assert server.process is not None
+    cpu = _cpu_seconds(server.process.pid)
     start = time.perf_counter()
     count = sum(1 for _ in client.train("bench", batches, report_every=64))
-    return count / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return count / elapsed, 1e6 * (_cpu_seconds(server.process.pid) - cpu) / count
 
 
 def _scraper(port: int, stop: threading.Event) -> None:
@@ -48,9 +68,11 @@ def _scraper(port: int, stop: threading.Event) -> None:
             r.read()
 
 
-def _servers() -> Iterator[tuple[str, LocalServer]]:
-    yield "on", LocalServer("--device", "cpu", "--threads", "1")
-    yield "off", LocalServer("--device", "cpu", "--threads", "1", "--metrics-port", "-1")
+def _servers(control: bool) -> Iterator[tuple[str, LocalServer]]:
+    common = ("--device", "cpu", "--threads", "1")
+    # --control: "on" is a second metrics-off server, to show the harness's noise floor.
+    yield "on", LocalServer(*common, *(("--metrics-port", "-1") if control else ()))
+    yield "off", LocalServer(*common, "--metrics-port", "-1")
 
 
 def main() -> None:
@@ -59,9 +81,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batches", type=int, default=20000)
     parser.add_argument("--rows", type=int, default=8, help="rows per batch")
+    parser.add_argument(
+        "--control", action="store_true", help="both servers without metrics (an A/A run)"
+    )
     args = parser.parse_args()
     batches = _batches(args.batches, args.rows)
-    servers = dict(_servers())
+    servers = dict(_servers(args.control))
     clients: dict[str, Client] = {}
     stop = threading.Event()
     try:
@@ -69,19 +94,23 @@ def main() -> None:
             server.start()
             clients[mode] = Client(server.target)
             clients[mode].create_model("bench", SPEC)
-            _steps_per_second(clients[mode], batches[: args.batches // 4])  # warm up
+            _timed(clients[mode], server, batches[: args.batches // 4])  # warm up
         assert servers["off"].metrics_port == 0
-        threading.Thread(
-            target=_scraper, args=(servers["on"].metrics_port, stop), daemon=True
-        ).start()
+        if servers["on"].metrics_port:
+            threading.Thread(
+                target=_scraper, args=(servers["on"].metrics_port, stop), daemon=True
+            ).start()
         rates: dict[str, list[float]] = {"on": [], "off": []}
+        cpu: dict[str, list[float]] = {"on": [], "off": []}
         for i in range(args.rounds):
             order = ("on", "off") if i % 2 == 0 else ("off", "on")
             for mode in order:
-                rates[mode].append(_steps_per_second(clients[mode], batches))
+                rate, micros = _timed(clients[mode], servers[mode], batches)
+                rates[mode].append(rate)
+                cpu[mode].append(micros)
             print(
-                f"round {i + 1}: on {rates['on'][-1]:8.0f} steps/s   "
-                f"off {rates['off'][-1]:8.0f} steps/s"
+                f"round {i + 1}: on {rates['on'][-1]:6.0f} steps/s {cpu['on'][-1]:6.1f} us CPU/step"
+                f"   off {rates['off'][-1]:6.0f} steps/s {cpu['off'][-1]:6.1f} us CPU/step"
             )
     finally:
         stop.set()
@@ -96,6 +125,12 @@ def main() -> None:
         f"off {statistics.median(rates['off']):.0f}; "
         f"on/off median ratio {ratio:.4f} (overhead {100 * (1 - ratio):+.2f} %), "
         f"ratios {min(ratios):.3f}..{max(ratios):.3f}"
+    )
+    # CPU time per step is what a shared machine's load disturbs least.
+    on_cpu, off_cpu = statistics.median(cpu["on"]), statistics.median(cpu["off"])
+    print(
+        f"median server CPU per step: on {on_cpu:.1f} us, off {off_cpu:.1f} us "
+        f"(on/off {on_cpu / off_cpu:.4f}, extra {100 * (on_cpu / off_cpu - 1):+.2f} %)"
     )
 
 
