@@ -1,13 +1,13 @@
 """What metrics cost: steps per second with metrics on against off, small batches.
 
 Two real ``gradstream serve`` processes run side by side, one with the metrics
-port (and a scraper hitting it every second, harsher than Prometheus's usual
-15 s) and one with ``--metrics-port -1``. Timed runs alternate between them so
-drift on a shared machine hits both alike; the figure is the median of the
-per-round ratios. It also prints each server's CPU time per step (from /proc),
-which other load on the machine disturbs far less than wall-clock rates.
-``--control`` runs both servers without metrics to show the noise floor.
-Not a test: it prints numbers, it asserts nothing.
+port (scraped every ``--scrape-every`` seconds, 15 as in
+deploy/prometheus/prometheus.yml) and one with ``--metrics-port -1``. Timed
+runs alternate between them so drift on a shared machine hits both alike; the
+figure is the median of the per-round ratios. It also prints each server's CPU
+time per step (from /proc), which other load on the machine disturbs far less
+than wall-clock rates. ``--control`` runs both servers without metrics to show
+the noise floor. Not a test: it prints numbers, it asserts nothing.
 
     .venv/bin/python benchmarks/metrics_overhead.py [--rounds 7] [--batches 20000]
 """
@@ -62,8 +62,8 @@ def _timed(
     return count / elapsed, 1e6 * (_cpu_seconds(server.process.pid) - cpu) / count
 
 
-def _scraper(port: int, stop: threading.Event) -> None:
-    while not stop.wait(1.0):
+def _scraper(port: int, every: float, stop: threading.Event) -> None:
+    while not stop.wait(every):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             r.read()
 
@@ -82,6 +82,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20000)
     parser.add_argument("--rows", type=int, default=8, help="rows per batch")
     parser.add_argument(
+        "--scrape-every",
+        type=float,
+        default=15.0,
+        help="seconds between scrapes of the metrics server (deploy/prometheus: 15)",
+    )
+    parser.add_argument(
         "--control", action="store_true", help="both servers without metrics (an A/A run)"
     )
     args = parser.parse_args()
@@ -98,7 +104,9 @@ def main() -> None:
         assert servers["off"].metrics_port == 0
         if servers["on"].metrics_port:
             threading.Thread(
-                target=_scraper, args=(servers["on"].metrics_port, stop), daemon=True
+                target=_scraper,
+                args=(servers["on"].metrics_port, args.scrape_every, stop),
+                daemon=True,
             ).start()
         rates: dict[str, list[float]] = {"on": [], "off": []}
         cpu: dict[str, list[float]] = {"on": [], "off": []}

@@ -102,7 +102,9 @@ class _MethodSeries:
         self.seconds.observe(time.perf_counter() - start)
 
 
-def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> Any:
+def _final_code(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None
+) -> grpc.StatusCode:
     """The status the client gets: set by abort/set_code, else from how the handler ended."""
     code = context.code()
     if code is not None and not isinstance(code, grpc.StatusCode):
