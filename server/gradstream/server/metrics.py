@@ -65,7 +65,8 @@ class _DeviceMemory(Collector):
     """
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
-        self.devices = tuple(devices)
+        # "cuda" without an index is device 0 for every thread that has not chosen another.
+        self.devices = tuple(torch.device("cuda", d.index or 0) for d in devices)
 
     def collect(self) -> Iterator[Metric]:
         allocated = GaugeMetricFamily(

@@ -209,9 +209,8 @@ def test_process_metrics_are_on_the_server_registry() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_memory_is_exported_for_a_cuda_device() -> None:
-    device = torch.device("cuda", 0)
-    metrics = Metrics(device=device)
-    held = torch.empty(1024, 1024, device=device)
+    metrics = Metrics(device=torch.device("cuda"))  # --device auto gives "cuda", no index
+    held = torch.empty(1024, 1024, device="cuda:0")
     value = _value(metrics, "gradstream_device_memory_allocated_bytes", device="cuda:0")
     assert value is not None
     assert value >= held.numel() * 4
