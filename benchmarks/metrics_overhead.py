@@ -75,6 +75,57 @@ def _servers(control: bool) -> Iterator[tuple[str, LocalServer]]:
     yield "off", LocalServer(*common, "--metrics-port", "-1")
 
 
+def _components(rows: int, scrape_every: float, rounds: int = 300) -> None:
+    """In one process, interleaved: a 64-batch message's training against its metrics work.
+
+    Load from elsewhere slows both sides of each ratio alike, so this resolves
+    fractions of a percent where the end-to-end rates above cannot.
+    """
+    import torch
+    from gradstream.server.batches import Batch
+    from gradstream.server.engine import Trainer, TrainOptions
+    from gradstream.server.metrics import Metrics
+    from gradstream.server.spec import parse_spec
+    from gradstream.v1 import trainer_pb2
+    from prometheus_client import generate_latest
+
+    torch.set_num_threads(1)
+    trainer = Trainer("bench", parse_spec(SPEC), torch.device("cpu"))
+    metrics = Metrics()
+    metrics.model_created("bench", 0.01)
+    metrics.grpc.preinitialize([trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]])
+    batches = [
+        Batch(torch.from_numpy(x), torch.from_numpy(y), None, 0) for x, y in _batches(64, rows)
+    ]
+    options = TrainOptions(report_every=64)
+    times: dict[str, list[float]] = {"train": [], "record": [], "sample": [], "scrape": []}
+    for i in range(rounds):
+        start = time.perf_counter()
+        results = [trainer.train(batch, options) for batch in batches]
+        middle = time.perf_counter()
+        metrics.record("bench", [(r, rows) for r in results], middle - start)
+        recorded = time.perf_counter()
+        metrics.sample(trainer)  # 64 steps always pass a multiple of metrics_every (10)
+        end = time.perf_counter()
+        times["train"].append(middle - start)
+        times["record"].append(recorded - middle)
+        times["sample"].append(end - recorded)
+        if i % 10 == 0:
+            start = time.perf_counter()
+            generate_latest(metrics.registry)
+            times["scrape"].append(time.perf_counter() - start)
+    train, record, sample, scrape = (statistics.median(times[k]) for k in times)
+    # one scrape per scrape_every seconds, spread over the messages trained meanwhile
+    scrape_share = scrape * train / scrape_every
+    extra = (record + sample + scrape_share) / train
+    print(
+        f"per 64-batch message: training {1e6 * train:.0f} us; record {1e6 * record:.1f} us, "
+        f"sample {1e6 * sample:.1f} us, scrape {1e3 * scrape:.1f} ms every {scrape_every:g} s "
+        f"({1e6 * scrape_share:.2f} us a message): metrics add {100 * extra:.2f} % "
+        f"(steps/s on/off {1 / (1 + extra):.4f})"
+    )
+
+
 def main() -> None:
     """Run the rounds and print steps/s per mode and the overhead."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -90,7 +141,13 @@ def main() -> None:
     parser.add_argument(
         "--control", action="store_true", help="both servers without metrics (an A/A run)"
     )
+    parser.add_argument(
+        "--components-only", action="store_true", help="only the in-process breakdown"
+    )
     args = parser.parse_args()
+    if args.components_only:
+        _components(args.rows, args.scrape_every)
+        return
     batches = _batches(args.batches, args.rows)
     servers = dict(_servers(args.control))
     clients: dict[str, Client] = {}
@@ -140,6 +197,7 @@ def main() -> None:
         f"median server CPU per step: on {on_cpu:.1f} us, off {off_cpu:.1f} us "
         f"(on/off {on_cpu / off_cpu:.4f}, extra {100 * (on_cpu / off_cpu - 1):+.2f} %)"
     )
+    _components(args.rows, args.scrape_every)
 
 
 if __name__ == "__main__":

@@ -48,14 +48,51 @@ GRPC_TYPES = ("unary", "server_stream", "client_stream", "bidi_stream")  # [2 * 
 
 @dataclass(frozen=True, slots=True)
 class _Probe:
-    """A model's parameter series, resolved once: sampling then only sets values."""
+    """What one model's sample reads, and the labels of what it read, resolved once."""
 
-    names: tuple[str, ...]
     params: tuple[torch.nn.Parameter, ...]
-    norms: tuple[Gauge, ...]
-    gradient_norms: tuple[Gauge, ...]
-    small: tuple[int, ...]  # positions in ``names`` of the parameters exported value by value
-    values: tuple[Gauge, ...]  # one per element of the small parameters, in order
+    names: tuple[str, ...]
+    small: tuple[int, ...]  # positions of the parameters exported value by value
+    values: tuple[tuple[str, str], ...]  # (parameter, index) of each exported element
+
+
+class _Weights(Collector):
+    """The last sample of every model, turned into series only when scraped.
+
+    A sample just replaces one tuple (atomic under the GIL): no per-gauge locks on
+    the worker, and a model's series vanish with its entry.
+    """
+
+    def __init__(self) -> None:
+        self.samples: dict[str, tuple[_Probe, list[float]]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        every = "sampled every metrics_every steps"
+        value = GaugeMetricFamily(
+            "gradstream_parameter_value",
+            f"Value of one element of a small parameter, {every}.",
+            labels=["model", "parameter", "index"],
+        )
+        norm = GaugeMetricFamily(
+            "gradstream_parameter_norm",
+            f"L2 norm of a parameter, {every}.",
+            labels=["model", "parameter"],
+        )
+        gradient = GaugeMetricFamily(
+            "gradstream_gradient_norm",
+            f"L2 norm of a parameter's gradient after a step (0 without one), {every}.",
+            labels=["model", "parameter"],
+        )
+        for model, (probe, host) in list(self.samples.items()):
+            count = len(probe.names)
+            for i, name in enumerate(probe.names):
+                norm.add_metric([model, name], host[i])
+                gradient.add_metric([model, name], host[count + i])
+            for (name, index), element in zip(probe.values, host[2 * count :], strict=True):
+                value.add_metric([model, name, index], element)
+        yield value
+        yield norm
+        yield gradient
 
 
 class _DeviceMemory(Collector):
@@ -151,7 +188,7 @@ class Metrics:
         self.enabled = enabled
         self.every = every
         self.max_elements = max_elements
-        self._probes: dict[str, _Probe] = {}
+        self._probes: dict[str, _Probe] = {}  # filled by each model's worker
         r = self.registry
         self.train_loss = Gauge(
             "gradstream_train_loss", "Loss of the last reported step.", ["model"], registry=r
@@ -188,25 +225,8 @@ class Metrics:
             "gradstream_learning_rate", "Current learning rate.", ["model"], registry=r
         )
         self.models = Gauge("gradstream_models", "Models resident on the server.", registry=r)
-        self.parameter_value = Gauge(
-            "gradstream_parameter_value",
-            "Value of one element of a small parameter, sampled every metrics_every steps.",
-            ["model", "parameter", "index"],
-            registry=r,
-        )
-        self.parameter_norm = Gauge(
-            "gradstream_parameter_norm",
-            "L2 norm of a parameter, sampled every metrics_every steps.",
-            ["model", "parameter"],
-            registry=r,
-        )
-        self.gradient_norm = Gauge(
-            "gradstream_gradient_norm",
-            "L2 norm of a parameter's gradient after a step, sampled every metrics_every steps "
-            "(0 when it has none, e.g. frozen).",
-            ["model", "parameter"],
-            registry=r,
-        )
+        self._weights = _Weights()
+        r.register(self._weights)
         # gradstream_checkpoint_* (last success timestamp, duration, failures) belong to
         # checkpoint.py's owner and are registered on this same registry.
         self.grpc = GrpcServerMetrics(r)
@@ -231,6 +251,7 @@ class Metrics:
     def model_deleted(self, model: str) -> None:
         """Drop every series of a deleted model."""
         self._probes.pop(model, None)
+        self._weights.samples.pop(model, None)
         for metric in (
             self.train_loss,
             self.train_steps,
@@ -239,9 +260,6 @@ class Metrics:
             self.learning_rate,
             self.batches_rejected,
             self.steps_skipped,
-            self.parameter_value,
-            self.parameter_norm,
-            self.gradient_norm,
         ):
             for labels in list(metric._metrics):  # prometheus-client has no "remove by model"
                 if labels[0] == model:
@@ -291,43 +309,35 @@ class Metrics:
         probe = self._probes.get(trainer.name)
         if probe is None:
             probe = self._probes[trainer.name] = self._probe(trainer)
+        if not probe.params:
+            return
         params = [p.detach() for p in probe.params]
-        grads = [p.grad for p in probe.params]
         with torch.no_grad():
-            norms = torch._foreach_norm(params)
+            grads = [p.grad for p in probe.params]
             present = [g for g in grads if g is not None]
-            grad_norms = iter(torch._foreach_norm(present) if present else [])
-            zero = torch.zeros((), device=trainer.device)
-            # float64 holds every float32/bf16 value exactly.
-            parts = [n.double().reshape(1) for n in norms]
-            parts += [(zero if g is None else next(grad_norms)).double().reshape(1) for g in grads]
-            parts += [params[i].double().reshape(-1) for i in probe.small]
-            host = torch.cat(parts).cpu().tolist()  # the one device -> host copy
-        count = len(probe.names)
-        for gauge, value in zip(probe.norms, host[:count], strict=True):
-            gauge.set(value)
-        for gauge, value in zip(probe.gradient_norms, host[count : 2 * count], strict=True):
-            gauge.set(value)
-        for gauge, value in zip(probe.values, host[2 * count :], strict=True):
-            gauge.set(value)
+            found = iter(torch._foreach_norm(present) if present else ())
+            zero = params[0].new_zeros(())
+            parts = [
+                torch.stack(torch._foreach_norm(params)),
+                torch.stack([zero if g is None else next(found) for g in grads]),
+                *(params[i].reshape(-1) for i in probe.small),
+            ]
+            # float64 holds every float32 value exactly; .cpu() is the one device sync.
+            host: list[float] = torch.cat(parts).double().cpu().tolist()
+        self._weights.samples[trainer.name] = (probe, host)
 
     def _probe(self, trainer: Trainer) -> _Probe:
-        model = trainer.name
         named = list(trainer.module.named_parameters())
-        names = tuple(name for name, _ in named)
         small = tuple(i for i, (_, p) in enumerate(named) if p.numel() <= self.max_elements)
-        values = tuple(
-            self.parameter_value.labels(model, names[i], _index_label(index))
-            for i in small
-            for index in itertools.product(*(range(d) for d in named[i][1].shape))
-        )
         return _Probe(
-            names=names,
             params=tuple(p for _, p in named),
-            norms=tuple(self.parameter_norm.labels(model, n) for n in names),
-            gradient_norms=tuple(self.gradient_norm.labels(model, n) for n in names),
+            names=tuple(name for name, _ in named),
             small=small,
-            values=values,
+            values=tuple(
+                (named[i][0], _index_label(index))
+                for i in small
+                for index in itertools.product(*(range(d) for d in named[i][1].shape))
+            ),
         )
 
 
