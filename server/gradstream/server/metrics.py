@@ -3,8 +3,7 @@
 Cost model: the step's own bookkeeping (``record``) is a handful of counter
 increments per request message, never a device read. Weights and gradients are
 read from the device only after a message whose steps passed a multiple of
-``metrics_every`` (``sample_due``), with one batched
-op and one copy to the host. Label values are bounded by what the server knows
+``metrics_every`` (``sample_due``), with one batched op and one copy to the host. Label values are bounded by what the server knows
 (model and parameter names, a fixed list of reasons and status codes): never a
 client, stream or request id, never a value taken from a request.
 """
@@ -227,8 +226,9 @@ class Metrics:
         self.models = Gauge("gradstream_models", "Models resident on the server.", registry=r)
         self._weights = _Weights()
         r.register(self._weights)
-        # gradstream_checkpoint_* (last success timestamp, duration, failures) belong to
-        # checkpoint.py's owner and are registered on this same registry.
+        # gradstream_checkpoint_* go here, on this registry: the checkpointer's own
+        # series, e.g. gradstream_checkpoint_last_success_timestamp_seconds{model}, which
+        # deploy/prometheus/rules.yml alerts on.
         self.grpc = GrpcServerMetrics(r)
         if device is not None and device.type == "cuda":
             r.register(_DeviceMemory([device]))
@@ -293,8 +293,10 @@ class Metrics:
             self.step_duration.labels(model).observe(seconds / batches)
 
     def sample_due(self, before: int, after: int) -> bool:
-        """Whether a job that took the model from step ``before`` to ``after`` passed a
-        multiple of ``every``: then it samples, once, after its last step."""
+        """Whether a job that took the model from step ``before`` to ``after`` samples.
+
+        It does when it passed a multiple of ``every``: once, after its last step.
+        """
         return self.enabled and after // self.every > before // self.every
 
     def sample(self, trainer: Trainer) -> None:
