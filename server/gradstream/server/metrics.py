@@ -3,9 +3,10 @@
 Cost model: the step's own bookkeeping (``record``) is a handful of counter
 increments per request message, never a device read. Weights and gradients are
 read from the device only after a message whose steps passed a multiple of
-``metrics_every`` (``sample_due``), with one batched op and one copy to the host. Label values are bounded by what the server knows
-(model and parameter names, a fixed list of reasons and status codes): never a
-client, stream or request id, never a value taken from a request.
+``metrics_every`` (``sample_due``), with one batched op and one copy to the host.
+Label values are bounded by what the server knows (model and parameter names, a
+fixed list of reasons and status codes): never a client, stream or request id,
+never a value taken from a request.
 """
 
 from __future__ import annotations
