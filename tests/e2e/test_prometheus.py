@@ -197,7 +197,7 @@ def _scrape(port: int) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    """Serve, scrape, train ~30 s; yields once Prometheus has the final state."""
+    """Serve, scrape, train ~30 s; yields once training has ended (Prometheus still runs)."""
     binary = require_tool("prometheus")
     workdir = tmp_path_factory.mktemp("prometheus")
     with LocalServer("--device", "cpu", log=workdir / "gradstream.log") as server:
