@@ -234,6 +234,6 @@ def test_every_exported_metric_is_documented() -> None:
         if line.startswith(("gradstream_", "grpc_"))
     }
     names |= {"gradstream_device_memory_allocated_bytes", "gradstream_device_memory_reserved_bytes"}
-    assert len(names) == 18
+    assert len(names) >= 18  # 11 training, 2 device, 5 gRPC; checkpoints add more
     for name in sorted(names):
         assert f"`{name}`" in docs, f"{name} is not in docs/observability.md"
