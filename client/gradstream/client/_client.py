@@ -407,7 +407,7 @@ class _Packer:
             yield from self._sent(
                 self._packed() if isinstance(self.batches, Sequence) else self._pumped()
             )
-        except BaseException as exc:  # grpc would only log it; the caller must see it
+        except Exception as exc:  # grpc would only log it; the caller must see it
             self.error = exc
 
     def _sent(

@@ -340,12 +340,16 @@ def _train_job(
 ) -> Callable[[Trainer], list[StepResult]]:
     def job(trainer: Trainer) -> list[StepResult]:
         start = time.perf_counter()
+        first_step = trainer.step
         results, stream.error = trainer.train_batches(
             items,
             stream.options,
             lambda: stream.cancelled,  # nothing commits after a cancel
         )
         rows = [0 if isinstance(i, Rejected) else i.x.shape[0] for i in items]
+        # The only place weights are read from the device for metrics: at most once a message.
+        if metrics.sample_due(first_step, trainer.step):
+            metrics.sample(trainer)
         metrics.record(model, zip(results, rows, strict=False), time.perf_counter() - start)
         return results
 
