@@ -6,11 +6,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy.typing as npt
-from gradstream.client._errors import BatchRejected, from_rpc_error
+from gradstream.client._errors import BatchRejected, ResourceExhausted, from_rpc_error
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.client._tensor import as_array, from_proto, to_proto
 from gradstream.v1 import trainer_pb2 as pb
@@ -89,17 +90,41 @@ class Client:
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
+        tls: bool | None = None,
+        ca: str | Path | bytes | None = None,
+        cert: str | Path | bytes | None = None,
+        key: str | Path | bytes | None = None,
+        token: str | None = None,
     ) -> None:
+        """Connect to ``target`` (host:port); nothing is sent until the first call.
+
+        TLS is on when ``tls`` is true or any of ``ca`` (the CA that signed the
+        server's certificate; the system's roots when omitted), ``cert`` and ``key``
+        (this client's certificate, for mutual TLS) is given; each is PEM bytes or a
+        file path. ``token`` is sent as ``authorization: Bearer <token>`` on every call.
+        """
         self.target = target
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
-        self._channel = channel or grpc.insecure_channel(
-            target,
-            options=[
+        if channel is None:
+            options = [
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+            ]
+            if tls or (tls is None and (ca, cert, key) != (None, None, None)):
+                if (cert is None) != (key is None):
+                    raise ValueError("cert and key go together (mutual TLS needs both)")
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_pem(ca),
+                    private_key=_pem(key),
+                    certificate_chain=_pem(cert),
+                )
+                channel = grpc.secure_channel(target, credentials, options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+        if token is not None:
+            channel = grpc.intercept_channel(channel, _BearerToken(token))
+        self._channel = channel
         self._stub = pb_grpc.TrainerServiceStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -214,7 +239,9 @@ class Client:
         raises ``BatchRejected`` unless ``skip_rejected``.
         """
         opener = pb.TrainRequest(open=pb.TrainOpen(model=name, report_every=report_every))
-        packer = _Packer(batches, batches_per_message, message_bytes)
+        packer = _Packer(
+            batches, batches_per_message, message_bytes, max_message_bytes=self.max_message_bytes
+        )
         responses: Any = self._stub.Train(packer.requests(opener))
         try:
             for response in responses:
@@ -238,6 +265,58 @@ class Client:
         packer.raise_producer_error()
 
 
+def _pem(value: str | Path | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization: Bearer <token>`` to every call on the channel."""
+
+    def __init__(self, token: str) -> None:
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("token must be non-empty and without whitespace")
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), self._header],
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+@dataclass(frozen=True, slots=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
 _END = object()
 
 
@@ -249,10 +328,18 @@ class _Packer:
     a slow producer gets one batch per message, a fast one full messages.
     """
 
-    def __init__(self, batches: Iterable[BatchLike], per_message: int, message_bytes: int) -> None:
+    def __init__(
+        self,
+        batches: Iterable[BatchLike],
+        per_message: int,
+        message_bytes: int,
+        max_message_bytes: int = 0,
+    ) -> None:
         self.batches = batches
         self.per_message = max(1, per_message)
         self.message_bytes = message_bytes
+        # What one message may hold, less room for the message's own framing.
+        self.limit = max(0, max_message_bytes - _MESSAGE_SLACK) if max_message_bytes else 0
         self.error: BaseException | None = None
         self._stopped = threading.Event()
 
@@ -269,15 +356,26 @@ class _Packer:
         source = self._ready_batches()
         request = pb.TrainRequest()
         size = 0
-        for batch, ready_more in source:
-            size += _add(request, batch, len(request.batches))
-            if (
-                len(request.batches) >= self.per_message
-                or size >= self.message_bytes
-                or not ready_more
-            ):
-                yield request
-                request, size = pb.TrainRequest(), 0
+        try:
+            for index, (batch, ready_more) in enumerate(source):
+                estimate = _wire_bytes(batch)
+                if self.limit and estimate > self.limit:
+                    raise _too_large(index, estimate, self.limit + _MESSAGE_SLACK)
+                if request.batches and self.limit and size + estimate > self.limit:
+                    yield request  # packing never puts more in one message than it may hold
+                    request, size = pb.TrainRequest(), 0
+                _add(request, batch, len(request.batches))
+                size += estimate
+                if (
+                    len(request.batches) >= self.per_message
+                    or size >= self.message_bytes
+                    or not ready_more
+                ):
+                    yield request
+                    request, size = pb.TrainRequest(), 0
+        except Exception as exc:  # raised in the caller's thread once the stream has ended
+            self.error = exc
+            return
         if request.batches:
             yield request
 
@@ -310,6 +408,30 @@ class _Packer:
             self.error = exc
         finally:
             ready.put(_END)
+
+
+_MESSAGE_SLACK = 1024
+
+
+def _wire_bytes(batch: Any) -> int:
+    """An upper bound of a batch's encoded size: its bytes plus framing per tensor."""
+    if not isinstance(batch, tuple | list):
+        return 0
+    size = 16
+    for value in batch:
+        if value is not None:
+            array = as_array(value)
+            size += array.nbytes + 32 + 11 * array.ndim
+    return size
+
+
+def _too_large(index: int, size: int, limit: int) -> ResourceExhausted:
+    # Splitting the batch would turn one optimizer step into several: not ours to decide.
+    return ResourceExhausted(
+        f"batch {index}: about {size} bytes, more than max_message_bytes={limit} allows in one "
+        "message; send it as smaller batches (each batch is one optimizer step) or raise "
+        "max_message_bytes on the server and the client"
+    )
 
 
 def _add(request: pb.TrainRequest, batch: BatchLike, index: int) -> int:

@@ -81,4 +81,7 @@ def from_proto(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
             f"has {len(tensor.data)} bytes, shape {list(shape)} of "
             f"{pb.DataType.Name(tensor.dtype).removeprefix('DATA_TYPE_').lower()} needs {expected}",
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. [0, 2**62]: no bytes, but numpy cannot index that many
+        raise TensorFormatError(f"{field}.shape", f"{list(shape)} is too large") from None

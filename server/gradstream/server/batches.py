@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from gradstream.server.errors import InvalidArgument
+from gradstream.server.errors import InvalidArgument, ResourceExhausted
 from gradstream.server.models import DTYPES
 from gradstream.server.spec import ModelSpec
 
@@ -27,12 +27,13 @@ class BatchChecker:
     without waiting for the model's worker.
     """
 
-    def __init__(self, spec: ModelSpec, max_rows: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, max_rows: int = 0, max_bytes: int = 0) -> None:
         self.in_features = spec.architecture.in_features
         self.out_features = spec.architecture.out_features
         self.classes = spec.loss.kind == "cross_entropy"
         self.dtype = DTYPES[spec.dtype]
         self.max_rows = max_rows
+        self.max_bytes = max_bytes  # tensor bytes of one batch; 0: no limit
 
     def inputs(self, x: torch.Tensor, field: str = "x") -> torch.Tensor:
         """x as (N, in_features) with N >= 1, finite, in the model's dtype."""
@@ -47,7 +48,10 @@ class BatchChecker:
         if x.shape[0] == 0:
             raise InvalidArgument(field, "is an empty batch (0 rows)")
         if self.max_rows and x.shape[0] > self.max_rows:
-            raise InvalidArgument(field, f"has {x.shape[0]} rows, the limit is {self.max_rows}")
+            raise ResourceExhausted(
+                f"{field}: max_batch_rows: has {x.shape[0]} rows, the limit is {self.max_rows}"
+            )
+        self._check_bytes(x.nbytes, field)
         _finite(x, field)
         return x.to(self.dtype)
 
@@ -100,6 +104,8 @@ class BatchChecker:
         field: str = "batch",
     ) -> Batch:
         """A whole training batch, every part checked."""
+        size = x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes)
+        self._check_bytes(size, field)
         x = self.inputs(x, f"{field}.x")
         rows = x.shape[0]
         return Batch(
@@ -108,6 +114,13 @@ class BatchChecker:
             weight=None if weight is None else self.weights(weight, rows, f"{field}.sample_weight"),
             sequence=sequence,
         )
+
+    def _check_bytes(self, size: int, field: str) -> None:
+        if self.max_bytes and size > self.max_bytes:
+            raise ResourceExhausted(
+                f"{field}: max_batch_bytes: has {size} bytes of tensors, the limit is "
+                f"{self.max_bytes}"
+            )
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -75,14 +75,21 @@ class Trainer:
     """Parameters, gradients and optimizer state of one model, resident on ``device``."""
 
     def __init__(
-        self, name: str, spec: ModelSpec, device: torch.device, max_nonfinite_steps: int = 0
+        self,
+        name: str,
+        spec: ModelSpec,
+        device: torch.device,
+        max_nonfinite_steps: int = 0,
+        *,
+        max_batch_rows: int = 0,
+        max_batch_bytes: int = 0,
     ) -> None:
         self.name = name
         self.spec = spec
         self.device = device
         self.module = build_module(spec, device)
         self.optimizer = build_optimizer(spec.optimizer, self.module)
-        self.checker = BatchChecker(spec)
+        self.checker = BatchChecker(spec, max_batch_rows, max_batch_bytes)
         self.step = 0
         self.pending = 0  # batches whose gradients are accumulated towards the next step
         self.nonfinite_streak = 0

@@ -57,6 +57,11 @@ class Metrics:
             "gradstream_learning_rate", "Current learning rate.", ["model"], registry=r
         )
         self.models = Gauge("gradstream_models", "Models resident on the server.", registry=r)
+        self.active_streams = Gauge(
+            "gradstream_active_streams",
+            "Train streams open now (max_streams bounds it).",
+            registry=r,
+        )
 
     def model_created(self, model: str, lr: float) -> None:
         """Pre-initialize the model's series so rates start from zero, not from absence."""

@@ -14,7 +14,7 @@ from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.codec import decode, encode
 from gradstream.server.engine import ModelInfo, Outcome, StepResult, Trainer, TrainOptions
-from gradstream.server.errors import GradstreamError, InvalidArgument
+from gradstream.server.errors import GradstreamError, InvalidArgument, ResourceExhausted
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.spec import parse_spec
@@ -248,7 +248,7 @@ def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> _Item:
             batch.sequence,
             field,
         )
-    except InvalidArgument as exc:
+    except (InvalidArgument, ResourceExhausted) as exc:  # this batch alone; the stream goes on
         return _Rejected(str(exc), batch.sequence)
 
 
