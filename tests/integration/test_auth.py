@@ -67,7 +67,9 @@ class Spy:
 
 
 @pytest.fixture(scope="module", params=["tls", "mtls"])
-def secured(request: pytest.FixtureRequest, pki: Pki) -> Iterator[tuple[str, BackgroundServer, Spy]]:
+def secured(
+    request: pytest.FixtureRequest, pki: Pki
+) -> Iterator[tuple[str, BackgroundServer, Spy]]:
     """A server with tokens over TLS, or over mutual TLS, with a spy on its handlers."""
     spy = Spy()
     settings = Settings(
@@ -181,7 +183,10 @@ def test_health_and_reflection_stay_open_without_a_token(
 ) -> None:
     kind, server, _ = secured
     mutual = (
-        {"private_key": pki.client_key.read_bytes(), "certificate_chain": pki.client_cert.read_bytes()}
+        {
+            "private_key": pki.client_key.read_bytes(),
+            "certificate_chain": pki.client_cert.read_bytes(),
+        }
         if kind == "mtls"
         else {}
     )
@@ -267,7 +272,16 @@ def test_refuses_to_listen_beyond_loopback_without_tokens(host: str) -> None:
 
 def test_cli_refuses_0_0_0_0_without_tokens_and_starts_with_insecure() -> None:
     refused = subprocess.run(
-        [sys.executable, "-m", "gradstream.client.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "gradstream.client.cli",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

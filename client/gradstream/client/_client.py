@@ -374,8 +374,7 @@ class _Packer:
                     yield request
                     request, size = pb.TrainRequest(), 0
         except Exception as exc:  # raised in the caller's thread once the stream has ended
-            self.error = exc
-            return
+            self.error = exc  # the batches before it still go out
         if request.batches:
             yield request
 

@@ -104,9 +104,8 @@ class BatchChecker:
         field: str = "batch",
     ) -> Batch:
         """A whole training batch, every part checked."""
-        size = x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes)
-        self._check_bytes(size, field)
         x = self.inputs(x, f"{field}.x")
+        self._check_bytes(x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes), field)
         rows = x.shape[0]
         return Batch(
             x=x,
