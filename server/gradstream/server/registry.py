@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 
 import torch
 from gradstream.server.engine import ModelInfo, Trainer
@@ -23,9 +24,12 @@ def parameter_count(spec: ModelSpec) -> int:
     builder = architectures().get(spec.architecture.kind)
     if builder is None:
         return 0
-    with torch.device("meta"):
-        module = builder(spec.architecture)
-    return sum(p.numel() for p in module.parameters())
+    try:
+        with torch.device("meta"):
+            module = builder(spec.architecture)
+        return sum(p.numel() for p in module.parameters())
+    except (RuntimeError, OverflowError):  # sizes past int64: certainly too many
+        return sys.maxsize
 
 
 class ModelRegistry:
