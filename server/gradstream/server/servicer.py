@@ -224,6 +224,10 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                         await worker.submit(_train_job(items, stream, self.metrics, name))
                     )
                 request = await anext(requests, None)
+        except asyncio.CancelledError:
+            # Only Train's own exit cancels the reader: nobody is left to read a failed
+            # future, and an unread one would be logged with a traceback on collection.
+            raise
         except BaseException as exc:
             failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
