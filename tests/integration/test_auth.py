@@ -90,8 +90,15 @@ def secured(
 
 
 def _client(kind: str, server: BackgroundServer, pki: Pki, token: str | None) -> Client:
-    mutual = {"cert": pki.client_cert, "key": pki.client_key} if kind == "mtls" else {}
-    return Client(server.target, ca=pki.ca, token=token, timeout=20, **mutual)
+    mutual = kind == "mtls"
+    return Client(
+        server.target,
+        ca=pki.ca,
+        cert=pki.client_cert if mutual else None,
+        key=pki.client_key if mutual else None,
+        token=token,
+        timeout=20,
+    )
 
 
 def _call(client: Client, rpc: str) -> Any:
@@ -209,9 +216,11 @@ def test_plaintext_client_cannot_talk_to_a_tls_server(
 ) -> None:
     _, server, spy = secured
     before = sum(spy.calls.values())
-    with Client(server.target, token=ADMIN, timeout=5) as client:
-        with pytest.raises(GradstreamError) as failure:
-            client.list_models()
+    with (
+        Client(server.target, token=ADMIN, timeout=5) as client,
+        pytest.raises(GradstreamError) as failure,
+    ):
+        client.list_models()
     assert failure.value.code == grpc.StatusCode.UNAVAILABLE
     assert sum(spy.calls.values()) == before
 
@@ -282,15 +291,18 @@ def test_cli_refuses_0_0_0_0_without_tokens_and_starts_with_insecure() -> None:
             "--port",
             "0",
         ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert refused.returncode == 2
     assert "refusing to listen on 0.0.0.0 without tokens" in refused.stderr
-    with LocalServer("--host", "0.0.0.0", "--insecure", "--device", "cpu") as server:
-        with Client(server.target, timeout=20) as client:
-            assert client.list_models() == []
+    with (
+        LocalServer("--host", "0.0.0.0", "--insecure", "--device", "cpu") as server,
+        Client(server.target, timeout=20) as client,
+    ):
+        assert client.list_models() == []
 
 
 def test_cli_client_flags_carry_tls_and_token(pki: Pki, tmp_path: Path) -> None:
@@ -306,7 +318,7 @@ def test_cli_client_flags_carry_tls_and_token(pki: Pki, tmp_path: Path) -> None:
     ) as server:
         command = [sys.executable, "-m", "gradstream.client.cli", "models", "--target"]
         command += [f"localhost:{server.port}", "--ca", str(pki.ca)]
-        denied = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        denied = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
         assert denied.returncode == 1
         assert "UNAUTHENTICATED" in denied.stderr
         env = {"GRADSTREAM_TOKEN": ADMIN, "PATH": "/usr/bin:/bin"}
@@ -314,8 +326,12 @@ def test_cli_client_flags_carry_tls_and_token(pki: Pki, tmp_path: Path) -> None:
         spec.write_text('{"architecture": {"kind": "linear", "in_features": 1, "out_features": 1}}')
         create = [sys.executable, "-m", "gradstream.client.cli", "create", "alpha", "--spec"]
         create += [str(spec), "--target", f"localhost:{server.port}", "--ca", str(pki.ca)]
-        made = subprocess.run(create, capture_output=True, text=True, timeout=60, env=env)
+        made = subprocess.run(
+            create, check=False, capture_output=True, text=True, timeout=60, env=env
+        )
         assert made.returncode == 0, made.stderr
-        listed = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+        listed = subprocess.run(
+            command, check=False, capture_output=True, text=True, timeout=60, env=env
+        )
         assert listed.returncode == 0, listed.stderr
         assert listed.stdout.startswith("alpha\t")

@@ -77,7 +77,9 @@ def test_nothing_is_committed_after_a_cancel(
             gate, sent, stop = threading.Event(), threading.Event(), threading.Event()
             _hold_worker(server, model, gate)
 
-            def requests(model: str = model) -> Iterator[pb.TrainRequest]:
+            def requests(
+                model: str = model, sent: threading.Event = sent, stop: threading.Event = stop
+            ) -> Iterator[pb.TrainRequest]:
                 yield pb.TrainRequest(open=pb.TrainOpen(model=model))
                 for _ in range(after):
                     yield pb.TrainRequest(batches=[batch])
@@ -89,7 +91,7 @@ def test_nothing_is_committed_after_a_cancel(
                 assert sent.wait(10)
                 if how == "cancel":
                     call.cancel()
-                received = []
+                received: list[pb.TrainResponse] = []
                 with pytest.raises(grpc.RpcError) as failure:
                     received.extend(call)
                 expected = grpc.StatusCode.CANCELLED
@@ -127,7 +129,7 @@ def test_cancel_while_training_freely_keeps_results_and_steps_consistent(
             results.append(result)
             if len(results) == sent_batches // 2 or sent_batches == 1:
                 break
-        stream.close()  # cancels the call
+        stream.close()  # type: ignore[attr-defined]  # a generator: closing cancels the call
         _wait_for(lambda: server.server.streams.active == 0, "the stream to end")
         committed = client.get_model(name).step - previous
         assert len(results) <= committed <= sent_batches

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -104,9 +105,9 @@ def _send(
     channel: grpc.Channel, method: str, payloads: Iterator[bytes], codes: collections.Counter[str]
 ) -> None:
     if method == "Train":
-        call = channel.stream_stream(_path(method))
+        call = channel.stream_stream(_path(method), None, None)
         opener = pb.TrainRequest(open=pb.TrainOpen(model="fuzz")).SerializeToString()
-        streams = []
+        streams: list[Any] = []
         for payload in payloads:
             # Each payload follows a valid opener half of the time, so it reaches the batch path.
             first = [opener, payload] if len(streams) % 2 else [payload]
@@ -115,8 +116,8 @@ def _send(
                 _drain_streams(streams, codes)
         _drain_streams(streams, codes)
         return
-    unary = channel.unary_unary(_path(method))
-    futures = []
+    unary = channel.unary_unary(_path(method), None, None)
+    futures: list[Any] = []
     for payload in payloads:
         futures.append(unary.future(payload, timeout=60))
         if len(futures) >= WINDOW:
@@ -124,7 +125,7 @@ def _send(
     _drain(futures, codes)
 
 
-def _drain(futures: list[grpc.Future], codes: collections.Counter[str]) -> None:
+def _drain(futures: list[Any], codes: collections.Counter[str]) -> None:
     for future in futures:
         try:
             future.result()
@@ -134,7 +135,7 @@ def _drain(futures: list[grpc.Future], codes: collections.Counter[str]) -> None:
     futures.clear()
 
 
-def _drain_streams(streams: list[grpc.Call], codes: collections.Counter[str]) -> None:
+def _drain_streams(streams: list[Any], codes: collections.Counter[str]) -> None:
     for stream in streams:
         try:
             for _ in stream:
@@ -168,7 +169,7 @@ def test_random_bytes_to_every_method_never_crash_or_answer_unknown(tmp_path: Pa
                 print(f"{method}: {(PER_METHOD - WARMUP) / (time.perf_counter() - start):.0f}/s")
             after = _rss(pid)
             health = channel.unary_unary(
-                _path("Health"), response_deserializer=health_pb2.HealthCheckResponse.FromString
+                _path("Health"), None, health_pb2.HealthCheckResponse.FromString
             )
             status = health(seeds["Health"], timeout=10).status
         assert server.process.poll() is None, "the server died"
@@ -192,7 +193,7 @@ def test_garbage_after_a_valid_opener_ends_only_that_stream() -> None:
         pid = server.process.pid
         with Client(server.target) as client, grpc.insecure_channel(server.target) as channel:
             client.create_model("m", SPEC)
-            call = channel.stream_stream(_path("Train"))
+            call = channel.stream_stream(_path("Train"), None, None)
             opener = pb.TrainRequest(open=pb.TrainOpen(model="m")).SerializeToString()
             for garbage in (b"\xff", b"\xff" * 7, b"\x12\xff\xff\xff\xff\x0f"):
                 with pytest.raises(grpc.RpcError) as failure:

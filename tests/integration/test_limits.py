@@ -60,7 +60,7 @@ def test_twice_the_stream_limit_at_once_refuses_the_excess_and_health_answers(
     release = threading.Event()
     channel = grpc.insecure_channel(limited.target)
     stub = pb_grpc.TrainerServiceStub(channel)
-    x, y = _rows(2)
+    x, _ = _rows(2)
 
     def hold_open() -> Iterator[pb.TrainRequest]:
         yield pb.TrainRequest(open=pb.TrainOpen(model="crowded"))
@@ -70,7 +70,7 @@ def test_twice_the_stream_limit_at_once_refuses_the_excess_and_health_answers(
         start = time.perf_counter()
         call = stub.Train(hold_open(), timeout=60)
         try:
-            first = next(call)
+            first = next(iter(call))
             outcome = "opened" if first.HasField("opened") else "?"
         except grpc.RpcError as exc:
             outcome = f"{exc.code().name}: {exc.details()}"
@@ -192,7 +192,7 @@ def test_model_count_and_size_limits(limited: BackgroundServer) -> None:
 
 def test_message_size_limit_server_side(limited: BackgroundServer) -> None:
     with grpc.insecure_channel(limited.target) as channel:
-        raw = channel.unary_unary("/gradstream.v1.TrainerService/Predict")
+        raw = channel.unary_unary("/gradstream.v1.TrainerService/Predict", None, None)
         with pytest.raises(grpc.RpcError) as failure:
             raw(b"\x0a\x01a" + b"\x12\x00" * (MESSAGE_LIMIT // 2 + 10), timeout=20)
         assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -32,9 +32,9 @@ def _raw(channel: grpc.Channel, method: str, payload: bytes) -> grpc.StatusCode:
     path = f"/gradstream.v1.TrainerService/{method}"
     try:
         if method == "Train":
-            list(channel.stream_stream(path)(iter([payload]), timeout=30))
+            list(channel.stream_stream(path, None, None)(iter([payload]), timeout=30))
         else:
-            channel.unary_unary(path)(payload, timeout=30)
+            channel.unary_unary(path, None, None)(payload, timeout=30)
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
@@ -175,7 +175,7 @@ def test_draining_server_answers_unavailable() -> None:
             release.wait(30)
 
         stream = stub.Train(hold(), timeout=30)
-        assert next(stream).HasField("opened")
+        assert next(iter(stream)).HasField("opened")
         stopper = threading.Thread(target=running.stop)
         stopper.start()  # drains: waits for the open stream
         try:
@@ -203,9 +203,11 @@ def test_internal_errors_are_sanitized_and_logged(
         raise RuntimeError("cannot open /srv/secret/weights.bin for writing")
 
     monkeypatch.setattr(Trainer, "info", broken)
-    with caplog.at_level(logging.ERROR, logger="gradstream.server"):
-        with pytest.raises(GradstreamError) as failure:
-            client.get_model(name)
+    with (
+        caplog.at_level(logging.ERROR, logger="gradstream.server"),
+        pytest.raises(GradstreamError) as failure,
+    ):
+        client.get_model(name)
     assert failure.value.code == grpc.StatusCode.INTERNAL
     details = failure.value.details
     assert details.startswith("internal error (incident ")
