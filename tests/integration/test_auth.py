@@ -335,3 +335,44 @@ def test_cli_client_flags_carry_tls_and_token(pki: Pki, tmp_path: Path) -> None:
         )
         assert listed.returncode == 0, listed.stderr
         assert listed.stdout.startswith("alpha\t")
+
+
+def test_metrics_port_can_serve_https_with_the_same_certificate(pki: Pki) -> None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    settings = Settings(
+        port=0,
+        health_port=-1,
+        metrics_port=0,
+        device="cpu",
+        tokens_file=pki.tokens,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        metrics_tls=True,
+    )
+    with BackgroundServer(settings) as server:
+        url = f"https://127.0.0.1:{server.server.metrics_port}/metrics"
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        with urllib.request.urlopen(url, context=context, timeout=10) as reply:
+            assert b"gradstream_active_streams" in reply.read()
+        plain = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(plain, timeout=10).read()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"tls_cert": "server.pem"}, "tls_cert and tls_key go together"),
+        ({"tls_ca": "ca.pem"}, "tls_ca needs tls_cert and tls_key"),
+        ({"metrics_tls": True}, "metrics_tls needs tls_cert and tls_key"),
+        ({"tokens_file": "/nonexistent/tokens"}, "tokens_file: cannot read"),
+    ],
+)
+def test_incomplete_security_settings_refuse_to_start(
+    settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(StartupRefused, match=message):
+        Server(Settings(port=0, device="cpu", **settings))

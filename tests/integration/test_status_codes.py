@@ -218,3 +218,34 @@ def test_internal_errors_are_sanitized_and_logged(
         r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") for r in caplog.records
     )
     assert incident in logged and "/srv/secret/weights.bin" in logged
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "cuda",
+        "cpu",
+    ],
+)
+def test_out_of_memory_is_resource_exhausted(
+    client: Client, name: str, monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    import torch
+
+    client.create_model(name, SPEC)
+
+    def exhausted(self: Trainer, x: Any) -> Any:
+        if error == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        )
+
+    monkeypatch.setattr(Trainer, "predict", exhausted)
+    with pytest.raises(GradstreamError) as failure:
+        client.predict(name, X)
+    assert failure.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "out of memory" in failure.value.details
+    assert "alloc_cpu" not in failure.value.details
+    monkeypatch.undo()
+    assert client.predict(name, X).shape == (3, 1)  # the model is fine afterwards

@@ -106,6 +106,8 @@ def _read(path: Path, what: str) -> bytes:
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS for the gRPC port, or None for plaintext; a CA turns on mutual TLS."""
     if settings.tls_cert is None and settings.tls_key is None:
+        if settings.metrics_tls:
+            raise StartupRefused("metrics_tls needs tls_cert and tls_key")
         if settings.tls_ca is not None:
             raise StartupRefused("tls_ca needs tls_cert and tls_key (the server's own TLS)")
         return None
