@@ -186,7 +186,12 @@ def test_draining_server_answers_unavailable() -> None:
                     break
                 release.wait(0.02)
             assert grpc.StatusCode.UNAVAILABLE in codes, codes
-            assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+            # A call that races the start of shutdown is cancelled by gRPC core itself.
+            assert codes <= {
+                grpc.StatusCode.OK,
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+            }
         finally:
             release.set()
             stream.cancel()
