@@ -254,3 +254,37 @@ def test_out_of_memory_is_resource_exhausted(
     assert "alloc_cpu" not in failure.value.details
     monkeypatch.undo()
     assert client.predict(name, X).shape == (3, 1)  # the model is fine afterwards
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ],
+)
+def test_unparsable_request_to_health_and_reflection_is_invalid_argument(
+    server: BackgroundServer, path: str
+) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as failure:
+            if path.endswith("Check"):
+                channel.unary_unary(path, None, None)(b"\xff\xff", timeout=10)
+            elif path.endswith("Watch"):
+                list(channel.unary_stream(path, None, None)(b"\xff\xff", timeout=10))
+            else:
+                list(channel.stream_stream(path, None, None)(iter([b"\xff\xff"]), timeout=10))
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_health_watch_still_streams(server: BackgroundServer) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+        first = next(iter(watch))
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

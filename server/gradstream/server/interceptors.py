@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -134,7 +135,8 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
 
     grpc.aio reports a request that fails to parse as UNKNOWN (unary) or raises it
     inside the handler (streams); here the parser's exception becomes a ``Malformed``
-    value that is answered before any handler sees it.
+    value that is answered before any handler sees it. Every service on the port
+    (health and reflection too) and every kind of method is covered.
     """
 
     async def intercept_service(
@@ -146,42 +148,69 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
         if handler is None:
             return handler
         deserializer = _safe_deserializer(handler.request_deserializer)
+        behaviour: Any
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await _refuse_malformed(request, context)
                 return await inner(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            inner_stream: Any = handler.stream_stream
+        elif handler.unary_stream is not None:
+            inner = handler.unary_stream
 
-            async def stream_stream(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await _refuse_malformed(request, context)
+                result = inner(request, context)
+                if inspect.isasyncgen(result):  # a generator; else a coroutine using write()
+                    async for response in result:
+                        await context.write(response)
+                else:
+                    await result
+
+        elif handler.stream_unary is not None:
+            inner = handler.stream_unary
+
+            async def behaviour(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await inner(_checked(requests, context), context)
+
+        else:
+            inner = handler.stream_stream
+
+            async def behaviour(
+                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                async for response in inner_stream(_checked(requests, context), context):
+                async for response in inner(_checked(requests, context), context):
                     yield response
 
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream,
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return _same_kind(handler, behaviour, deserializer)
+
+
+def _same_kind(handler: Any, behaviour: Any, deserializer: Any) -> Any:
+    """A method handler of ``handler``'s kind with another behaviour and deserializer."""
+    make: Any = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(
+        behaviour,
+        request_deserializer=deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
 
 
 async def _checked(
     requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
 ) -> AsyncIterator[Any]:
     async for request in requests:
-        if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+        await _refuse_malformed(request, context)
         yield request
 
 
@@ -261,11 +290,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     response.models.extend(visible)
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return _same_kind(handler, unary_unary, handler.request_deserializer)
         if handler.stream_stream is not None:
             inner_stream: Any = handler.stream_stream
 
@@ -280,11 +305,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 async for response in inner_stream(_prepend(first, requests), context):
                     yield response
 
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return _same_kind(handler, stream_stream, handler.request_deserializer)
         return handler
 
 
@@ -346,8 +367,4 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             finally:
                 self._set(self.active - 1)
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _same_kind(handler, stream_stream, handler.request_deserializer)
