@@ -21,7 +21,7 @@ from gradstream.server.engine import (
     Trainer,
     TrainOptions,
 )
-from gradstream.server.errors import GradstreamError, InvalidArgument
+from gradstream.server.errors import GradstreamError, InvalidArgument, ResourceExhausted
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.shm import map_shared_memory
@@ -233,6 +233,10 @@ class TrainerServicer:
                         await worker.submit(_train_job(items, stream, self.metrics, name))
                     )
                 request = await anext(requests, None)
+        except asyncio.CancelledError:
+            # Only Train's own exit cancels the reader: nobody is left to read a failed
+            # future, and an unread one would be logged with a traceback on collection.
+            raise
         except BaseException as exc:
             failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
@@ -255,7 +259,7 @@ def _validate(
             batch.sequence,
             field,
         )
-    except InvalidArgument as exc:
+    except (InvalidArgument, ResourceExhausted) as exc:  # this batch alone; the stream goes on
         return Rejected(str(exc), batch.sequence)
 
 
