@@ -6,12 +6,13 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy.typing as npt
 
-from gradstream.client._errors import BatchRejected, from_rpc_error
+from gradstream.client._errors import BatchRejected, ResourceExhausted, from_rpc_error
 from gradstream.client._shm import RingFull, SharedRing
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.client._tensor import from_proto, to_proto, wire_array
@@ -101,21 +102,45 @@ class Client:
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
+        tls: bool | None = None,
+        ca: str | Path | bytes | None = None,
+        cert: str | Path | bytes | None = None,
+        key: str | Path | bytes | None = None,
+        token: str | None = None,
     ) -> None:
+        """Connect to ``target`` (host:port); nothing is sent until the first call.
+
+        TLS is on when ``tls`` is true or any of ``ca`` (the CA that signed the
+        server's certificate; the system's roots when omitted), ``cert`` and ``key``
+        (this client's certificate, for mutual TLS) is given; each is PEM bytes or a
+        file path. ``token`` is sent as ``authorization: Bearer <token>`` on every call.
+        """
         self.target = target
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
-        self._channel = channel or grpc.insecure_channel(
-            target,
-            options=[
+        if channel is None:
+            options = [
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
                 # Reconnect to a restarted server within a second, not gRPC's up-to-2-minutes.
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
+            ]
+            if tls or (tls is None and (ca, cert, key) != (None, None, None)):
+                if (cert is None) != (key is None):
+                    raise ValueError("cert and key go together (mutual TLS needs both)")
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_pem(ca),
+                    private_key=_pem(key),
+                    certificate_chain=_pem(cert),
+                )
+                channel = grpc.secure_channel(target, credentials, options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+        if token is not None:
+            channel = grpc.intercept_channel(channel, _BearerToken(token))
+        self._channel = channel
         self._stub = pb_grpc.TrainerServiceStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -310,7 +335,15 @@ class Client:
                 model=name, report_every=report_every, shared_memory=ring.name if ring else ""
             )
         )
-        packer = _Packer(batches, batches_per_message, message_bytes, window, window_bytes, ring)
+        packer = _Packer(
+            batches,
+            batches_per_message,
+            message_bytes,
+            window,
+            window_bytes,
+            ring,
+            max_message_bytes=self.max_message_bytes,
+        )
         responses: Any = self._stub.Train(packer.requests(opener))
         try:
             for response in responses:
@@ -342,6 +375,58 @@ def _step_result(r: pb.StepResult) -> StepResult:
     )
 
 
+def _pem(value: str | Path | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization: Bearer <token>`` to every call on the channel."""
+
+    def __init__(self, token: str) -> None:
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("token must be non-empty and without whitespace")
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), self._header],
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+@dataclass(frozen=True, slots=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
 class _Packer:
     """Turns the caller's batches into TrainRequests of several batches each.
 
@@ -361,9 +446,13 @@ class _Packer:
         window: int,
         window_bytes: int,
         ring: SharedRing | None = None,
+        max_message_bytes: int = 0,
     ) -> None:
         self.batches = batches
         self.ring = ring
+        # What one message may hold, less room for the message's own framing; with the
+        # ring the bytes do not travel in the message at all.
+        self.limit = max(0, max_message_bytes - _MESSAGE_SLACK) if ring is None else 0
         self.per_message = max(1, per_message)
         self.message_bytes = message_bytes
         self.window = max(1, window)
@@ -429,6 +518,26 @@ class _Packer:
     def _full(self, request: pb.TrainRequest, size: int) -> bool:
         return len(request.batches) >= self.per_message or size >= self.message_bytes
 
+    def _encodable(self, batch: BatchLike, index: int) -> list[tuple[npt.NDArray[Any], int]]:
+        """The batch's arrays as they travel; refuses one that no message could hold."""
+        if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
+            raise TypeError(
+                f"batch {index}: expected (x, y) or (x, y, sample_weight), got {type(batch)}"
+            )
+        parts = [wire_array(v) for v in batch if v is not None]
+        if self.limit and _wire_bytes(parts) > self.limit:
+            # Splitting the batch would turn one optimizer step into several: not ours to do.
+            raise ResourceExhausted(
+                f"batch {index}: about {_wire_bytes(parts)} bytes, more than "
+                f"max_message_bytes={self.limit + _MESSAGE_SLACK} allows in one message; send "
+                "smaller batches (each batch is one optimizer step) or raise max_message_bytes "
+                "on the server and the client"
+            )
+        return parts
+
+    def _overflows(self, size: int, parts: list[tuple[npt.NDArray[Any], int]]) -> bool:
+        return bool(self.limit) and size + _wire_bytes(parts) > self.limit
+
     def _mark(self) -> int:
         return 0 if self.ring is None else self.ring.mark()
 
@@ -436,9 +545,18 @@ class _Packer:
         request, size = pb.TrainRequest(), 0
         assert isinstance(self.batches, Sequence)
         for index, batch in enumerate(self.batches):
+            try:
+                parts = self._encodable(batch, index)
+            except Exception:
+                if request.batches:  # what came before the bad batch still goes out
+                    yield request, size, self._mark()
+                raise
+            if request.batches and self._overflows(size, parts):
+                yield request, size, self._mark()
+                request, size = pb.TrainRequest(), 0
             while True:
                 try:
-                    size += _add(request, batch, index, self.ring)
+                    size += _add(request, parts, self.ring)
                     break
                 except RingFull:
                     if request.batches:  # send what is packed; its ack frees space
@@ -473,7 +591,8 @@ class _Packer:
     def _pump(self) -> None:
         try:
             for index, batch in enumerate(self.batches):
-                while not self._pump_one(batch, index):
+                parts = self._encodable(batch, index)
+                while not self._pump_one(parts):
                     if self._stopped.is_set():
                         return
                     assert self.ring is not None
@@ -485,15 +604,19 @@ class _Packer:
                 self._done = True
                 self._filled.notify_all()
 
-    def _pump_one(self, batch: BatchLike, index: int) -> bool:
+    def _pump_one(self, parts: list[tuple[npt.NDArray[Any], int]]) -> bool:
         """Add one batch to the message being filled; False if the ring has no room yet."""
         with self._filled:
-            while self._flush or self._full(self._current, self._size):
+            while (
+                self._flush
+                or self._full(self._current, self._size)
+                or (self._current.batches and self._overflows(self._size, parts))
+            ):
                 if self._stopped.is_set():
                     return True
                 self._filled.wait(0.1)
             try:
-                self._size += _add(self._current, batch, index, self.ring)
+                self._size += _add(self._current, parts, self.ring)
             except RingFull:
                 self._flush = bool(self._current.batches)
                 return False
@@ -502,13 +625,18 @@ class _Packer:
         return True
 
 
-def _add(request: pb.TrainRequest, batch: BatchLike, index: int, ring: SharedRing | None) -> int:
+_MESSAGE_SLACK = 1024  # the message's own framing, beyond its batches
+
+
+def _wire_bytes(parts: list[tuple[npt.NDArray[Any], int]]) -> int:
+    """An upper bound of a batch's encoded size: its bytes plus framing per tensor."""
+    return 16 + sum(a.nbytes + 32 + 11 * a.ndim for a, _ in parts)
+
+
+def _add(
+    request: pb.TrainRequest, parts: list[tuple[npt.NDArray[Any], int]], ring: SharedRing | None
+) -> int:
     """Append one batch; its bytes go into the message, or into the ring (RingFull if no room)."""
-    if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
-        raise TypeError(
-            f"batch {index}: expected (x, y) or (x, y, sample_weight), got {type(batch)}"
-        )
-    parts = [wire_array(v) for v in batch if v is not None]
     arrays = [a for a, _ in parts]
     if ring is None:
         message = request.batches.add()
@@ -516,7 +644,7 @@ def _add(request: pb.TrainRequest, batch: BatchLike, index: int, ring: SharedRin
             tensor.dtype = code  # type: ignore[assignment]
             tensor.shape[:] = array.shape
             tensor.data = array.tobytes()
-        return sum(a.nbytes for a in arrays)
+        return _wire_bytes(parts)
     scratch = [pb.Tensor() for _ in parts]
     used = ring.put(arrays, scratch)  # raises RingFull before anything is added
     message = request.batches.add()

@@ -93,4 +93,7 @@ def from_parts(
             f"{field}.data",
             f"has {len(data)} bytes, shape {list(shape)} of {name} needs {expected}",
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. [0, 2**62]: no bytes, but numpy cannot index that many
+        raise TensorFormatError(f"{field}.shape", f"{list(shape)} is too large") from None

@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
             default=DEFAULT_TARGET,
             help="server host:port (env GRADSTREAM_TARGET; default %(default)s)",
         )
+        _add_connection_flags(sub)
         return sub
 
     create = client_command("create", "create a model from a JSON spec")
@@ -117,6 +118,52 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    tls = parser.add_argument_group("TLS and auth (docs/security.md)")
+    tls.add_argument(
+        "--ca",
+        type=Path,
+        default=_env_path("GRADSTREAM_CA"),
+        help="PEM CA of the server's certificate; turns TLS on (env GRADSTREAM_CA)",
+    )
+    tls.add_argument(
+        "--cert",
+        type=Path,
+        default=_env_path("GRADSTREAM_CERT"),
+        help="PEM client certificate, for mutual TLS (env GRADSTREAM_CERT)",
+    )
+    tls.add_argument(
+        "--key",
+        type=Path,
+        default=_env_path("GRADSTREAM_KEY"),
+        help="PEM key of --cert (env GRADSTREAM_KEY)",
+    )
+    tls.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    tls.add_argument(
+        "--token",
+        default=os.environ.get("GRADSTREAM_TOKEN"),
+        help="bearer token (env GRADSTREAM_TOKEN; prefer the env: flags show in ps)",
+    )
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def connect(args: argparse.Namespace, timeout: float | None = 60.0) -> Client:
+    """A Client from the --target, TLS and token flags."""
+    return Client(
+        args.target,
+        timeout=timeout,
+        tls=True if args.tls else None,
+        ca=args.ca,
+        cert=args.cert,
+        key=args.key,
+        token=args.token or None,
+    )
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     try:
         from gradstream.server.config import Settings
@@ -126,11 +173,14 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"GRADSTREAM_{name.upper()}"
+        # A bare boolean flag means true (--insecure); --insecure false also works.
+        flagged: dict[str, Any] = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
         parser.add_argument(
             flag,
             dest=name,
             default=None,
             help=f"{info.description} (env {env}; default {info.default})",
+            **flagged,
         )
 
 
@@ -149,7 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _create(args: argparse.Namespace) -> int:
     text = Path(args.spec).read_text() if not args.spec.lstrip().startswith("{") else args.spec
-    with Client(args.target) as client:
+    with connect(args) as client:
         info = client.create_model(args.name, json.loads(text))
     shapes = {n: list(p.shape) for n, p in info.parameters.items()}
     print(f"created {info.name} on {info.device}: {shapes}")
@@ -202,7 +252,7 @@ def _train(args: argparse.Namespace) -> int:
 
     total = args.epochs * -(-len(x) // size)
     progress = _Progress(total, quiet=args.quiet)
-    with Client(args.target, timeout=None) as client:
+    with connect(args, timeout=None) as client:
         results = client.train(
             args.name, batches(), report_every=args.report_every, producer_id=args.producer_id
         )
@@ -256,21 +306,21 @@ def _predict(args: argparse.Namespace) -> int:
         x = np.load(path)
     else:
         x = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float32, skiprows=_has_header(path))
-    with Client(args.target) as client:
+    with connect(args) as client:
         out = client.predict(args.name, x)
     np.savetxt(sys.stdout, out.reshape(len(out), -1), delimiter=",", fmt="%.8g")
     return 0
 
 
 def _params(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with connect(args) as client:
         values = client.parameters(args.name, gradients=args.gradients)
     print(json.dumps({k: v.tolist() for k, v in values.items()}, indent=2))
     return 0
 
 
 def _models(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with connect(args) as client:
         for info in client.list_models():
             arch = info.spec.get("architecture", {}).get("kind", "?")
             print(f"{info.name}\t{arch}\tstep {info.step}\t{info.device}")

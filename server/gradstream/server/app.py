@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,10 +23,17 @@ from prometheus_client import start_http_server
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument
-from gradstream.server.interceptors import ErrorInterceptor, MetricsInterceptor
+from gradstream.server.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    MalformedRequestInterceptor,
+    MetricsInterceptor,
+    StreamLimitInterceptor,
+)
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.servicer import TrainerServicer, add_to_server
+from gradstream.server.tokens import TokenStore
 from gradstream.v1 import trainer_pb2
 
 log = logging.getLogger("gradstream.server")
@@ -53,11 +62,75 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class StartupRefused(ValueError):
+    """The settings would expose the server unsafely, or name unreadable credentials."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches: 127.0.0.0/8, ::1, localhost."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def load_tokens(settings: Settings) -> TokenStore | None:
+    """The token store, or None where auth is off; refuses unsafe exposure.
+
+    Auth is on whenever a tokens file is given. Without one the server only listens
+    on loopback, unless ``insecure`` says the operator wants an open port.
+    """
+    if settings.tokens_file is not None:
+        try:
+            return TokenStore.load(settings.tokens_file)
+        except OSError as exc:
+            raise StartupRefused(
+                f"tokens_file: cannot read {settings.tokens_file}: {exc}"
+            ) from None
+    if not is_loopback(settings.host) and not settings.insecure:
+        raise StartupRefused(
+            f"refusing to listen on {settings.host} without tokens: anyone who reaches the "
+            "port could change or delete models. Give --tokens-file (see docs/security.md), "
+            "or --insecure to run without authentication."
+        )
+    return None
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupRefused(f"{what}: cannot read {path}: {exc}") from None
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port, or None for plaintext; a CA turns on mutual TLS."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.metrics_tls:
+            raise StartupRefused("metrics_tls needs tls_cert and tls_key")
+        if settings.tls_ca is not None:
+            raise StartupRefused("tls_ca needs tls_cert and tls_key (the server's own TLS)")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise StartupRefused("tls_cert and tls_key go together")
+    ca = None if settings.tls_ca is None else _read(settings.tls_ca, "tls_ca")
+    return grpc.ssl_server_credentials(
+        [(_read(settings.tls_key, "tls_key"), _read(settings.tls_cert, "tls_cert"))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
 class Server:
     """One gradstream server: the gRPC port, the plaintext health port and the metrics port."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.tokens = load_tokens(settings)
+        self.credentials = server_credentials(settings)
         self.device = resolve_device(settings.device)
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -77,6 +150,9 @@ class Server:
             max_models=settings.max_models,
             queue_depth=settings.queue_depth,
             max_nonfinite_steps=settings.max_nonfinite_steps,
+            max_batch_rows=settings.max_batch_rows,
+            max_batch_bytes=settings.max_batch_bytes,
+            max_model_parameters=settings.max_model_parameters,
         )
         self.checkpointer = Checkpointer(
             settings.checkpoint_dir,
@@ -87,6 +163,7 @@ class Server:
         )
         self.servicer = TrainerServicer(self.registry, self.metrics, self.checkpointer)
         self._timer: asyncio.Task[None] | None = None
+        self.streams = StreamLimitInterceptor(settings.max_streams, self.metrics.active_streams)
         self.health = health_aio.HealthServicer()
         self.port = self.health_port = self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -102,7 +179,31 @@ class Server:
             ("grpc.max_send_message_length", limit),
             # Two servers silently sharing a port would split one model's streams.
             ("grpc.so_reuseport", 0),
+            # Keepalive: ping a silent client after keepalive_time and drop it when the
+            # ping goes unanswered, so a vanished producer frees its stream slot.
+            ("grpc.keepalive_time_ms", int(self.settings.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.settings.keepalive_timeout * 1000)),
+            # Training streams are often quiet between batches: allow pings then too.
+            ("grpc.keepalive_permit_without_calls", 1),
+            # A client pinging faster than this is flooding: after two strikes, GOAWAY.
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                int(self.settings.keepalive_min_ping_interval * 1000),
+            ),
+            ("grpc.http2.max_ping_strikes", 2),
+            # Headers (the bearer token among them) are small; 16 KiB bounds what a
+            # client can make the server buffer before any handler runs.
+            ("grpc.max_metadata_size", 16 * 1024),
         ]
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+        # Outermost first: credentials before anything reads the request, then
+        # unparsable bytes, then the stream limit, then exceptions -> status codes.
+        chain: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+        if self.tokens is not None:
+            chain.append(AuthInterceptor(self.tokens))
+        chain += [MalformedRequestInterceptor(), self.streams, ErrorInterceptor()]
+        return chain
 
     async def start(self) -> None:
         """Bind every port and start serving."""
@@ -110,9 +211,9 @@ class Server:
         # Every model is resident again before the port opens: no stream sees a half-restored one.
         await self.checkpointer.restore_all(self.registry)
         self._timer = asyncio.create_task(self.checkpointer.run_timer(self.registry))
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [ErrorInterceptor()]
+        interceptors = self._interceptors()
         if self.metrics.enabled:
-            # First in the list is outermost: it sees the status ErrorInterceptor maps to.
+            # Outermost: it sees the status every other interceptor and handler ends with.
             interceptors.insert(0, MetricsInterceptor(self.metrics.grpc))
             self.metrics.grpc.preinitialize(
                 (
@@ -126,7 +227,11 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        self.port = self._grpc.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if self.credentials is not None:
+            self.port = self._grpc.add_secure_port(address, self.credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         await self._grpc.start()
         if s.health_port >= 0:
             # Probes get a port of their own so a saturated training port never fails them.
@@ -135,19 +240,26 @@ class Server:
             self.health_port = self._health_server.add_insecure_port(f"{s.host}:{s.health_port}")
             await self._health_server.start()
         if s.metrics_port >= 0:
+            tls = s.metrics_tls and s.tls_cert is not None and s.tls_key is not None
             self._metrics_http, _ = start_http_server(
-                s.metrics_port, addr=s.host, registry=self.metrics.registry
+                s.metrics_port,
+                addr=s.host,
+                registry=self.metrics.registry,
+                certfile=str(s.tls_cert) if tls else None,
+                keyfile=str(s.tls_key) if tls else None,
             )
             self.metrics_port = self._metrics_http.server_port
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "gradstream serving on %s:%d (health %d, metrics %d, device %s)",
+            "gradstream serving on %s:%d (health %d, metrics %d, device %s, %s, %s)",
             s.host,
             self.port,
             self.health_port,
             self.metrics_port,
             self.device,
+            "plaintext" if self.credentials is None else "mTLS" if s.tls_ca else "TLS",
+            "auth off" if self.tokens is None else f"{len(self.tokens.grants)} tokens",
         )
         if s.ready_file is not None:
             ready = {

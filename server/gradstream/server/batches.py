@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from gradstream.server.errors import InvalidArgument
+from gradstream.server.errors import InvalidArgument, ResourceExhausted
 from gradstream.server.spec import ModelSpec
 
 Array = npt.NDArray[Any]
@@ -40,12 +40,13 @@ class BatchChecker:
     without waiting for the model's worker.
     """
 
-    def __init__(self, spec: ModelSpec, max_rows: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, max_rows: int = 0, max_bytes: int = 0) -> None:
         self.in_features = spec.architecture.in_features
         self.out_features = spec.architecture.out_features
         self.classes = spec.loss.kind == "cross_entropy"
         self.dtype = _NUMPY_DTYPES[spec.dtype]
         self.max_rows = max_rows
+        self.max_bytes = max_bytes  # tensor bytes of one batch; 0: no limit
 
     def inputs(self, x: Array, field: str = "x") -> torch.Tensor:
         """x as (N, in_features) with N >= 1, finite, in the model's dtype."""
@@ -79,6 +80,7 @@ class BatchChecker:
     ) -> Batch:
         """A whole training batch, every part checked."""
         x = self._inputs(x, f"{field}.x")
+        self._check_bytes(x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes), field)
         rows = x.shape[0]
         return Batch(
             x=_tensor(x, self.dtype),
@@ -86,6 +88,13 @@ class BatchChecker:
             weight=None if weight is None else self.weights(weight, rows, f"{field}.sample_weight"),
             sequence=sequence,
         )
+
+    def _check_bytes(self, size: int, field: str) -> None:
+        if self.max_bytes and size > self.max_bytes:
+            raise ResourceExhausted(
+                f"{field}: max_batch_bytes: has {size} bytes of tensors, the limit is "
+                f"{self.max_bytes}"
+            )
 
     def _inputs(self, x: Array, field: str) -> Array:
         _floating(x, field)
@@ -98,7 +107,10 @@ class BatchChecker:
         if x.shape[0] == 0:
             raise InvalidArgument(field, "is an empty batch (0 rows)")
         if self.max_rows and x.shape[0] > self.max_rows:
-            raise InvalidArgument(field, f"has {x.shape[0]} rows, the limit is {self.max_rows}")
+            raise ResourceExhausted(
+                f"{field}: max_batch_rows: has {x.shape[0]} rows, the limit is {self.max_rows}"
+            )
+        self._check_bytes(x.nbytes, field)
         _finite(x, field)
         return x
 

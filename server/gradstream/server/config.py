@@ -66,3 +66,41 @@ class Settings(BaseSettings):
         300.0, ge=0, description="seconds between checkpoints of a model that changed (0: off)"
     )
     checkpoint_keep: int = Field(3, ge=1, description="newest checkpoints kept per model")
+
+    # -- security (docs/security.md) ----------------------------------------------------------
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain of the gRPC port; with tls_key turns TLS on"
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(
+        None, description="PEM CA bundle of client certificates: set, clients must present one"
+    )
+    metrics_tls: bool = Field(
+        False, description="serve /metrics over HTTPS with tls_cert and tls_key"
+    )
+    tokens_file: Path | None = Field(
+        None,
+        description="bearer tokens, one per line: TOKEN MODELS ACTIONS (see docs/security.md)",
+    )
+    insecure: bool = Field(
+        False, description="allow listening beyond loopback without tokens (auth off)"
+    )
+
+    # -- limits: past one, RESOURCE_EXHAUSTED naming it; nothing else is affected -------------
+    max_streams: int = Field(64, gt=0, description="Train streams open at once, all models")
+    max_batch_rows: int = Field(1_000_000, gt=0, description="rows in one batch")
+    max_batch_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="tensor bytes (x, y, sample_weight) in one batch"
+    )
+    max_model_parameters: int = Field(
+        100_000_000, gt=0, description="parameter elements of one model"
+    )
+    keepalive_time: float = Field(
+        60.0, gt=0, description="seconds of silence before the server pings a client"
+    )
+    keepalive_timeout: float = Field(
+        20.0, gt=0, description="seconds to wait for a ping's answer before closing"
+    )
+    keepalive_min_ping_interval: float = Field(
+        10.0, ge=0, description="clients pinging more often than this are disconnected"
+    )

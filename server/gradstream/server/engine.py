@@ -104,6 +104,9 @@ class Trainer:
         device: torch.device,
         max_nonfinite_steps: int = 0,
         deferred: bool | None = None,
+        *,
+        max_batch_rows: int = 0,
+        max_batch_bytes: int = 0,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -119,7 +122,7 @@ class Trainer:
         if self.deferred and optimizer_spec.fused is None:
             optimizer_spec = optimizer_spec.model_copy(update={"fused": True})
         self.optimizer = build_optimizer(optimizer_spec, self.module)
-        self.checker = BatchChecker(spec)
+        self.checker = BatchChecker(spec, max_batch_rows, max_batch_bytes)
         self.step = 0
         self.pending = 0  # batches whose gradients are accumulated towards the next step
         self.nonfinite_streak = 0

@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from prometheus_client import Gauge
 
 from gradstream.server.errors import GradstreamError
 from gradstream.server.metrics import GrpcServerMetrics, grpc_type
+from gradstream.server.tokens import RPC_ACTIONS, Action, TokenStore
+from gradstream.server.wire import TrainMessage
 
 log = logging.getLogger("gradstream.server")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -25,10 +28,26 @@ async def _abort(
 ) -> None:
     if isinstance(exc, GradstreamError) and exc.code != "INTERNAL":
         await context.abort(grpc.StatusCode[exc.code], exc.message)
+    if _out_of_memory(exc):
+        log.warning("out of memory in %s: %s", method, exc)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "device out of memory: send fewer rows per batch or use a smaller model",
+        )
     # Anything unexpected: the detail goes to the log, the client gets an id to quote.
     incident = uuid.uuid4().hex[:12]
     log.error("internal error in %s (incident %s)", method, incident, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    # torch.OutOfMemoryError (CUDA), the CPU allocator's RuntimeError, numpy's MemoryError.
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -231,3 +250,274 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             else grpc.unary_stream_rpc_method_handler
         )
         return make_stream(stream_handler, **options)
+
+
+# -- malformed requests --------------------------------------------------------------------
+
+
+class Malformed:
+    """Stands in for a request whose bytes did not parse; the handler is never called with it."""
+
+    def __init__(self, kind: str, error: Exception) -> None:
+        self.kind = kind
+        self.error = error
+
+    def describe(self) -> str:
+        """The status message: which message type did not parse (not the parser's internals)."""
+        return f"request: not a valid {self.kind} message"
+
+
+def _safe_deserializer(
+    deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    kind = getattr(getattr(deserializer, "__self__", None), "__name__", "request")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # the parser's own error would surface as UNKNOWN
+            return Malformed(kind, exc)
+
+    return parse
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Bytes that are not the method's message type get INVALID_ARGUMENT, never UNKNOWN.
+
+    grpc.aio reports a request that fails to parse as UNKNOWN (unary) or raises it
+    inside the handler (streams); here the parser's exception becomes a ``Malformed``
+    value that is answered before any handler sees it. Every service on the port
+    (health and reflection too) and every kind of method is covered.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        deserializer = _safe_deserializer(handler.request_deserializer)
+        behaviour: Any
+        if handler.unary_unary is not None:
+            inner: Any = handler.unary_unary
+
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await _refuse_malformed(request, context)
+                return await inner(request, context)
+
+        elif handler.unary_stream is not None:
+            inner = handler.unary_stream
+
+            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await _refuse_malformed(request, context)
+                result = inner(request, context)
+                if inspect.isasyncgen(result):  # a generator; else a coroutine using write()
+                    async for response in result:
+                        await context.write(response)
+                else:
+                    await result
+
+        elif handler.stream_unary is not None:
+            inner = handler.stream_unary
+
+            async def behaviour(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await inner(_checked(requests, context), context)
+
+        else:
+            inner = handler.stream_stream
+
+            async def behaviour(
+                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                async for response in inner(_checked(requests, context), context):
+                    yield response
+
+        return _same_kind(handler, behaviour, deserializer)
+
+
+def _same_kind(handler: Any, behaviour: Any, deserializer: Any) -> Any:
+    """A method handler of ``handler``'s kind with another behaviour and deserializer."""
+    make: Any = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(
+        behaviour,
+        request_deserializer=deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+
+
+async def _checked(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[Any]:
+    async for request in requests:
+        await _refuse_malformed(request, context)
+        yield request
+
+
+# -- bearer tokens -------------------------------------------------------------------------
+
+_TRAINER_PREFIX = "/gradstream.v1.TrainerService/"
+
+
+def _bearer(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+def _model_of(request: Any) -> str:
+    if isinstance(request, TrainMessage):  # Train's first message, decoded by wire.py
+        return request.open.model if request.open is not None else ""
+    return str(getattr(request, "name", ""))
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Bearer tokens on every TrainerService RPC; health and reflection stay open.
+
+    The token is checked before the handler runs (UNAUTHENTICATED), then the action
+    the RPC needs on the model the request names (PERMISSION_DENIED): for Train that
+    is the first message's ``open.model``. ListModels answers only the models the
+    token may read. A denied call never reaches the servicer.
+    """
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(_TRAINER_PREFIX):
+            return handler
+        rpc = method.removeprefix(_TRAINER_PREFIX)
+        action = RPC_ACTIONS.get(rpc, Action.ADMIN)
+        token = _bearer(handler_call_details.invocation_metadata)
+        grant = self.store.find(token) if token is not None else None
+        denial = None
+        if token is None:
+            denial = "missing credentials: send the metadata 'authorization: Bearer <token>'"
+        elif grant is None:
+            denial = "unknown token"
+
+        async def check(context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
+            if grant is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, denial or "")
+            if rpc == "ListModels" or isinstance(request, Malformed):
+                return  # ListModels is filtered; a malformed request is refused further in
+            assert grant is not None
+            model = _model_of(request)
+            if not grant.allows(action, model):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"this token may not {action.value} model {model!r}",
+                )
+
+        if handler.unary_unary is not None:
+            inner: Any = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await check(context, request)
+                response = await inner(request, context)
+                if rpc == "ListModels" and grant is not None:
+                    visible = [m for m in response.models if grant.allows(Action.READ, m.name)]
+                    del response.models[:]
+                    response.models.extend(visible)
+                return response
+
+            return _same_kind(handler, unary_unary, handler.request_deserializer)
+        if handler.stream_stream is not None:
+            inner_stream: Any = handler.stream_stream
+
+            async def stream_stream(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                if grant is None:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, denial or "")
+                first = await anext(aiter(requests), None)
+                if first is not None:
+                    await check(context, first)
+                async for response in inner_stream(_prepend(first, requests), context):
+                    yield response
+
+            return _same_kind(handler, stream_stream, handler.request_deserializer)
+        return handler
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is None:
+        return
+    yield first
+    async for item in rest:
+        yield item
+
+
+# -- concurrent streams --------------------------------------------------------------------
+
+
+class StreamLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """At most ``max_streams`` Train streams at once; the next is refused at once.
+
+    Counting happens on the event loop, so the check and the increment cannot
+    interleave with another stream's. ``active`` (and the gauge) always return to
+    zero: the count drops in a ``finally`` whether the stream ends, fails or is cancelled.
+    """
+
+    def __init__(self, max_streams: int, gauge: Gauge | None = None) -> None:
+        self.max_streams = max_streams
+        self.gauge = gauge
+        self.active = 0
+
+    def _set(self, value: int) -> None:
+        self.active = value
+        if self.gauge is not None:
+            self.gauge.set(value)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if (
+            handler is None
+            or handler.stream_stream is None
+            or not handler_call_details.method.startswith(_TRAINER_PREFIX)
+        ):
+            return handler
+        inner_stream: Any = handler.stream_stream
+
+        async def stream_stream(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            if self.active >= self.max_streams:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"max_streams: {self.max_streams} Train streams are open already; retry later",
+                )
+            self._set(self.active + 1)
+            try:
+                async for response in inner_stream(requests, context):
+                    yield response
+            finally:
+                self._set(self.active - 1)
+
+        return _same_kind(handler, stream_stream, handler.request_deserializer)

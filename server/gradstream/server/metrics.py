@@ -256,6 +256,11 @@ class Metrics:
         # python_gc_*; this registry is our own, so they are added explicitly.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)
+        self.active_streams = Gauge(
+            "gradstream_active_streams",
+            "Train streams open now (max_streams bounds it).",
+            registry=r,
+        )
 
     def model_created(self, model: str, lr: float) -> None:
         """Pre-initialize the model's series so rates start from zero, not from absence."""

@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import sys
 
 import torch
 
 from gradstream.server.engine import ModelInfo, Trainer
 from gradstream.server.errors import AlreadyExists, DataLoss, NotFound, ResourceExhausted
 from gradstream.server.metrics import Metrics
+from gradstream.server.models import architectures
 from gradstream.server.spec import ModelSpec, check_model_name
 from gradstream.server.worker import ModelWorker
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """Parameter elements the spec's network would have, counted on the meta device.
+
+    Nothing is allocated, so a spec asking for a 10**12-element layer is refused
+    before it can exhaust memory. Unknown kinds count 0; building them fails later.
+    """
+    builder = architectures().get(spec.architecture.kind)
+    if builder is None:
+        return 0
+    try:
+        with torch.device("meta"):
+            module = builder(spec.architecture)
+        return sum(p.numel() for p in module.parameters())
+    except (RuntimeError, OverflowError):  # sizes past int64: certainly too many
+        return sys.maxsize
 
 
 class ModelRegistry:
@@ -23,12 +43,19 @@ class ModelRegistry:
         max_models: int = 64,
         queue_depth: int = 4,
         max_nonfinite_steps: int = 0,
+        *,
+        max_batch_rows: int = 0,
+        max_batch_bytes: int = 0,
+        max_model_parameters: int = 0,
     ) -> None:
         self.device = device
         self.metrics = metrics
         self.max_models = max_models
         self.queue_depth = queue_depth
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.max_batch_rows = max_batch_rows
+        self.max_batch_bytes = max_batch_bytes
+        self.max_model_parameters = max_model_parameters
         self._workers: dict[str, ModelWorker] = {}
         self._creating: set[str] = set()
         self._lost: dict[str, str] = {}  # models whose checkpoints did not restore -> why
@@ -59,10 +86,25 @@ class ModelRegistry:
             raise ResourceExhausted(
                 f"max_models: the server holds {self.max_models} models already"
             )
+        if self.max_model_parameters:
+            count = parameter_count(spec)
+            if count > self.max_model_parameters:
+                raise ResourceExhausted(
+                    f"max_model_parameters: spec.architecture has {count} parameter elements, "
+                    f"the limit is {self.max_model_parameters}"
+                )
         self._creating.add(name)
         try:
             trainer = await asyncio.to_thread(
-                Trainer, name, spec, self.device, self.max_nonfinite_steps
+                functools.partial(
+                    Trainer,
+                    name,
+                    spec,
+                    self.device,
+                    self.max_nonfinite_steps,
+                    max_batch_rows=self.max_batch_rows,
+                    max_batch_bytes=self.max_batch_bytes,
+                )
             )
             info = await asyncio.to_thread(trainer.info)
         finally:

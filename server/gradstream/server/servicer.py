@@ -23,7 +23,13 @@ from gradstream.server.engine import (
     Trainer,
     TrainOptions,
 )
-from gradstream.server.errors import DataLoss, GradstreamError, InvalidArgument, Unavailable
+from gradstream.server.errors import (
+    DataLoss,
+    GradstreamError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.shm import map_shared_memory
@@ -303,15 +309,22 @@ class TrainerServicer:
                         await worker.submit(_train_job(items, stream, self.metrics, name))
                     )
                 request = await anext(requests, None)
-        except BaseException as exc:
-            failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
-            if stream.draining and isinstance(exc, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            if stream.draining:  # drain() cancelled the reader: Train reads this failure last
+                draining: asyncio.Future[list[StepResult]] = (
+                    asyncio.get_running_loop().create_future()
+                )
                 # The steps queued before still finish and reach the client first.
-                failed.set_exception(
+                draining.set_exception(
                     Unavailable("the server is shutting down; reconnect to resume the stream")
                 )
-            else:
-                failed.set_exception(exc)
+                jobs.put_nowait(draining)
+            # Otherwise only Train's own exit cancels the reader: nobody is left to read a
+            # failed future, and an unread one would be logged with a traceback on collection.
+            raise
+        except BaseException as exc:
+            failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
             jobs.put_nowait(failed)
             raise
         finally:
@@ -331,7 +344,7 @@ def _validate(
             batch.sequence,
             field,
         )
-    except InvalidArgument as exc:
+    except (InvalidArgument, ResourceExhausted) as exc:  # this batch alone; the stream goes on
         return Rejected(str(exc), batch.sequence)
 
 

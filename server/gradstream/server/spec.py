@@ -66,6 +66,10 @@ class InitSpec(_Spec):
             raise ValueError("tensors: init kind 'tensors' needs at least one named tensor")
         if self.kind != "tensors" and self.tensors:
             raise ValueError(f"tensors: only init kind 'tensors' takes tensors, not {self.kind!r}")
+        for name, value in self.tensors.items():
+            # A NaN or Inf start is a diverged model from step 0.
+            if value.dtype.kind not in "fiu" or not bool(np.isfinite(value).all()):
+                raise ValueError(f"tensors[{name}]: must be finite numbers")
         return self
 
 
