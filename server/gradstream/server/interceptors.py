@@ -55,6 +55,21 @@ def _is_abort(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AbortError)
 
 
+def _same_kind(handler: Any, behaviour: Any, deserializer: Any) -> Any:
+    """A method handler of ``handler``'s kind with another behaviour and deserializer."""
+    make: Any = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(
+        behaviour,
+        request_deserializer=deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps ``GradstreamError`` to its status code; anything else to a sanitized INTERNAL."""
 
@@ -78,11 +93,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                         raise
                     await _abort(context, exc, method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return _same_kind(handler, unary_unary, handler.request_deserializer)
         if handler.stream_stream is not None:
             inner_stream: Any = handler.stream_stream
 
@@ -97,11 +108,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                         raise
                     await _abort(context, exc, method)
 
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return _same_kind(handler, stream_stream, handler.request_deserializer)
         return handler
 
 
@@ -170,10 +177,6 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         series = self._lookup(handler_call_details.method, handler)
-        options = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
 
         async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
@@ -203,12 +206,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 finally:
                     series.done(_final_code(context, exc), start)
 
-            make = (
-                grpc.stream_unary_rpc_method_handler
-                if handler.request_streaming
-                else grpc.unary_unary_rpc_method_handler
-            )
-            return make(unary_response, **options)
+            return _same_kind(handler, unary_response, handler.request_deserializer)
 
         inner_stream = handler.unary_stream or handler.stream_stream
         if not inspect.isasyncgenfunction(inner_stream):
@@ -244,12 +242,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             stream_handler = streamed
 
-        make_stream = (
-            grpc.stream_stream_rpc_method_handler
-            if handler.request_streaming
-            else grpc.unary_stream_rpc_method_handler
-        )
-        return make_stream(stream_handler, **options)
+        return _same_kind(handler, stream_handler, handler.request_deserializer)
 
 
 # -- malformed requests --------------------------------------------------------------------
@@ -337,21 +330,6 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
                     yield response
 
         return _same_kind(handler, behaviour, deserializer)
-
-
-def _same_kind(handler: Any, behaviour: Any, deserializer: Any) -> Any:
-    """A method handler of ``handler``'s kind with another behaviour and deserializer."""
-    make: Any = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return make(
-        behaviour,
-        request_deserializer=deserializer,
-        response_serializer=handler.response_serializer,
-    )
 
 
 async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
