@@ -56,3 +56,14 @@ class Settings(BaseSettings):
         None, description="write the bound ports here as JSON once serving (for --port 0)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    distributed: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="data-parallel over torch.distributed: auto is on under torchrun "
+        "(WORLD_SIZE > 1); rank 0 serves gRPC, every rank trains its share of each batch",
+    )
+    collective_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a collective may wait for the other ranks before the job "
+        "fails (and restarts from its checkpoint); must exceed the longest step",
+    )

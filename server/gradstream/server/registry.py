@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import torch
 from gradstream.server.engine import ModelInfo, Trainer
@@ -14,6 +15,9 @@ from gradstream.server.worker import ModelWorker
 
 class ModelRegistry:
     """Creates, finds and frees models; enforces ``max_models``."""
+
+    # What create() builds: distributed.py swaps in a trainer that replicates itself.
+    trainer_type: Callable[..., Trainer] = Trainer
 
     def __init__(
         self,
@@ -54,7 +58,7 @@ class ModelRegistry:
         self._creating.add(name)
         try:
             trainer = await asyncio.to_thread(
-                Trainer, name, spec, self.device, self.max_nonfinite_steps
+                self.trainer_type, name, spec, self.device, self.max_nonfinite_steps
             )
             info = await asyncio.to_thread(trainer.info)
         finally:
