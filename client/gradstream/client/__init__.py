@@ -1,6 +1,6 @@
 """The gradstream Python SDK: ``Client`` talks to a gradstream server over gRPC."""
 
-from gradstream.client._client import Client, ModelInfo, ParameterInfo, StepResult
+from gradstream.client._client import CheckpointInfo, Client, ModelInfo, ParameterInfo, StepResult
 from gradstream.client._errors import (
     AlreadyExists,
     BatchRejected,
@@ -15,11 +15,13 @@ from gradstream.client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from gradstream.client._producer import ProducerStream
 from gradstream.client._spec import SpecError
 
 __all__ = [
     "AlreadyExists",
     "BatchRejected",
+    "CheckpointInfo",
     "Client",
     "DataLoss",
     "FailedPrecondition",
@@ -30,6 +32,7 @@ __all__ = [
     "NotFound",
     "ParameterInfo",
     "PermissionDenied",
+    "ProducerStream",
     "ResourceExhausted",
     "SpecError",
     "StepResult",

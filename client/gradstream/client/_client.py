@@ -18,7 +18,8 @@ from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 Array = npt.NDArray[Any]
-BatchLike = tuple[Any, Any] | tuple[Any, Any, Any]
+# (x, y), (x, y, sample_weight) or, for producers, (x, y, sample_weight_or_None, sequence)
+BatchLike = tuple[Any, Any] | tuple[Any, Any, Any] | tuple[Any, Any, Any, Any]
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _OUTCOME_NAMES = {v: k.removeprefix("OUTCOME_") for k, v in pb.Outcome.items()}
 
@@ -35,6 +36,15 @@ class StepResult:
     loss: float | None
     outcome: str
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """A checkpoint the server wrote: its name, step and every producer's durable sequence."""
+
+    checkpoint: str
+    step: int
+    producer_sequences: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +108,10 @@ class Client:
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
+                # Reconnect to a restarted server within a second, not gRPC's up-to-2-minutes.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
         self._stub = pb_grpc.TrainerServiceStub(self._channel)
@@ -193,6 +207,11 @@ class Client:
             to_proto(value, request.parameters[key])
         return _model_info(self._call(self._stub.SetParameters, request).model)
 
+    def save_checkpoint(self, name: str) -> CheckpointInfo:
+        """Checkpoint a model now; returns once it is on the server's disk."""
+        response = self._call(self._stub.SaveCheckpoint, pb.SaveCheckpointRequest(name=name))
+        return CheckpointInfo(response.checkpoint, response.step, dict(response.producer_sequences))
+
     # -- training -----------------------------------------------------------------------
 
     def train(
@@ -204,6 +223,11 @@ class Client:
         skip_rejected: bool = False,
         batches_per_message: int = 64,
         message_bytes: int = 4 * 1024 * 1024,
+        producer_id: str | None = None,
+        max_pending_batches: int = 4096,
+        max_pending_bytes: int = 256 * 1024 * 1024,
+        reconnect_timeout: float = 60.0,
+        wait_durable: bool = True,
     ) -> Iterator[StepResult]:
         """Stream batches of ``(x, y)`` or ``(x, y, sample_weight)``; yields one result per batch.
 
@@ -212,20 +236,63 @@ class Client:
         iterator, batches are sent as soon as they are produced. The loss is read
         back from the device every ``report_every`` batches. A REJECTED batch
         raises ``BatchRejected`` unless ``skip_rejected``.
+
+        With ``producer_id`` every batch is applied exactly once, across reconnects
+        and server restarts (see docs/durability.md), and the iterator returned is a
+        ``ProducerStream`` (``.durable_sequence``, ``.applied_sequence``). Batches
+        are numbered after the producer's last applied sequence, or by the caller:
+        give every batch as ``(x, y, sample_weight_or_None, sequence)`` with
+        increasing sequences. Batches not yet saved in a checkpoint are kept (at
+        most ``max_pending_batches`` and ``max_pending_bytes``; when full, the SDK
+        asks the server for a checkpoint) and re-sent after a reconnect, tried for
+        ``reconnect_timeout`` seconds while the server answers UNAVAILABLE. With
+        ``wait_durable`` the iterator ends only once every batch is in a checkpoint.
         """
+        if producer_id:
+            from gradstream.client._producer import ProducerStream
+
+            return ProducerStream(
+                self._stub,
+                self._channel,
+                name,
+                batches,
+                producer_id,
+                report_every=report_every,
+                skip_rejected=skip_rejected,
+                batches_per_message=batches_per_message,
+                message_bytes=message_bytes,
+                max_pending_batches=max_pending_batches,
+                max_pending_bytes=max_pending_bytes,
+                reconnect_timeout=reconnect_timeout,
+                wait_durable=wait_durable,
+                step_result=_step_result,
+            )
+        return self._train(
+            name,
+            batches,
+            report_every,
+            skip_rejected=skip_rejected,
+            batches_per_message=batches_per_message,
+            message_bytes=message_bytes,
+        )
+
+    def _train(
+        self,
+        name: str,
+        batches: Iterable[BatchLike],
+        report_every: int,
+        *,
+        skip_rejected: bool,
+        batches_per_message: int,
+        message_bytes: int,
+    ) -> Iterator[StepResult]:
         opener = pb.TrainRequest(open=pb.TrainOpen(model=name, report_every=report_every))
         packer = _Packer(batches, batches_per_message, message_bytes)
         responses: Any = self._stub.Train(packer.requests(opener))
         try:
             for response in responses:
                 for r in response.results:
-                    result = StepResult(
-                        sequence=r.sequence,
-                        step=r.step,
-                        loss=r.loss if r.HasField("loss") else None,
-                        outcome=_OUTCOME_NAMES[r.outcome],
-                        reason=r.reason,
-                    )
+                    result = _step_result(r)
                     if result.outcome == "REJECTED" and not skip_rejected:
                         raise BatchRejected(result)
                     yield result
@@ -236,6 +303,16 @@ class Client:
             responses.cancel()
             packer.stop()
         packer.raise_producer_error()
+
+
+def _step_result(r: pb.StepResult) -> StepResult:
+    return StepResult(
+        sequence=r.sequence,
+        step=r.step,
+        loss=r.loss if r.HasField("loss") else None,
+        outcome=_OUTCOME_NAMES[r.outcome],
+        reason=r.reason,
+    )
 
 
 _END = object()

@@ -288,12 +288,14 @@ class StreamState(_message.Message):
     def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., last_applied_sequence: _Optional[int] = ..., last_durable_sequence: _Optional[int] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
-    __slots__ = ("opened", "results")
+    __slots__ = ("opened", "results", "last_durable_sequence")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_DURABLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     opened: StreamState
     results: _containers.RepeatedCompositeFieldContainer[StepResult]
-    def __init__(self, opened: _Optional[_Union[StreamState, _Mapping]] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+    last_durable_sequence: int
+    def __init__(self, opened: _Optional[_Union[StreamState, _Mapping]] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., last_durable_sequence: _Optional[int] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("name", "x")
@@ -392,3 +394,26 @@ class SetParametersResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class SaveCheckpointRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SaveCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint", "step", "producer_sequences")
+    class ProducerSequencesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    step: int
+    producer_sequences: _containers.ScalarMap[str, int]
+    def __init__(self, checkpoint: _Optional[str] = ..., step: _Optional[int] = ..., producer_sequences: _Optional[_Mapping[str, int]] = ...) -> None: ...

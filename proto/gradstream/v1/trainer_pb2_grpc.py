@@ -85,6 +85,11 @@ class TrainerServiceStub:
                 request_serializer=gradstream_dot_v1_dot_trainer__pb2.SetParametersRequest.SerializeToString,
                 response_deserializer=gradstream_dot_v1_dot_trainer__pb2.SetParametersResponse.FromString,
                 _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/gradstream.v1.TrainerService/SaveCheckpoint',
+                request_serializer=gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -161,6 +166,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveCheckpoint(self, request, context):
+        """SaveCheckpoint writes a checkpoint of one model now and answers once it is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +225,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.SetParameters,
                     request_deserializer=gradstream_dot_v1_dot_trainer__pb2.SetParametersRequest.FromString,
                     response_serializer=gradstream_dot_v1_dot_trainer__pb2.SetParametersResponse.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +503,33 @@ class TrainerService:
             '/gradstream.v1.TrainerService/SetParameters',
             gradstream_dot_v1_dot_trainer__pb2.SetParametersRequest.SerializeToString,
             gradstream_dot_v1_dot_trainer__pb2.SetParametersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradstream.v1.TrainerService/SaveCheckpoint',
+            gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+            gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

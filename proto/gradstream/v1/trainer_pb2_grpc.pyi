@@ -58,6 +58,8 @@ class TrainerServiceStub:
     """GetParameters returns the parameters, optionally with their current gradients."""
     SetParameters: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SetParametersRequest, _trainer_pb2.SetParametersResponse]
     """SetParameters overwrites some or all parameters, all or nothing."""
+    SaveCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]
+    """SaveCheckpoint writes a checkpoint of one model now and answers once it is durable."""
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -84,6 +86,8 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """GetParameters returns the parameters, optionally with their current gradients."""
     SetParameters: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SetParametersRequest, _trainer_pb2.SetParametersResponse]  # type: ignore[assignment]
     """SetParameters overwrites some or all parameters, all or nothing."""
+    SaveCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]  # type: ignore[assignment]
+    """SaveCheckpoint writes a checkpoint of one model now and answers once it is durable."""
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainerService trains, inspects and serves models held by the server."""
@@ -167,5 +171,13 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.SetParametersResponse, _abc.Awaitable[_trainer_pb2.SetParametersResponse]]:
         """SetParameters overwrites some or all parameters, all or nothing."""
+
+    @_abc_1.abstractmethod
+    def SaveCheckpoint(
+        self,
+        request: _trainer_pb2.SaveCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.SaveCheckpointResponse, _abc.Awaitable[_trainer_pb2.SaveCheckpointResponse]]:
+        """SaveCheckpoint writes a checkpoint of one model now and answers once it is durable."""
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

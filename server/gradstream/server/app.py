@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import torch
+from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument
 from gradstream.server.interceptors import ErrorInterceptor
@@ -71,6 +72,15 @@ class Server:
             queue_depth=settings.queue_depth,
             max_nonfinite_steps=settings.max_nonfinite_steps,
         )
+        self.checkpointer = Checkpointer(
+            settings.checkpoint_dir,
+            self.metrics,
+            every_steps=settings.checkpoint_every_steps,
+            every_seconds=settings.checkpoint_every_seconds,
+            keep=settings.checkpoint_keep,
+        )
+        self.servicer = TrainerServicer(self.registry, self.metrics, self.checkpointer)
+        self._timer: asyncio.Task[None] | None = None
         self.health = health_aio.HealthServicer()
         self.port = self.health_port = self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -91,10 +101,11 @@ class Server:
     async def start(self) -> None:
         """Bind every port and start serving."""
         s = self.settings
+        # Every model is resident again before the port opens: no stream sees a half-restored one.
+        await self.checkpointer.restore_all(self.registry)
+        self._timer = asyncio.create_task(self.checkpointer.run_timer(self.registry))
         self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
-            TrainerServicer(self.registry, self.metrics), self._grpc
-        )
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
@@ -144,10 +155,31 @@ class Server:
         await self.stop()
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, let RPCs in flight finish within drain_timeout, free the models."""
+        """Drain within drain_timeout, then free the models.
+
+        NOT_SERVING at once; new streams are refused with UNAVAILABLE; open streams
+        get the results of the steps in flight, then UNAVAILABLE (producers resume
+        after the restart); a final checkpoint of every model; then the port closes.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
         await self.health.enter_graceful_shutdown()
+        log.info("draining: %d streams open", self.servicer.open_streams)
+        self.servicer.drain()
+        if self._timer is not None:
+            self._timer.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.servicer.wait_streams_closed(), deadline - loop.time())
+        if self.checkpointer.enabled:
+            try:
+                await asyncio.wait_for(
+                    self.checkpointer.save_all(self.registry), max(0.0, deadline - loop.time())
+                )
+                log.info("final checkpoints written")
+            except TimeoutError:
+                log.error("final checkpoints did not finish within drain_timeout")
         if self._grpc is not None:
-            await self._grpc.stop(self.settings.drain_timeout)
+            await self._grpc.stop(max(0.0, deadline - loop.time()))
         await self.registry.close()
         if self._health_server is not None:
             await self._health_server.stop(0)

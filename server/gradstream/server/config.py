@@ -56,6 +56,16 @@ class Settings(BaseSettings):
         None, description="write the bound ports here as JSON once serving (for --port 0)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    checkpoint_dir: Path | None = Field(
+        None, description="directory of per-model checkpoints, restored at start-up (unset: off)"
+    )
+    checkpoint_every_steps: int = Field(
+        1000, ge=0, description="optimizer steps between checkpoints of a model (0: off)"
+    )
+    checkpoint_every_seconds: float = Field(
+        300.0, ge=0, description="seconds between checkpoints of a model that changed (0: off)"
+    )
+    checkpoint_keep: int = Field(3, ge=1, description="newest checkpoints kept per model")
     distributed: Literal["auto", "on", "off"] = Field(
         "auto",
         description="data-parallel over torch.distributed: auto is on under torchrun "

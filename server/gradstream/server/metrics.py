@@ -57,6 +57,27 @@ class Metrics:
             "gradstream_learning_rate", "Current learning rate.", ["model"], registry=r
         )
         self.models = Gauge("gradstream_models", "Models resident on the server.", registry=r)
+        self.checkpoint_last_success = Gauge(
+            "gradstream_checkpoint_last_success_timestamp_seconds",
+            "Unix time of the model's newest checkpoint on disk.",
+            ["model"],
+            registry=r,
+        )
+        self.checkpoint_duration = Histogram(
+            "gradstream_checkpoint_duration_seconds",
+            "Time to take a checkpoint: the copy off the device plus the fsynced write.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=r,
+        )
+        self.checkpoint_failures = Counter(
+            "gradstream_checkpoint_failures", "Checkpoints that failed.", ["model"], registry=r
+        )
+        self.checkpoint_restore_fallbacks = Counter(
+            "gradstream_checkpoint_restore_fallbacks",
+            "Checkpoints skipped at start-up as truncated or corrupt.",
+            ["model"],
+            registry=r,
+        )
 
     def model_created(self, model: str, lr: float) -> None:
         """Pre-initialize the model's series so rates start from zero, not from absence."""

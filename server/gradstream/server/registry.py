@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 from gradstream.server.engine import ModelInfo, Trainer
-from gradstream.server.errors import AlreadyExists, NotFound, ResourceExhausted
+from gradstream.server.errors import AlreadyExists, DataLoss, NotFound, ResourceExhausted
 from gradstream.server.metrics import Metrics
 from gradstream.server.spec import ModelSpec, check_model_name
 from gradstream.server.worker import ModelWorker
@@ -34,10 +34,13 @@ class ModelRegistry:
         self.max_nonfinite_steps = max_nonfinite_steps
         self._workers: dict[str, ModelWorker] = {}
         self._creating: set[str] = set()
+        self._lost: dict[str, str] = {}  # models whose checkpoints did not restore -> why
 
     def get(self, name: str) -> ModelWorker:
         """The worker of a model, or NOT_FOUND."""
         worker = self._workers.get(name)
+        if worker is None and name in self._lost:
+            raise DataLoss(self._lost[name])
         if worker is None:
             raise NotFound(f"no model named {name!r}")
         return worker
@@ -51,6 +54,10 @@ class ModelRegistry:
         check_model_name(name)
         if name in self._workers or name in self._creating:
             raise AlreadyExists(f"a model named {name!r} exists already")
+        if name in self._lost:
+            raise AlreadyExists(
+                f"a model named {name!r} exists with no valid checkpoint; delete it first"
+            )
         if len(self._workers) + len(self._creating) >= self.max_models:
             raise ResourceExhausted(
                 f"max_models: the server holds {self.max_models} models already"
@@ -68,8 +75,20 @@ class ModelRegistry:
         self.metrics.models.set(len(self._workers))
         return info
 
+    def adopt(self, trainer: Trainer) -> None:
+        """Make a trainer built elsewhere (restored from a checkpoint) resident."""
+        self._workers[trainer.name] = ModelWorker(trainer, self.queue_depth)
+        self.metrics.model_created(trainer.name, trainer.spec.optimizer.lr)
+        self.metrics.models.set(len(self._workers))
+
+    def mark_lost(self, name: str, reason: str) -> None:
+        """A model whose checkpoints did not restore: it answers DATA_LOSS until deleted."""
+        self._lost[name] = reason
+
     async def delete(self, name: str) -> None:
         """Stop the model's worker after the jobs queued before, then drop it."""
+        if self._lost.pop(name, None) is not None and name not in self._workers:
+            return
         worker = self.get(name)
         del self._workers[name]
         await asyncio.to_thread(worker.close)

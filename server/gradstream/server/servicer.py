@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -12,15 +13,18 @@ import grpc
 import torch
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.batches import Batch, BatchChecker
+from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.codec import decode, encode
 from gradstream.server.engine import ModelInfo, Outcome, StepResult, Trainer, TrainOptions
-from gradstream.server.errors import GradstreamError, InvalidArgument
+from gradstream.server.errors import GradstreamError, InvalidArgument, Unavailable
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.spec import parse_spec
 from gradstream.server.worker import ModelWorker
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+
+log = logging.getLogger("gradstream.server")
 
 _OUTCOMES: dict[Outcome, Any] = {
     outcome: pb.Outcome.Value(f"OUTCOME_{outcome.value}") for outcome in Outcome
@@ -46,14 +50,49 @@ class _Stream:
         self.options = options
         self.cancelled = False
         self.error: GradstreamError | None = None  # ends the stream after the results before it
+        self.reader: asyncio.Task[None] | None = None
+        self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
 
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
     """Decodes and validates requests, queues the work on the model's worker, encodes replies."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self, registry: ModelRegistry, metrics: Metrics, checkpointer: Checkpointer | None = None
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.checkpointer = checkpointer or Checkpointer(None, metrics)
+        self.draining = False
+        self._streams: set[_Stream] = set()
+        self._streams_closed = asyncio.Event()
+
+    def drain(self) -> None:
+        """Refuse new streams; open ones finish the steps in flight, then end with UNAVAILABLE."""
+        self.draining = True
+        for stream in self._streams:
+            stream.draining = True
+            if stream.reader is not None:
+                stream.reader.cancel()
+
+    @property
+    def open_streams(self) -> int:
+        """How many Train streams are open now."""
+        return len(self._streams)
+
+    async def wait_streams_closed(self) -> None:
+        """Return once no Train stream is open."""
+        while self._streams:
+            self._streams_closed.clear()
+            await self._streams_closed.wait()
+
+    async def SaveCheckpoint(
+        self, request: pb.SaveCheckpointRequest, context: Context
+    ) -> pb.SaveCheckpointResponse:
+        saved = await self.checkpointer.save(self.registry.get(request.name))
+        return pb.SaveCheckpointResponse(
+            checkpoint=saved.name, step=saved.step, producer_sequences=saved.producers
+        )
 
     async def CreateModel(
         self, request: pb.CreateModelRequest, context: Context
@@ -63,6 +102,13 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         except ValueError as exc:  # a malformed init tensor
             raise InvalidArgument("spec", str(exc)) from None
         info = await self.registry.create(request.name, parse_spec(data))
+        if self.checkpointer.enabled:
+            # A model is durable from its creation: a crash before the first periodic
+            # checkpoint restores it at step 0 and producers re-send from their start.
+            try:
+                await self.checkpointer.save(self.registry.get(request.name))
+            except GradstreamError as exc:
+                log.warning("first checkpoint of %r failed: %s", request.name, exc.message)
         return pb.CreateModelResponse(model=_info(info))
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
@@ -84,6 +130,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.DeleteModelRequest, context: Context
     ) -> pb.DeleteModelResponse:
         await self.registry.delete(request.name)
+        await self.checkpointer.forget(request.name)
         return pb.DeleteModelResponse()
 
     async def UpdateModel(
@@ -173,33 +220,52 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         first = await anext(requests, None)
         if first is None or not first.HasField("open"):
             raise InvalidArgument("open", "the first TrainRequest of a stream must carry open")
+        if self.draining:
+            raise Unavailable("the server is shutting down; reconnect to it once it is back")
         worker = self.registry.get(first.open.model)
         stream = _Stream(TrainOptions(first.open.producer_id, max(1, first.open.report_every)))
         producer = first.open.producer_id
+        durable_sent = self.checkpointer.durable_sequence(worker.trainer.name, producer)
 
         def opened(trainer: Trainer) -> pb.StreamState:
             return pb.StreamState(
                 model=trainer.name,
                 step=trainer.step,
                 last_applied_sequence=trainer.producers.get(producer, 0),
+                last_durable_sequence=durable_sent,
             )
 
-        yield pb.TrainResponse(opened=await worker.run(opened))
-        # Reading runs ahead of the worker so decoding message n+1 overlaps step n;
-        # the worker's bounded queue stops the reader when it is too far ahead.
-        jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(first, requests, worker, stream, jobs))
+        self._streams.add(stream)
         try:
-            while (job := await jobs.get()) is not None:
-                results = await job
-                if results:
-                    yield pb.TrainResponse(results=[_result(r) for r in results])
-                if stream.error is not None:
-                    raise stream.error
-            await reader
+            yield pb.TrainResponse(opened=await worker.run(opened))
+            # Reading runs ahead of the worker so decoding message n+1 overlaps step n;
+            # the worker's bounded queue stops the reader when it is too far ahead.
+            jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None] = asyncio.Queue()
+            reader = asyncio.create_task(self._read(first, requests, worker, stream, jobs))
+            stream.reader = reader
+            if self.draining:  # drain() ran while this stream was opening
+                stream.draining = True
+                reader.cancel()
+            try:
+                while (job := await jobs.get()) is not None:
+                    results = await job
+                    self.checkpointer.after_steps(worker)
+                    durable = self.checkpointer.durable_sequence(worker.trainer.name, producer)
+                    news = durable if durable > durable_sent else 0
+                    if results or news:
+                        durable_sent = max(durable, durable_sent)
+                        yield pb.TrainResponse(
+                            results=[_result(r) for r in results], last_durable_sequence=news
+                        )
+                    if stream.error is not None:
+                        raise stream.error
+                await reader
+            finally:
+                stream.cancelled = True
+                reader.cancel()
         finally:
-            stream.cancelled = True
-            reader.cancel()
+            self._streams.discard(stream)
+            self._streams_closed.set()
 
     async def _read(
         self,
@@ -226,7 +292,13 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 request = await anext(requests, None)
         except BaseException as exc:
             failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
+            if stream.draining and isinstance(exc, asyncio.CancelledError):
+                # The steps queued before still finish and reach the client first.
+                failed.set_exception(
+                    Unavailable("the server is shutting down; reconnect to resume the stream")
+                )
+            else:
+                failed.set_exception(exc)
             jobs.put_nowait(failed)
             raise
         finally:

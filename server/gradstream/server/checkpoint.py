@@ -1,0 +1,535 @@
+"""Checkpoints: atomic save, validated restore, retention. Nothing is ever unpickled.
+
+On disk, per model::
+
+    <checkpoint_dir>/<model>/ckpt-0000000007/tensors.safetensors   parameters, momentum, ...
+                                            /meta.json             step, spec, producers, digests
+    <checkpoint_dir>/<model>/.tmp-...                              a write in progress (or killed)
+
+A checkpoint is written into a ``.tmp-`` directory, every file and the directory
+fsynced, then renamed to ``ckpt-<serial>`` and the model directory fsynced: a
+``ckpt-`` directory is complete or absent, whatever moment the writer dies at.
+``meta.json`` carries the SHA-256 of the tensors file and of its own body, so a
+truncated or flipped byte is found at restore, which then falls back to the
+previous checkpoint.
+
+What a checkpoint holds is the model's state between two worker jobs: the
+parameters, the optimizer state (SGD's momentum buffers), the step, the spec,
+the RNG state, the producer-sequence table, and, when a step is being
+accumulated (``pending > 0``), the accumulated ``.grad`` of every parameter and
+the pending count. The producer table marks a batch as applied once its
+gradient is in ``.grad``, so saving ``.grad`` with it keeps "every applied batch
+is applied once" exact across a crash, mid-accumulation included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from gradstream.server.engine import Trainer
+from gradstream.server.errors import DataLoss, FailedPrecondition, GradstreamError
+from gradstream.server.metrics import Metrics
+from gradstream.server.spec import parse_spec
+
+if TYPE_CHECKING:
+    from gradstream.server.registry import ModelRegistry
+    from gradstream.server.worker import ModelWorker
+
+log = logging.getLogger("gradstream.server")
+
+FORMAT = 1
+TENSORS = "tensors.safetensors"
+META = "meta.json"
+# Far above any real model's: a safetensors header lists names, dtypes, shapes and offsets.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_META_BYTES = 16 * 1024 * 1024
+_CHECKPOINT = re.compile(r"^ckpt-(\d{10})$")
+_LEFTOVER_PREFIXES = (".tmp-", ".trash-")
+_Scalar = int | float | bool | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A model's state copied off the device: what one checkpoint holds."""
+
+    name: str
+    spec: dict[str, Any]  # JSON form; init tensors live in ``tensors`` as init/<name>
+    step: int
+    pending: int
+    nonfinite_streak: int
+    producers: dict[str, int]
+    param_groups: list[dict[str, Any]]  # optimizer hyperparameters, without the params
+    optimizer_scalars: dict[str, dict[str, Any]]  # non-tensor optimizer state per parameter
+    tensors: dict[str, torch.Tensor]  # on the CPU, contiguous, nothing shared
+    created: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedCheckpoint:
+    """A checkpoint that is on disk: its directory name, step and producer table."""
+
+    name: str
+    step: int
+    producers: dict[str, int]
+
+
+# -- state <-> snapshot --------------------------------------------------------------------
+
+
+def take(trainer: Trainer) -> Snapshot:
+    """Copy a trainer's state to the CPU; run it on the model's worker (between jobs)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    named = list(trainer.module.named_parameters())
+    for name, param in named:
+        tensors[f"param/{name}"] = _cpu_copy(param)
+        if trainer.pending and param.grad is not None:
+            tensors[f"grad/{name}"] = _cpu_copy(param.grad)
+        for key, value in trainer.optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{name}/{key}"] = _cpu_copy(value)
+            elif isinstance(value, _Scalar):
+                scalars.setdefault(name, {})[key] = value
+            else:
+                raise TypeError(f"optimizer state {name}.{key} is a {type(value).__name__}")
+    spec = trainer.spec.model_dump()
+    for name, value in spec["init"].pop("tensors").items():
+        tensors[f"init/{name}"] = torch.from_numpy(np.array(value, copy=True))
+    spec["init"]["tensors"] = {}
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if trainer.device.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(trainer.device)
+    groups = [
+        {k: v for k, v in group.items() if k != "params" and isinstance(v, _Scalar)}
+        for group in trainer.optimizer.param_groups
+    ]
+    return Snapshot(
+        name=trainer.name,
+        spec=json.loads(json.dumps(spec)),  # tuples -> lists: what a reload gives
+        step=trainer.step,
+        pending=trainer.pending,
+        nonfinite_streak=trainer.nonfinite_streak,
+        producers=dict(trainer.producers),
+        param_groups=groups,
+        optimizer_scalars=scalars,
+        tensors=tensors,
+    )
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def restore(snapshot: Snapshot, device: torch.device, max_nonfinite_steps: int = 0) -> Trainer:
+    """Build the trainer a snapshot describes, on ``device``, in the state it was saved in."""
+    where = f"checkpoint of model {snapshot.name!r}"
+    tensors = snapshot.tensors
+    spec_data = json.loads(json.dumps(snapshot.spec))
+    spec_data["init"]["tensors"] = {
+        key.removeprefix("init/"): value.numpy()
+        for key, value in tensors.items()
+        if key.startswith("init/")
+    }
+    try:
+        spec = parse_spec(spec_data)
+    except GradstreamError as exc:
+        raise DataLoss(f"{where}: its spec no longer validates: {exc}") from None
+    trainer = Trainer(snapshot.name, spec, device, max_nonfinite_steps)
+    params = dict(trainer.module.named_parameters())
+    saved = {k.removeprefix("param/") for k in tensors if k.startswith("param/")}
+    if saved != set(params):
+        raise DataLoss(
+            f"{where}: it holds parameters {sorted(saved)}, the spec builds {sorted(params)}"
+        )
+    for name, param in params.items():
+        for prefix in ("param/", "grad/"):
+            value = tensors.get(prefix + name)
+            if value is not None and (value.shape != param.shape or value.dtype != param.dtype):
+                raise DataLoss(
+                    f"{where}: {prefix}{name} is {value.dtype} {list(value.shape)}, "
+                    f"the model has {param.dtype} {list(param.shape)}"
+                )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[f"param/{name}"])
+    if snapshot.pending:
+        for name, param in params.items():
+            grad = tensors.get(f"grad/{name}")
+            param.grad = None if grad is None else grad.to(device, copy=True)
+    for name, param in params.items():
+        state: dict[str, Any] = dict(snapshot.optimizer_scalars.get(name, {}))
+        prefix = f"optim/{name}/"
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                state[key.removeprefix(prefix)] = value.to(device, copy=True)
+        if state:
+            trainer.optimizer.state[param] = state
+    for group, saved_group in zip(
+        trainer.optimizer.param_groups, snapshot.param_groups, strict=False
+    ):
+        for key, value in saved_group.items():
+            if key in group:
+                group[key] = value
+    trainer.step = snapshot.step
+    trainer.pending = snapshot.pending
+    trainer.nonfinite_streak = snapshot.nonfinite_streak
+    trainer.producers = dict(snapshot.producers)
+    # One RNG per process: the state of the last model restored wins. No built-in
+    # architecture draws random numbers while training; dropout in a plug-in does.
+    if "rng/cpu" in tensors:
+        torch.set_rng_state(tensors["rng/cpu"])
+    if "rng/cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+    return trainer
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def write(model_dir: Path, snapshot: Snapshot, keep: int) -> SavedCheckpoint:
+    """Write a snapshot atomically as the model's newest checkpoint, then keep the newest ``keep``.
+
+    Not safe against a concurrent writer of the same model: the caller serializes.
+    """
+    created = not model_dir.exists()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if created:
+        _fsync_dir(model_dir.parent)
+    serial = max((s for s, _ in _checkpoints(model_dir)), default=0) + 1
+    tmp = model_dir / f".tmp-{serial:010d}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    data = safetensors.torch.save(snapshot.tensors)
+    body = {
+        "model": snapshot.name,
+        "created": snapshot.created,
+        "spec": snapshot.spec,
+        "step": snapshot.step,
+        "pending": snapshot.pending,
+        "nonfinite_streak": snapshot.nonfinite_streak,
+        "producers": snapshot.producers,
+        "param_groups": snapshot.param_groups,
+        "optimizer_scalars": snapshot.optimizer_scalars,
+    }
+    meta = {
+        "format": FORMAT,
+        "tensors_sha256": hashlib.sha256(data).hexdigest(),
+        "body_sha256": _digest(body),
+        "body": body,
+    }
+    _write_file(tmp / TENSORS, data)
+    _write_file(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
+    _fsync_dir(tmp)
+    final = model_dir / f"ckpt-{serial:010d}"
+    tmp.rename(final)
+    _fsync_dir(model_dir)
+    for _, old in _checkpoints(model_dir)[:-keep]:
+        _remove(old)
+    return SavedCheckpoint(final.name, snapshot.step, dict(snapshot.producers))
+
+
+def read(path: Path) -> Snapshot:
+    """Load and verify one checkpoint directory; DATA_LOSS says what is wrong with it."""
+    where = f"checkpoint {path.parent.name}/{path.name}"
+    meta_path, tensors_path = path / META, path / TENSORS
+    for required in (meta_path, tensors_path):
+        if not required.is_file():
+            others = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+            raise DataLoss(f"{where}: {required.name} is missing (found {others})")
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise DataLoss(f"{where}: {META} is over {MAX_META_BYTES} bytes")
+    try:
+        meta = json.loads(meta_path.read_bytes())
+        body = meta["body"]
+        if meta["format"] != FORMAT:
+            raise DataLoss(f"{where}: format {meta['format']!r}, this server reads {FORMAT}")
+        if _digest(body) != meta["body_sha256"]:
+            raise DataLoss(f"{where}: {META} does not match its checksum (corrupt)")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataLoss(f"{where}: {META} is not a valid checkpoint record ({exc})") from None
+    data = tensors_path.read_bytes()
+    check_safetensors_header(data, f"{where}: {TENSORS}")
+    if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
+        raise DataLoss(f"{where}: {TENSORS} does not match its checksum (corrupt or truncated)")
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise DataLoss(f"{where}: {TENSORS} does not parse: {exc}") from None
+    try:
+        return Snapshot(
+            name=str(body["model"]),
+            spec=dict(body["spec"]),
+            step=int(body["step"]),
+            pending=int(body["pending"]),
+            nonfinite_streak=int(body["nonfinite_streak"]),
+            producers={str(k): int(v) for k, v in body["producers"].items()},
+            param_groups=list(body["param_groups"]),
+            optimizer_scalars=dict(body["optimizer_scalars"]),
+            tensors=tensors,
+            created=float(body["created"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DataLoss(f"{where}: {META} lacks a field ({exc})") from None
+
+
+def check_safetensors_header(data: bytes, what: str) -> None:
+    """Refuse what is not a safetensors file, above all a pickle, before anything parses it."""
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
+        raise DataLoss(
+            f"{what} is a pickle or a torch.save archive, not safetensors: refused "
+            "(checkpoints are never unpickled)"
+        )
+    if len(data) < 8:
+        raise DataLoss(f"{what} is {len(data)} bytes: truncated")
+    header = int.from_bytes(data[:8], "little")
+    if header > MAX_HEADER_BYTES:
+        raise DataLoss(
+            f"{what} declares a {header}-byte header, "
+            f"over the {MAX_HEADER_BYTES}-byte limit: refused"
+        )
+    if 8 + header > len(data):
+        raise DataLoss(
+            f"{what} declares a {header}-byte header but has {len(data)} bytes: truncated"
+        )
+
+
+def newest(model_dir: Path) -> tuple[Path, Snapshot, list[tuple[Path, str]]]:
+    """The newest checkpoint that loads, with the newer ones skipped and why.
+
+    Leftovers of killed writes are removed first. Raises DATA_LOSS when none loads.
+    """
+    remove_leftovers(model_dir)
+    skipped: list[tuple[Path, str]] = []
+    for _, path in reversed(_checkpoints(model_dir)):
+        try:
+            return path, read(path), skipped
+        except DataLoss as exc:
+            skipped.append((path, exc.message))
+    reasons = "; ".join(reason for _, reason in skipped) or "the directory holds none"
+    raise DataLoss(f"model {model_dir.name!r} has no valid checkpoint: {reasons}")
+
+
+def remove_leftovers(model_dir: Path) -> list[Path]:
+    """Delete the temporary directories killed writes and prunes left behind."""
+    removed = []
+    for path in model_dir.iterdir():
+        if path.name.startswith(_LEFTOVER_PREFIXES):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _checkpoints(model_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in model_dir.iterdir():
+        match = _CHECKPOINT.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    # Renamed first so a crash halfway through rmtree leaves a leftover, not a broken ckpt-.
+    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _digest(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- when to checkpoint ----------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Decides when each model is checkpointed, writes in the background, restores at start-up.
+
+    The state is copied under the model's worker (a job between two steps), so
+    training stalls only for the copy; the files are written on a thread. Writes
+    of one model are serialized; writes of different models run side by side.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        metrics: Metrics,
+        every_steps: int = 0,
+        every_seconds: float = 0.0,
+        keep: int = 3,
+    ) -> None:
+        self.directory = directory
+        self.metrics = metrics
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.keep = keep
+        self._durable: dict[str, dict[str, int]] = {}
+        self._saved: dict[str, tuple[int, int, float]] = {}  # step, pending, monotonic time
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._scheduled: dict[str, asyncio.Task[Any]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a checkpoint directory was given."""
+        return self.directory is not None
+
+    def durable_sequence(self, model: str, producer: str) -> int:
+        """The producer's last sequence saved in the model's newest checkpoint (0: none)."""
+        return self._durable.get(model, {}).get(producer, 0)
+
+    async def save(self, worker: ModelWorker) -> SavedCheckpoint:
+        """Checkpoint one model now; returns once the checkpoint is durable on disk."""
+        if self.directory is None:
+            raise FailedPrecondition("checkpoints are off: start the server with --checkpoint-dir")
+        name = worker.trainer.name
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            start = time.perf_counter()
+            try:
+                snapshot = await worker.run(take)
+                saved = await asyncio.to_thread(write, self.directory / name, snapshot, self.keep)
+            except GradstreamError:
+                self.metrics.checkpoint_failures.labels(name).inc()
+                raise
+            except Exception as exc:
+                self.metrics.checkpoint_failures.labels(name).inc()
+                log.error("checkpoint of model %r failed", name, exc_info=exc)
+                raise GradstreamError(f"checkpoint of model {name!r} failed") from exc
+            self.metrics.checkpoint_duration.observe(time.perf_counter() - start)
+            self.metrics.checkpoint_last_success.labels(name).set(time.time())
+            self._durable[name] = saved.producers
+            self._saved[name] = (snapshot.step, snapshot.pending, time.monotonic())
+            log.debug("checkpoint %s/%s at step %d", name, saved.name, saved.step)
+            return saved
+
+    def after_steps(self, worker: ModelWorker) -> None:
+        """Schedule a checkpoint when ``every_steps`` steps passed since the last one."""
+        if self.directory is None or not self.every_steps:
+            return
+        trainer = worker.trainer
+        last_step = self._saved.get(trainer.name, (0, 0, 0.0))[0]
+        if trainer.step - last_step >= self.every_steps:
+            self._schedule(worker)
+
+    def _schedule(self, worker: ModelWorker) -> None:
+        name = worker.trainer.name
+        running = self._scheduled.get(name)
+        if running is not None and not running.done():
+            return  # the next trigger catches up once this one is written
+        self._scheduled[name] = asyncio.create_task(self._save_quietly(worker))
+
+    async def _save_quietly(self, worker: ModelWorker) -> None:
+        try:
+            await self.save(worker)
+        except GradstreamError as exc:  # counted in save(); the next trigger retries
+            log.warning("periodic checkpoint of %r failed: %s", worker.trainer.name, exc.message)
+
+    async def run_timer(self, registry: ModelRegistry) -> None:
+        """Every ``every_seconds``, checkpoint the models that changed since their last one."""
+        if self.directory is None or not self.every_seconds:
+            return
+        while True:
+            await asyncio.sleep(min(1.0, self.every_seconds))
+            now = time.monotonic()
+            for name in registry.names():
+                try:
+                    worker = registry.get(name)
+                except GradstreamError:
+                    continue
+                step, pending, when = self._saved.get(name, (-1, -1, 0.0))
+                changed = (worker.trainer.step, worker.trainer.pending) != (step, pending)
+                if changed and now - when >= self.every_seconds:
+                    self._schedule(worker)
+
+    async def save_all(self, registry: ModelRegistry) -> None:
+        """A final checkpoint of every model (the drain on SIGTERM)."""
+        if self.directory is None:
+            return
+        workers = []
+        for name in registry.names():
+            try:
+                workers.append(registry.get(name))
+            except GradstreamError:
+                continue
+        results = await asyncio.gather(*(self.save(w) for w in workers), return_exceptions=True)
+        for worker, result in zip(workers, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("final checkpoint of %r failed: %s", worker.trainer.name, result)
+
+    async def restore_all(self, registry: ModelRegistry) -> None:
+        """Make every model in the directory resident again from its newest valid checkpoint."""
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for model_dir in sorted(self.directory.iterdir()):
+            if not model_dir.is_dir() or model_dir.name.startswith("."):
+                continue
+            await self._restore(registry, model_dir)
+        for leftover in self.directory.iterdir():
+            if leftover.name.startswith(".deleted-"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    async def _restore(self, registry: ModelRegistry, model_dir: Path) -> None:
+        name = model_dir.name
+        try:
+            path, snapshot, skipped = await asyncio.to_thread(newest, model_dir)
+            for bad, reason in skipped:
+                self.metrics.checkpoint_restore_fallbacks.labels(name).inc()
+                log.error("skipping checkpoint %s of model %r: %s", bad.name, name, reason)
+            trainer = await asyncio.to_thread(
+                restore, snapshot, registry.device, registry.max_nonfinite_steps
+            )
+        except GradstreamError as exc:  # DATA_LOSS, or a spec this server cannot build
+            log.error("model %r not restored: %s", name, exc.message)
+            registry.mark_lost(name, exc.message)
+            return
+        registry.adopt(trainer)
+        self._durable[name] = dict(snapshot.producers)
+        self._saved[name] = (snapshot.step, snapshot.pending, time.monotonic())
+        self.metrics.checkpoint_last_success.labels(name).set(snapshot.created)
+        log.info("model %r restored from %s at step %d", name, path.name, snapshot.step)
+
+    async def forget(self, name: str) -> None:
+        """Delete a deleted model's checkpoints, so that a restart does not bring it back."""
+        self._durable.pop(name, None)
+        self._saved.pop(name, None)
+        if self.directory is None or not (self.directory / name).exists():
+            return
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            gone = self.directory / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
+            (self.directory / name).rename(gone)
+            await asyncio.to_thread(_fsync_dir, self.directory)
+            await asyncio.to_thread(shutil.rmtree, gone, True)
+        self._locks.pop(name, None)
+        with contextlib.suppress(KeyError):
+            self.metrics.checkpoint_last_success.remove(name)

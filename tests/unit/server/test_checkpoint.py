@@ -1,0 +1,174 @@
+"""checkpoint.py: a checkpoint restores bitwise; a damaged one is refused, never parsed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from gradstream.server import checkpoint as ck
+from gradstream.server.batches import Batch
+from gradstream.server.engine import Outcome, Trainer, TrainOptions
+from gradstream.server.errors import DataLoss
+from gradstream.server.spec import parse_spec
+
+CPU = torch.device("cpu")
+SPEC = {
+    "architecture": {"kind": "mlp", "in_features": 3, "out_features": 2, "hidden": [5]},
+    "init": {"kind": "seed", "seed": 3},
+    "optimizer": {"kind": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
+    "accumulate_steps": 3,
+}
+
+
+def _batches(n: int) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        Batch(torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g), sequence=i + 1)
+        for i in range(n)
+    ]
+
+
+def _train(trainer: Trainer, batches: list[Batch]) -> list[Outcome]:
+    options = TrainOptions(producer_id="p")
+    return [trainer.train(b, options).outcome for b in batches]
+
+
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {f"param/{n}": p.detach().clone() for n, p in trainer.module.named_parameters()}
+    for n, p in trainer.module.named_parameters():
+        for key, value in trainer.optimizer.state.get(p, {}).items():
+            state[f"optim/{n}/{key}"] = value.clone()
+    return state
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
+def test_restore_mid_accumulation_continues_bitwise_like_the_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    batches = _batches(20)
+    reference = Trainer("m", parse_spec(SPEC), CPU)
+    _train(reference, batches)
+
+    first = Trainer("m", parse_spec(SPEC), CPU)
+    outcomes = _train(first, batches[:10])  # 3 full steps and one batch pending
+    assert outcomes[-1] == Outcome.ACCUMULATED and first.pending == 1
+    saved = ck.write(tmp_path / "m", ck.take(first), keep=2)
+    _, snapshot, skipped = ck.newest(tmp_path / "m")
+    assert skipped == [] and saved.producers == {"p": 10}
+    resumed = ck.restore(snapshot, CPU)
+    assert (resumed.step, resumed.pending, resumed.producers) == (3, 1, {"p": 10})
+    # The batches applied before the checkpoint are not applied again...
+    assert _train(resumed, batches[:10]) == [Outcome.DUPLICATE] * 10
+    _train(resumed, batches[10:])
+    # ...and the rest lands exactly where the uninterrupted run did.
+    assert resumed.step == reference.step == 6
+    _assert_bitwise_equal(_state(resumed), _state(reference))
+
+
+def test_restore_without_optimizer_state_is_seen_to_differ(tmp_path: Path) -> None:
+    """The comparison above can fail: dropping the momentum buffers changes the result."""
+    batches = _batches(18)
+    reference = Trainer("m", parse_spec(SPEC), CPU)
+    _train(reference, batches)
+    first = Trainer("m", parse_spec(SPEC), CPU)
+    _train(first, batches[:9])
+    snapshot = ck.take(first)
+    amnesiac = dataclasses.replace(
+        snapshot, tensors={k: v for k, v in snapshot.tensors.items() if not k.startswith("optim/")}
+    )
+    resumed = ck.restore(amnesiac, CPU)
+    _train(resumed, batches[9:])
+    assert resumed.step == reference.step
+    ref, got = _state(reference), _state(resumed)
+    assert any(not torch.equal(ref[k], got[k]) for k in ref if k.startswith("param/"))
+
+
+def _three_checkpoints(directory: Path) -> list[Path]:
+    trainer = Trainer("m", parse_spec(SPEC), CPU)
+    paths = []
+    for chunk in range(3):
+        _train(trainer, _batches(30)[chunk * 6 : chunk * 6 + 6])
+        paths.append(directory / "m" / ck.write(directory / "m", ck.take(trainer), keep=5).name)
+    return paths
+
+
+@pytest.mark.parametrize("damage", ["truncated", "byte flipped", "meta flipped", "meta gone"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(
+    tmp_path: Path, damage: str
+) -> None:
+    paths = _three_checkpoints(tmp_path)
+    tensors, meta = paths[-1] / ck.TENSORS, paths[-1] / ck.META
+    if damage == "truncated":
+        os.truncate(tensors, tensors.stat().st_size // 2)
+    elif damage == "byte flipped":
+        data = bytearray(tensors.read_bytes())
+        data[-3] ^= 0x01
+        tensors.write_bytes(bytes(data))
+    elif damage == "meta flipped":
+        text = meta.read_text()
+        meta.write_text(text.replace('"step": 6', '"step": 7'))
+        assert meta.read_text() != text
+    else:
+        meta.unlink()
+    path, snapshot, skipped = ck.newest(tmp_path / "m")
+    assert path == paths[1] and snapshot.step == 4
+    assert [p for p, _ in skipped] == [paths[2]]
+    reason = skipped[0][1]
+    assert "ckpt-0000000003" in reason
+    assert ("missing" if damage == "meta gone" else "checksum") in reason
+
+
+def test_a_pickle_in_place_of_the_tensors_is_refused_and_never_unpickled(tmp_path: Path) -> None:
+    paths = _three_checkpoints(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    payload = pickle.dumps(Exploit(), protocol=4)
+    for path in paths:  # every checkpoint replaced, checksums made to match
+        (path / ck.TENSORS).write_bytes(payload)
+        meta = json.loads((path / ck.META).read_text())
+        meta["tensors_sha256"] = __import__("hashlib").sha256(payload).hexdigest()
+        (path / ck.META).write_text(json.dumps(meta))
+    (tmp_path / "m" / "model.pt").write_bytes(payload)  # a stray pickle is never even opened
+    with pytest.raises(DataLoss) as caught:
+        ck.newest(tmp_path / "m")
+    assert "pickle" in caught.value.message and "refused" in caught.value.message
+    assert "model 'm' has no valid checkpoint" in caught.value.message
+    assert not marker.exists()
+
+
+def test_an_oversized_safetensors_header_is_refused_before_parsing(tmp_path: Path) -> None:
+    paths = _three_checkpoints(tmp_path)
+    data = (1 << 40).to_bytes(8, "little") + b"{" + b" " * 64
+    (paths[-1] / ck.TENSORS).write_bytes(data)
+    _, snapshot, skipped = ck.newest(tmp_path / "m")
+    assert snapshot.step == 4
+    assert "declares a 1099511627776-byte header" in skipped[0][1]
+    assert "refused" in skipped[0][1]
+
+
+def test_only_the_newest_k_are_kept_and_leftovers_go_at_the_next_start(tmp_path: Path) -> None:
+    trainer = Trainer("m", parse_spec(SPEC), CPU)
+    for _ in range(5):
+        ck.write(tmp_path / "m", ck.take(trainer), keep=2)
+    (tmp_path / "m" / ".tmp-0000000099-dead").mkdir()
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert names == [".tmp-0000000099-dead", "ckpt-0000000004", "ckpt-0000000005"]
+    ck.newest(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "ckpt-0000000004",
+        "ckpt-0000000005",
+    ]
