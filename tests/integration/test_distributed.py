@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gradstream.client import Client
+from gradstream.client import Client, StepResult
 
 STARTUP_TIMEOUT = 60.0
 SPECS: dict[str, dict[str, Any]] = {
@@ -95,7 +97,9 @@ class TorchrunJob:
         rank1 = self.workdir / "ready.json.rank1"
         while not (self.ready.exists() and rank1.exists()):
             if self.process.poll() is not None:
-                raise RuntimeError(f"torchrun exited with {self.process.returncode}:\n{self.tail()}")
+                raise RuntimeError(
+                    f"torchrun exited with {self.process.returncode}:\n{self.tail()}"
+                )
             if time.monotonic() > deadline:
                 self.kill()
                 raise TimeoutError(f"not ready in {STARTUP_TIMEOUT} s:\n{self.tail()}")
@@ -236,6 +240,101 @@ def test_two_ranks_equal_one_process_on_50_batches_of_random_sizes(
     assert rank0["gradstream_world_size"] == 2
     # Rows are split, not copied: the ranks' rows add up to the batches' rows.
     rows = sum(len(b[0]) for i, s in enumerate(SPECS.values()) for b in random_batches(s, count, i))
-    assert rank0['gradstream_rank_rows_total{rank="0"}'] + rank1[
-        'gradstream_rank_rows_total{rank="1"}'
-    ] == rows
+    assert (
+        rank0['gradstream_rank_rows_total{rank="0"}']
+        + rank1['gradstream_rank_rows_total{rank="1"}']
+        == rows
+    )
+
+
+def test_a_rank_killed_mid_stream_fails_the_job_fast_and_a_restart_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    timeout = 15.0
+    count, kill_after, resume_from = 60, 20, 40
+    spec = SPECS["linear-mse"]
+    batches = random_batches(spec, count, seed=3)
+    port = free_port()
+    args = (
+        f"--collective-timeout={timeout}",
+        f"--checkpoint-dir={tmp_path / 'checkpoints'}",
+        "--checkpoint-every-steps=5",
+        "--checkpoint-every-seconds=0",
+    )
+    first = TorchrunJob(tmp_path / "first", *args, port=port)
+    second = TorchrunJob(tmp_path / "second", *args, port=port)
+    for job in (first, second):
+        job.workdir.mkdir()
+    killed = threading.Event()
+    died: dict[str, float] = {}
+
+    def produce() -> Iterator[tuple[Any, ...]]:
+        for i, batch in enumerate(batches):
+            if i == resume_from:  # the rest only once the job is down: they must be re-sent
+                assert killed.wait(STARTUP_TIMEOUT)
+            yield batch
+
+    def kill_rank_1(result: StepResult) -> None:
+        if result.sequence >= kill_after and not killed.is_set():
+            os.kill(first.rank1["pid"], signal.SIGKILL)
+            died["at"] = time.monotonic()
+            killed.set()
+
+    first.start()
+    try:
+        with Client(first.target) as client:
+            # The uninterrupted run: the same batches on the same two ranks, never killed.
+            client.create_model("reference", spec)
+            assert len(list(client.train("reference", batches, batches_per_message=1))) == count
+            reference = client.parameters("reference")
+            client.create_model("m", spec)
+        results: list[StepResult] = []
+        errors: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                with Client(first.target) as producer:
+                    stream = producer.train(
+                        "m",
+                        produce(),
+                        producer_id="p",
+                        batches_per_message=1,
+                        reconnect_timeout=120.0,
+                    )
+                    for result in stream:
+                        results.append(result)
+                        kill_rank_1(result)
+                    died["reconnects"] = stream.reconnects  # type: ignore[attr-defined]
+            except BaseException as exc:
+                errors.append(exc)
+
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        assert killed.wait(STARTUP_TIMEOUT), first.tail()
+        code = first.wait(timeout + 30)
+        elapsed = time.monotonic() - died["at"]
+        assert code != 0, first.tail()
+        assert elapsed < timeout, f"the job took {elapsed:.1f} s to fail:\n{first.tail()}"
+    finally:
+        first.kill()
+    with second:
+        consumer.join(STARTUP_TIMEOUT + 60)
+        assert not consumer.is_alive() and not errors, (errors, second.tail())
+        assert died["reconnects"] >= 1
+        assert [r.sequence for r in results] == list(range(1, count + 1))
+        assert all(
+            r.outcome == "APPLIED" or (r.outcome == "DUPLICATE" and "before" in r.reason)
+            for r in results
+        ), results
+        with Client(second.target) as client:
+            assert client.get_model("m").step == count
+            got = client.parameters("m")
+        log = second.log.read_text()
+        restored = re.search(r"model 'm' restored from \S+ at step (\d+)", log)
+        assert restored, second.tail()
+        # Rank 1 got the restored state from rank 0, not a fresh model.
+        assert f"rank 1 has model 'm' at step {restored[1]}" in log
+        assert 0 < int(restored[1]) <= resume_from
+    # Same ranks, same split of every batch, state restored bit for bit: bitwise equal.
+    for n in reference:
+        assert got[n].tobytes() == reference[n].tobytes(), n

@@ -10,7 +10,7 @@ The protocol, one command at a time under ``Collectives.lock`` (rank 0 has one
 worker thread per model; the lock keeps every rank's collectives in one order):
 
     header     broadcast, float64[5] = (op, model id, rows, has weights, denominator)
-    CREATE     + object (name, spec without init tensors) + state push
+    CREATE     + object (name, spec without init tensors, step) + state push
     SYNC       + state push: parameters, gradients, optimizer state, lr, frozen, pending
     TRAIN      + rows point-to-point from rank 0 to each rank, then one all-reduce
     DELETE     the model's id is dropped
@@ -555,7 +555,7 @@ class DistributedTrainer(Trainer):
         self.model_id = group.new_model_id()
         with group.command():
             group.send_header(Header(Op.CREATE, self.model_id))
-            group.broadcast_object((self.name, _follower_spec(self.spec)))
+            group.broadcast_object((self.name, _follower_spec(self.spec), self.step))
             push_state(self, group)
 
     def release(self) -> None:
@@ -633,6 +633,10 @@ class DistributedRegistry(ModelRegistry):
             DistributedTrainer, group=group, rank_metrics=self.rank_metrics
         )
 
+    def adopt(self, trainer: Trainer) -> None:
+        """A model restored from a checkpoint on rank 0: every other rank gets its state."""
+        super().adopt(DistributedTrainer.adopt(trainer, self.group, self.rank_metrics))
+
     async def delete(self, name: str) -> None:
         """Delete on rank 0, then on every other rank."""
         worker = self._workers.get(name)
@@ -691,10 +695,11 @@ class Follower:
             case Op.NOOP:
                 pass
             case Op.CREATE:
-                name, spec = self.group.broadcast_object()
+                name, spec, step = self.group.broadcast_object()
                 trainer = Trainer(name, spec, self.device)
                 pull_state(trainer, self.group)
                 self.trainers[header.model] = trainer
+                log.info("rank %d has model %r at step %d", self.group.rank, name, step)
             case Op.SYNC:
                 pull_state(self.trainers[header.model], self.group)
             case Op.TRAIN:
