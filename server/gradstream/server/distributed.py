@@ -550,6 +550,9 @@ class DistributedTrainer(Trainer):
         return adopted
 
     def _join(self, group: Collectives, rank_metrics: RankMetrics) -> None:
+        # Every batch goes through train() below: a trainer that defers its outcomes to
+        # the end of a message (the single-process CUDA path) would bypass it.
+        self.deferred = False
         self.group = group
         self.rank_metrics = rank_metrics
         self.model_id = group.new_model_id()
@@ -577,6 +580,9 @@ class DistributedTrainer(Trainer):
             )
         if not any(p.requires_grad for p in self._params.values()):
             raise FailedPrecondition(f"model {self.name!r} has no trainable parameters")
+        # Marked before the step, as the single-process trainer does: a batch whose
+        # loss is skipped as non-finite is still done with, and a re-send is a DUPLICATE.
+        self._mark(options.producer_id, batch.sequence)
         tensors = [batch.x, batch.y] if batch.weight is None else [batch.x, batch.y, batch.weight]
         tensors = [t.to(self.device, non_blocking=True) for t in tensors]
         rows = tensors[0].shape[0]
@@ -593,10 +599,7 @@ class DistributedTrainer(Trainer):
             )
         report = options.batches_seen % options.report_every == 0
         if done.outcome is Outcome.SKIPPED_NONFINITE:
-            if done.reason.startswith("gradient"):
-                self._mark(options.producer_id, batch.sequence)
             return self._skipped(sequence, done.loss, done.reason)
-        self._mark(options.producer_id, batch.sequence)
         loss = done.loss if report else None
         if done.outcome is Outcome.ACCUMULATED:
             return StepResult(sequence, self.step, Outcome.ACCUMULATED, loss)
