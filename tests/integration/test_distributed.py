@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from gradstream.client import Client, StepResult
+from gradstream.client import Client, GradstreamError, StepResult
 
 STARTUP_TIMEOUT = 60.0
 SPECS: dict[str, dict[str, Any]] = {
@@ -341,3 +341,36 @@ def test_a_rank_killed_mid_stream_fails_the_job_fast_and_a_restart_resumes_exact
     # Same ranks, same split of every batch, state restored bit for bit: bitwise equal.
     for n in reference:
         assert got[n].tobytes() == reference[n].tobytes(), n
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path: Path) -> None:
+    """SIGSTOP, not SIGKILL: no connection breaks, only the timeout can end the wait."""
+    timeout = 5.0
+    job = TorchrunJob(tmp_path, f"--collective-timeout={timeout}").start()
+    try:
+        with Client(job.target) as client:
+            spec = SPECS["linear-mse"]
+            client.create_model("m", spec)
+            os.kill(job.rank1["pid"], signal.SIGSTOP)
+            stopped = time.monotonic()
+            with pytest.raises(GradstreamError):  # the step's stream ends with the server
+                list(client.train("m", random_batches(spec, 3, seed=0)))
+        rank0 = job.ports["pid"]
+        while _alive(rank0) and time.monotonic() - stopped < timeout + 30:
+            time.sleep(0.1)
+        assert not _alive(rank0), job.tail()
+        # Rank 0 gave up after the timeout, not before and not much after (bounded wait).
+        assert "the process group failed" in job.log.read_text(), job.tail()
+        # torchrun then SIGTERMs the stopped rank, waits its grace period, and SIGKILLs it.
+        assert job.wait(60) != 0
+    finally:
+        job.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
