@@ -211,6 +211,8 @@ class Collectives:
         self.timeout = timeout
         backend = "nccl" if device.type == "cuda" else "gloo"
         delta = timedelta(seconds=timeout)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's point-to-point calls need it set
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(
                 backend,
@@ -407,11 +409,10 @@ def train_shard(
     group.all_reduce(flat)
     metrics.allreduce_duration.observe(time.perf_counter() - reduce_start)
     total = sum(sizes)
-    loss_number = float(flat[total])
+    loss_number, *used_flags = flat[total:].tolist()  # the step's one read of the host
     try:
         if not math.isfinite(loss_number):
             return ShardOutcome(Outcome.SKIPPED_NONFINITE, loss_number, "loss is not finite")
-        used_flags = flat[total + 1 :].tolist()
         for param, grad, used_flag in zip(
             params, torch.split(flat[:total], sizes), used_flags, strict=True
         ):
@@ -587,7 +588,8 @@ class DistributedTrainer(Trainer):
         tensors = [t.to(self.device, non_blocking=True) for t in tensors]
         rows = tensors[0].shape[0]
         sizes = shard_sizes(rows, self.group.world_size)
-        divisor = denominator(self.spec.loss, tensors[1], tensors[2] if len(tensors) > 2 else None)
+        # From the host copy: no device sync, and the same sum on every device type.
+        divisor = denominator(self.spec.loss, batch.y, batch.weight)
         with self.group.command():
             self.group.send_header(
                 Header(Op.TRAIN, self.model_id, rows, batch.weight is not None, divisor)
