@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 BUF := .tools/node_modules/.bin/buf
 PROTO_OUT ?= proto
 
-.PHONY: install demo test lint format proto tools bench clean
+.PHONY: install demo test lint format proto tools bench images clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,7 +39,7 @@ test: install tools
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy client server tests
+	$(BIN)/mypy client server tests benchmarks
 
 format: install
 	$(BIN)/ruff format .
@@ -53,6 +53,14 @@ proto: install
 
 bench: install
 	$(BIN)/gradstream bench
+
+# Container images (deploy/Dockerfile): the CPU and the CUDA target, tagged VERSION-cpu and
+# VERSION-cuda as the kustomize overlays expect. Needs a Docker engine (BuildKit).
+IMAGE ?= gradstream
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:
+	docker build -f deploy/Dockerfile --target cpu -t $(IMAGE):$(VERSION)-cpu .
+	docker build -f deploy/Dockerfile --target cuda -t $(IMAGE):$(VERSION)-cuda .
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

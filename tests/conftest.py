@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from gradstream.client import Client
 from gradstream.server.app import BackgroundServer
 from gradstream.server.config import Settings

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
 from gradstream.server import checkpoint as ck
 from gradstream.server.errors import DataLoss
 
@@ -119,30 +119,3 @@ def test_checkpoint_writer_killed_40_times_newest_always_loads(tmp_path: Path) -
 @pytest.mark.slow
 def test_checkpoint_writer_killed_100_times(tmp_path: Path) -> None:
     _kill_writers(tmp_path, 100, seed=6)
-
-
-def test_the_zygote_writer_really_writes_checkpoints(tmp_path: Path) -> None:
-    """Guard for the test above: a writer left alone produces loadable checkpoints."""
-    zygote = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert zygote.stdin is not None and zygote.stdout is not None
-    try:
-        zygote.stdin.write("fork\n")
-        zygote.stdin.flush()
-        pid = int(zygote.stdout.readline())
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "m").exists() or len(list((tmp_path / "m").glob("ckpt-*"))) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
-        _gone(pid)
-    finally:
-        zygote.kill()
-        zygote.wait()
-    _, snapshot, _ = ck.newest(tmp_path / "m")
-    assert snapshot.step >= 2
-    assert torch.equal(snapshot.tensors["param/bias"], torch.full((512,), float(snapshot.step)))

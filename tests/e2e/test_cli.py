@@ -13,9 +13,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from gradstream.client import Client
 from gradstream.client._local import LocalServer
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SPEC = {
     "architecture": {"kind": "linear", "in_features": 2, "out_features": 1},

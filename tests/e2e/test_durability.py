@@ -19,13 +19,14 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from gradstream.client import Client, DataLoss, ProducerStream, StepResult
 from gradstream.client._local import LocalServer
 from gradstream.server import checkpoint as ck
 from gradstream.server.batches import Batch
 from gradstream.server.engine import Outcome, Trainer, TrainOptions
 from gradstream.server.spec import parse_spec
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SPEC = {
     "architecture": {"kind": "mlp", "in_features": 3, "out_features": 2, "hidden": [8]},
@@ -126,27 +127,76 @@ def uninterrupted() -> ck.Snapshot:
 
 
 def _kill_and_resume(tmp_path: Path, seed: int, reference: ck.Snapshot) -> None:
-    kill_at = random.Random(seed).randrange(5, BATCHES - 5)
+    """Three producer streams at once: "p" alone on model "m" (compared bitwise with the
+    uninterrupted run), "a" and "b" together on model "shared" (counts and order: the
+    interleaving of two producers is free). One SIGKILL mid-stream, one restart.
+
+    No DUPLICATE and step == total also proves each producer's order: the server
+    answers DUPLICATE to any sequence at or below the producer's last applied one.
+    """
+    rng = random.Random(seed)
+    shared_n = 120
     log = tmp_path / "server.log"
     restarter = _Restarter(_serve(tmp_path, log), tmp_path, log)
-    try:
-        with Client(restarter.server.target) as client:
-            client.create_model("m", SPEC)
-            stream = client.train("m", iter(_data(BATCHES, 1)), producer_id="p")
-            assert isinstance(stream, ProducerStream)
+    target = restarter.server.target
+    streams: dict[str, ProducerStream] = {}
+    results: dict[str, list[StepResult]] = {}
+    errors: list[BaseException] = []
+    arrived: list[str] = []
+    lock = threading.Lock()
 
-            def kill(result: StepResult) -> None:
-                if result.sequence == kill_at:
+    def gated(producer: str, data: list[Any]) -> Iterator[Any]:
+        """Each producer stops at a random batch; the last to get there kills the server,
+        with the batches before still in flight. Then all go on."""
+        stop_at = rng.randrange(5, len(data) - 5)
+        for i, batch in enumerate(data):
+            if i == stop_at:
+                with lock:
+                    arrived.append(producer)
+                    last = len(arrived) == 3
+                if last:
                     restarter.fire(signal.SIGKILL)
+                assert restarter.fired.wait(120)
+            yield batch
 
-            results = _consume(stream, kill)
-            assert restarter.restarted.wait(60) and restarter.error is None
-            assert stream.reconnects >= 1, f"seed {seed}: the stream never saw the kill"
-            _assert_each_once(results, BATCHES)
-            assert stream.durable_sequence == BATCHES
+    def produce(model: str, producer: str, data: list[Any]) -> None:
+        try:
+            with Client(target) as client:
+                stream = client.train(model, gated(producer, data), producer_id=producer)
+                assert isinstance(stream, ProducerStream)
+                streams[producer] = stream
+                results[producer] = _consume(stream)
+        except BaseException as exc:
+            errors.append(exc)
+
+    jobs = [
+        ("m", "p", _data(BATCHES, 1)),
+        ("shared", "a", _data(shared_n, 2)),
+        ("shared", "b", _data(shared_n, 3)),
+    ]
+    try:
+        with Client(target) as client:
+            client.create_model("m", SPEC)
+            client.create_model("shared", SPEC)
+        threads = [threading.Thread(target=produce, args=job) for job in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(240)
+        assert not errors, errors
+        assert restarter.restarted.wait(60) and restarter.error is None
+        assert all(s.reconnects >= 1 for s in streams.values()), f"seed {seed}: no reconnect"
+        _assert_each_once(results["p"], BATCHES)
+        assert streams["p"].durable_sequence == BATCHES
+        for producer in ("a", "b"):
+            _assert_each_once(results[producer], shared_n)
+        with Client(target) as client:
             assert client.get_model("m").step == BATCHES
+            assert client.get_model("shared").step == 2 * shared_n
     finally:
         assert restarter.server.stop() == 0
+    shared = _saved_state(tmp_path, "shared")
+    assert shared.step == 2 * shared_n and shared.producers == {"a": shared_n, "b": shared_n}
     got = _saved_state(tmp_path, "m")
     assert got.step == BATCHES and got.producers == {"p": BATCHES}, f"seed {seed}"
     want = _trained_state(reference)
@@ -156,7 +206,7 @@ def _kill_and_resume(tmp_path: Path, seed: int, reference: ck.Snapshot) -> None:
         assert torch.equal(have[key], value), f"seed {seed}: {key} differs"
 
 
-def test_sigkill_mid_stream_then_restart_resumes_to_the_uninterrupted_result(
+def test_sigkill_mid_stream_then_restart_resumes_every_producer_exactly_once(
     tmp_path: Path, uninterrupted: ck.Snapshot
 ) -> None:
     _kill_and_resume(tmp_path, 1, uninterrupted)
@@ -168,52 +218,6 @@ def test_sigkill_at_random_steps_five_trials(
     tmp_path: Path, uninterrupted: ck.Snapshot, trial: int
 ) -> None:
     _kill_and_resume(tmp_path, 100 + trial, uninterrupted)
-
-
-def test_two_producers_on_one_model_each_batch_applied_once_across_sigkill(
-    tmp_path: Path,
-) -> None:
-    """No DUPLICATE and step == total also proves each producer's order: the server
-    answers DUPLICATE to any sequence at or below the producer's last applied one."""
-    n = 120
-    log = tmp_path / "server.log"
-    restarter = _Restarter(_serve(tmp_path, log), tmp_path, log)
-    kill_at = random.Random(2).randrange(20, n)
-    results: dict[str, list[StepResult]] = {}
-    errors: list[BaseException] = []
-
-    def produce(producer: str, seed: int) -> None:
-        try:
-            with Client(target) as client:
-                stream = client.train("m", iter(_data(n, seed)), producer_id=producer)
-
-                def kill(result: StepResult) -> None:
-                    if producer == "a" and result.sequence == kill_at:
-                        restarter.fire(signal.SIGKILL)
-
-                results[producer] = _consume(stream, kill)  # type: ignore[arg-type]
-        except BaseException as exc:
-            errors.append(exc)
-
-    try:
-        target = restarter.server.target
-        with Client(target) as client:
-            client.create_model("m", SPEC)
-        threads = [threading.Thread(target=produce, args=(p, s)) for p, s in (("a", 1), ("b", 2))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(180)
-        assert not errors, errors
-        assert restarter.restarted.wait(60) and restarter.error is None
-        for producer in ("a", "b"):
-            _assert_each_once(results[producer], n)
-        with Client(target) as client:
-            assert client.get_model("m").step == 2 * n
-    finally:
-        assert restarter.server.stop() == 0
-    saved = _saved_state(tmp_path, "m")
-    assert saved.step == 2 * n and saved.producers == {"a": n, "b": n}
 
 
 def _health(port: int) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from gradstream.client import BatchRejected, Client, GradstreamError, SpecError
 from gradstream.client._tensor import to_proto
 from gradstream.server.app import BackgroundServer

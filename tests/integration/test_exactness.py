@@ -6,11 +6,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gradstream.client import Client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+
+from gradstream.client import Client
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 LOSSES = ["mse", "l1", "huber", "cross_entropy", "bce_with_logits"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import grpc
-from gradstream.server.app import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+
+from gradstream.server.app import BackgroundServer
 
 
 def _status(port: int, service: str = "") -> str:

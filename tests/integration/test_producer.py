@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from gradstream.client import Client, ProducerStream, Unavailable
 from gradstream.server.app import BackgroundServer
 from gradstream.server.config import Settings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy.typing as npt
+
 from gradstream.client._errors import BatchRejected, from_rpc_error
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.client._tensor import as_array, from_proto, to_proto
@@ -223,6 +223,7 @@ class Client:
         skip_rejected: bool = False,
         batches_per_message: int = 64,
         message_bytes: int = 4 * 1024 * 1024,
+        window: int = 4,
         producer_id: str | None = None,
         max_pending_batches: int = 4096,
         max_pending_bytes: int = 256 * 1024 * 1024,
@@ -233,7 +234,8 @@ class Client:
 
         Several batches travel in one message (up to ``batches_per_message`` and
         ``message_bytes``), which is what makes small batches fast. From a lazy
-        iterator, batches are sent as soon as they are produced. The loss is read
+        iterator, batches are sent as soon as they are produced; at most ``window``
+        messages are unacknowledged at a time. The loss is read
         back from the device every ``report_every`` batches. A REJECTED batch
         raises ``BatchRejected`` unless ``skip_rejected``.
 
@@ -274,6 +276,7 @@ class Client:
             skip_rejected=skip_rejected,
             batches_per_message=batches_per_message,
             message_bytes=message_bytes,
+            window=window,
         )
 
     def _train(
@@ -285,12 +288,15 @@ class Client:
         skip_rejected: bool,
         batches_per_message: int,
         message_bytes: int,
+        window: int,
     ) -> Iterator[StepResult]:
         opener = pb.TrainRequest(open=pb.TrainOpen(model=name, report_every=report_every))
-        packer = _Packer(batches, batches_per_message, message_bytes)
+        packer = _Packer(batches, batches_per_message, message_bytes, window)
         responses: Any = self._stub.Train(packer.requests(opener))
         try:
             for response in responses:
+                if response.results:
+                    packer.acked()
                 for r in response.results:
                     result = _step_result(r)
                     if result.outcome == "REJECTED" and not skip_rejected:
@@ -315,26 +321,39 @@ def _step_result(r: pb.StepResult) -> StepResult:
     )
 
 
-_END = object()
-
-
 class _Packer:
     """Turns the caller's batches into TrainRequests of several batches each.
 
-    A list is packed directly. A lazy iterator is drained by a thread so that a
-    message goes out with whatever is ready, without waiting for a full one:
-    a slow producer gets one batch per message, a fast one full messages.
+    A sequence is packed directly. A lazy iterator is drained by a thread that
+    encodes into the message being filled; a message goes out with whatever is
+    ready, so a slow producer gets one batch per message and a fast one full ones.
+    At most ``window`` messages are unacknowledged at once: that bounds the
+    client's memory and the latency a batch spends queued behind others.
     """
 
-    def __init__(self, batches: Iterable[BatchLike], per_message: int, message_bytes: int) -> None:
+    def __init__(
+        self, batches: Iterable[BatchLike], per_message: int, message_bytes: int, window: int
+    ) -> None:
         self.batches = batches
         self.per_message = max(1, per_message)
         self.message_bytes = message_bytes
         self.error: BaseException | None = None
+        self._credits = threading.Semaphore(max(1, window))
         self._stopped = threading.Event()
+        self._filled = threading.Condition()
+        self._current = pb.TrainRequest()
+        self._size = 0
+        self._done = False
 
     def stop(self) -> None:
+        """The call is over: stop pulling batches."""
         self._stopped.set()
+        with self._filled:
+            self._filled.notify_all()
+
+    def acked(self) -> None:
+        """One message was answered: another may go out."""
+        self._credits.release()
 
     def raise_producer_error(self) -> None:
         """The caller's iterator failed: that, not the cancelled call, is the error to see."""
@@ -342,51 +361,59 @@ class _Packer:
             raise self.error
 
     def requests(self, opener: pb.TrainRequest) -> Iterator[pb.TrainRequest]:
+        """The request stream: the opener, then messages as credits allow."""
         yield opener
-        source = self._ready_batches()
-        request = pb.TrainRequest()
-        size = 0
-        for batch, ready_more in source:
-            size += _add(request, batch, len(request.batches))
-            if (
-                len(request.batches) >= self.per_message
-                or size >= self.message_bytes
-                or not ready_more
-            ):
+        messages = self._packed() if isinstance(self.batches, Sequence) else self._pumped()
+        for message in messages:
+            while not self._credits.acquire(timeout=0.1):
+                if self._stopped.is_set():
+                    return
+            yield message
+
+    def _full(self, request: pb.TrainRequest, size: int) -> bool:
+        return len(request.batches) >= self.per_message or size >= self.message_bytes
+
+    def _packed(self) -> Iterator[pb.TrainRequest]:
+        request, size = pb.TrainRequest(), 0
+        assert isinstance(self.batches, Sequence)
+        for index, batch in enumerate(self.batches):
+            size += _add(request, batch, index)
+            if self._full(request, size):
                 yield request
                 request, size = pb.TrainRequest(), 0
         if request.batches:
             yield request
 
-    def _ready_batches(self) -> Iterator[tuple[BatchLike, bool]]:
-        """Each batch with whether another is ready right now."""
-        if isinstance(self.batches, Sequence):
-            for i, batch in enumerate(self.batches):
-                yield batch, i + 1 < len(self.batches)
-            return
-        ready: queue.Queue[Any] = queue.Queue(maxsize=2 * self.per_message)
-        threading.Thread(target=self._pump, args=(ready,), daemon=True).start()
-        item = ready.get()
-        while item is not _END:
-            following = ready.get() if ready.qsize() else None
-            yield item, following is not None
-            item = following if following is not None else ready.get()
-
-    def _pump(self, ready: queue.Queue[Any]) -> None:
-        try:
-            for batch in self.batches:
-                while not self._stopped.is_set():
-                    try:
-                        ready.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stopped.is_set():
+    def _pumped(self) -> Iterator[pb.TrainRequest]:
+        threading.Thread(target=self._pump, name="gradstream-batches", daemon=True).start()
+        while True:
+            with self._filled:
+                while not self._current.batches and not self._done:
+                    if self._stopped.is_set():
+                        return
+                    self._filled.wait(0.1)
+                if not self._current.batches:
                     return
+                message, self._current, self._size = self._current, pb.TrainRequest(), 0
+                self._filled.notify_all()
+            yield message
+
+    def _pump(self) -> None:
+        try:
+            for index, batch in enumerate(self.batches):
+                with self._filled:
+                    while self._full(self._current, self._size):
+                        if self._stopped.is_set():
+                            return
+                        self._filled.wait(0.1)
+                    self._size += _add(self._current, batch, index)
+                    self._filled.notify_all()
         except BaseException as exc:  # re-raised in the caller's thread
             self.error = exc
         finally:
-            ready.put(_END)
+            with self._filled:
+                self._done = True
+                self._filled.notify_all()
 
 
 def _add(request: pb.TrainRequest, batch: BatchLike, index: int) -> int:

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+
 from gradstream.client._client import Client
 from gradstream.client._local import LocalServer
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
 from gradstream.client._errors import BatchRejected, DataLoss, Unavailable, from_rpc_error
 from gradstream.client._tensor import as_array, to_proto
 from gradstream.v1 import trainer_pb2 as pb

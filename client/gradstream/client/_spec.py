@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf.message import Message
+
 from gradstream.client._tensor import from_proto, to_proto
 from gradstream.v1 import trainer_pb2 as pb
 

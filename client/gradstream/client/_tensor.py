@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from gradstream.v1 import trainer_pb2 as pb
 
 # bfloat16 has no numpy dtype: it travels as its raw 16-bit pattern.

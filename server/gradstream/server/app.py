@@ -14,6 +14,11 @@ from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument
@@ -22,10 +27,6 @@ from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.servicer import TrainerServicer
 from gradstream.v1 import trainer_pb2, trainer_pb2_grpc
-from grpc_health.v1 import _async as health_aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 log = logging.getLogger("gradstream.server")
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -168,8 +169,11 @@ class Server:
         self.servicer.drain()
         if self._timer is not None:
             self._timer.cancel()
+        # Streams get at most half the drain time: the final checkpoint needs the rest.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.servicer.wait_streams_closed(), deadline - loop.time())
+            await asyncio.wait_for(
+                self.servicer.wait_streams_closed(), self.settings.drain_timeout / 2
+            )
         if self.checkpointer.enabled:
             try:
                 await asyncio.wait_for(

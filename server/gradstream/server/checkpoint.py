@@ -34,6 +34,7 @@ import re
 import shutil
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import safetensors.torch
 import torch
+
 from gradstream.server.engine import Trainer
-from gradstream.server.errors import DataLoss, FailedPrecondition, GradstreamError
+from gradstream.server.errors import DataLoss, FailedPrecondition, GradstreamError, NotFound
 from gradstream.server.metrics import Metrics
 from gradstream.server.spec import parse_spec
 
@@ -396,6 +398,8 @@ class Checkpointer:
         self._saved: dict[str, tuple[int, int, float]] = {}  # step, pending, monotonic time
         self._locks: dict[str, asyncio.Lock] = {}
         self._scheduled: dict[str, asyncio.Task[Any]] = {}
+        # Workers of deleted models: a save still scheduled for one must not bring it back.
+        self._retired: weakref.WeakSet[ModelWorker] = weakref.WeakSet()
 
     @property
     def enabled(self) -> bool:
@@ -413,6 +417,8 @@ class Checkpointer:
         name = worker.trainer.name
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
+            if worker in self._retired:
+                raise NotFound(f"model {name!r} was deleted")
             start = time.perf_counter()
             try:
                 snapshot = await worker.run(take)
@@ -518,8 +524,10 @@ class Checkpointer:
         self.metrics.checkpoint_last_success.labels(name).set(snapshot.created)
         log.info("model %r restored from %s at step %d", name, path.name, snapshot.step)
 
-    async def forget(self, name: str) -> None:
+    async def forget(self, name: str, worker: ModelWorker | None = None) -> None:
         """Delete a deleted model's checkpoints, so that a restart does not bring it back."""
+        if worker is not None:
+            self._retired.add(worker)
         self._durable.pop(name, None)
         self._saved.pop(name, None)
         if self.directory is None or not (self.directory / name).exists():

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
+
 from gradstream.client._tensor import TensorFormatError, from_proto, to_proto
 from gradstream.server.errors import InvalidArgument
 from gradstream.v1 import trainer_pb2 as pb
@@ -14,16 +18,23 @@ from gradstream.v1 import trainer_pb2 as pb
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-def decode(tensor: pb.Tensor, field: str) -> torch.Tensor:
-    """A CPU tensor over the message's bytes; a malformed message raises InvalidArgument."""
+def decode_array(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
+    """A read-only numpy view of the message's bytes (bfloat16 widened to float32).
+
+    A malformed message raises InvalidArgument naming the field.
+    """
     try:
         array = from_proto(tensor, field)
     except TensorFormatError as exc:
         raise InvalidArgument(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
-    decoded = torch.from_numpy(array)
-    if tensor.dtype == pb.DATA_TYPE_BFLOAT16:
-        decoded = decoded.view(torch.bfloat16)
-    return decoded
+    if tensor.dtype == pb.DATA_TYPE_BFLOAT16:  # numpy has no bfloat16; float32 holds it exactly
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).float().numpy()
+    return array
+
+
+def decode(tensor: pb.Tensor, field: str) -> torch.Tensor:
+    """A CPU tensor over the message's bytes; a malformed message raises InvalidArgument."""
+    return torch.from_numpy(decode_array(tensor, field))
 
 
 def encode(value: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:

@@ -7,14 +7,17 @@ steps are serialized without locks.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import torch
+
 from gradstream.server.batches import Batch, BatchChecker
-from gradstream.server.errors import FailedPrecondition, InvalidArgument
-from gradstream.server.models import build_module, build_optimizer, loss_value
+from gradstream.server.errors import FailedPrecondition, GradstreamError, InvalidArgument
+from gradstream.server.models import build_module, build_optimizer, loss_function, loss_value
 from gradstream.server.spec import ModelSpec
 
 
@@ -62,6 +65,14 @@ class ModelInfo:
     nonfinite_streak: int
 
 
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A batch refused before it reached the model; it keeps its place in the result order."""
+
+    reason: str
+    sequence: int = 0
+
+
 @dataclass(slots=True)
 class TrainOptions:
     """Per-stream choices: who is producing and how often to read the loss back."""
@@ -71,17 +82,43 @@ class TrainOptions:
     batches_seen: int = field(default=0)
 
 
+@dataclass(slots=True)
+class _Deferred:
+    """A batch of a deferred message whose outcome waits for the end-of-message read."""
+
+    outcome: Outcome  # the outcome if everything turns out finite
+    sequence: int
+    index: int  # position in the stream, for report_every
+    loss: torch.Tensor | None = None
+    bad: torch.Tensor | None = None  # the step's found_inf, on the batch that ends a step
+    reason: str = ""
+
+
 class Trainer:
     """Parameters, gradients and optimizer state of one model, resident on ``device``."""
 
     def __init__(
-        self, name: str, spec: ModelSpec, device: torch.device, max_nonfinite_steps: int = 0
+        self,
+        name: str,
+        spec: ModelSpec,
+        device: torch.device,
+        max_nonfinite_steps: int = 0,
+        deferred: bool | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
         self.device = device
         self.module = build_module(spec, device)
-        self.optimizer = build_optimizer(spec.optimizer, self.module)
+        # Off the CPU, outcomes are read back once per request message instead of once per
+        # batch (see train_batches); that needs SGD's fused kernel, which can skip a step
+        # on the device. On the CPU a read costs nothing and the exact path is kept.
+        if deferred is None:
+            deferred = device.type != "cpu" and spec.optimizer.foreach is not True
+        self.deferred = deferred and not spec.optimizer.differentiable
+        optimizer_spec = spec.optimizer
+        if self.deferred and optimizer_spec.fused is None:
+            optimizer_spec = optimizer_spec.model_copy(update={"fused": True})
+        self.optimizer = build_optimizer(optimizer_spec, self.module)
         self.checker = BatchChecker(spec)
         self.step = 0
         self.pending = 0  # batches whose gradients are accumulated towards the next step
@@ -89,12 +126,63 @@ class Trainer:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.producers: dict[str, int] = {}  # producer_id -> last applied sequence
         self._params = dict(self.module.named_parameters())
+        self._param_list = list(self._params.values())
+        self._on_cpu = device.type == "cpu"
+        self._loss = loss_function(spec.loss)
+        dtype = self._param_list[0].dtype if self._param_list else torch.float32
+        # backward()'s implicit seed, made once instead of on every step.
+        self._grad_seed = torch.ones((), device=device, dtype=dtype)
+        # SGD.step without its profiling and hook wrappers (the same math, bit for bit);
+        # the wrappers' one duty that matters, no_grad, is done by train().
+        self._raw_step = (
+            self.optimizer.step
+            if spec.optimizer.differentiable
+            else inspect.unwrap(type(self.optimizer).step).__get__(self.optimizer)
+        )
         # found_inf is filled on the device by one fused kernel for all gradients.
         self._found_inf = torch.zeros(1, device=device)
+        self._step_bad = torch.zeros(1, device=device)  # deferred path: this step's found_inf
         self._one = torch.ones((), device=device)
         self.last_loss: float | None = None  # of the last applied step, for metrics
 
     # -- training ---------------------------------------------------------------------
+
+    def train_batches(
+        self,
+        items: list[Batch | Rejected],
+        options: TrainOptions,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> tuple[list[StepResult], GradstreamError | None]:
+        """The batches of one request message, in order; stops early if ``cancelled()``.
+
+        Returns the results so far and the error that stopped it, if one did.
+        """
+        if self.deferred:
+            return self._train_deferred(items, options, cancelled)
+        results: list[StepResult] = []
+        for item in items:
+            if cancelled():
+                break
+            if isinstance(item, Rejected):
+                results.append(self._rejected(item, options))
+                continue
+            try:
+                results.append(self.train(item, options))
+            except GradstreamError as exc:
+                return results, exc
+        return results, None
+
+    def _rejected(self, item: Rejected, options: TrainOptions) -> StepResult:
+        options.batches_seen += 1
+        sequence = item.sequence or options.batches_seen
+        return StepResult(sequence, self.step, Outcome.REJECTED, reason=item.reason)
+
+    def _check_diverged(self) -> None:
+        if self.max_nonfinite_steps and self.nonfinite_streak >= self.max_nonfinite_steps:
+            raise FailedPrecondition(
+                f"model {self.name!r} diverged: {self.nonfinite_streak} non-finite steps in a row; "
+                "set its parameters to train it again"
+            )
 
     def train(self, batch: Batch, options: TrainOptions) -> StepResult:
         """One batch: ``zero_grad`` -> forward -> loss -> ``backward`` -> ``step`` (every k)."""
@@ -103,25 +191,25 @@ class Trainer:
         last = self.producers.get(options.producer_id, 0) if options.producer_id else 0
         if batch.sequence and batch.sequence <= last:
             return StepResult(sequence, self.step, Outcome.DUPLICATE)
-        if self.max_nonfinite_steps and self.nonfinite_streak >= self.max_nonfinite_steps:
-            raise FailedPrecondition(
-                f"model {self.name!r} diverged: {self.nonfinite_streak} non-finite steps in a row; "
-                "set its parameters to train it again"
-            )
+        self._check_diverged()
+        self._mark(options.producer_id, batch.sequence)
         k = self.spec.accumulate_steps
         if self.pending == 0:
-            self.optimizer.zero_grad(set_to_none=True)
-        x = batch.x.to(self.device, non_blocking=True)
-        y = batch.y.to(self.device, non_blocking=True)
-        w = None if batch.weight is None else batch.weight.to(self.device, non_blocking=True)
-        loss = loss_value(self.spec.loss, self.module(x), y, w)
+            # zero_grad(set_to_none=True), without Optimizer.zero_grad's profiler scaffolding.
+            for p in self._param_list:
+                p.grad = None
+        x, y, w = batch.x, batch.y, batch.weight
+        if not self._on_cpu:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            w = None if w is None else w.to(self.device, non_blocking=True)
+        loss = self._loss(self.module(x), y, w)
         # The loss is checked before backward so a bad batch adds nothing to the
         # gradients already accumulated; what is still pending stays pending.
         loss_number = loss.item()
         if not math.isfinite(loss_number):
             return self._skipped(sequence, loss_number, "loss is not finite")
-        torch.autograd.backward(loss)
-        self._mark(options.producer_id, batch.sequence)
+        torch.autograd.backward(loss, self._grad_seed)
         self.pending += 1
         report = options.batches_seen % options.report_every == 0
         if self.pending < k:
@@ -132,11 +220,124 @@ class Trainer:
         if self._gradients_nonfinite():
             self.optimizer.zero_grad(set_to_none=True)
             return self._skipped(sequence, loss_number, "gradient is not finite")
-        self.optimizer.step()
+        with torch.no_grad():
+            self._raw_step()
         self.step += 1
         self.nonfinite_streak = 0
         self.last_loss = loss_number
         return StepResult(sequence, self.step, Outcome.APPLIED, loss_number if report else None)
+
+    def stage(self, batch: Batch) -> Batch:
+        """Copy a batch into pinned host memory so its move to the GPU is asynchronous.
+
+        Runs on the request handler's thread, overlapping the device's work on earlier batches.
+        """
+        if self._on_cpu:
+            return batch
+
+        def pinned(t: torch.Tensor) -> torch.Tensor:
+            staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return staged.copy_(t)
+
+        weight = None if batch.weight is None else pinned(batch.weight)
+        return Batch(pinned(batch.x), pinned(batch.y), weight, batch.sequence)
+
+    def _train_deferred(
+        self,
+        items: list[Batch | Rejected],
+        options: TrainOptions,
+        cancelled: Callable[[], bool],
+    ) -> tuple[list[StepResult], GradstreamError | None]:
+        """The steps of a message without a host-device sync until its end.
+
+        Losses and "something was not finite" flags stay on the device; a non-finite
+        loss contributes a zero gradient, and any non-finite loss or gradient in an
+        accumulated step makes the fused SGD kernel skip that whole step (``found_inf``),
+        leaving parameters and momentum untouched. One read at the end turns the flags
+        into outcomes.
+        """
+        try:
+            self._check_diverged()
+        except GradstreamError as exc:
+            return [], exc
+        k = self.spec.accumulate_steps
+        pending: list[_Deferred] = []
+        for item in items:
+            if cancelled():
+                break
+            options.batches_seen += 1
+            index = options.batches_seen
+            sequence = item.sequence or index
+            if isinstance(item, Rejected):
+                pending.append(_Deferred(Outcome.REJECTED, sequence, index, reason=item.reason))
+                continue
+            last = self.producers.get(options.producer_id, 0) if options.producer_id else 0
+            if item.sequence and item.sequence <= last:
+                pending.append(_Deferred(Outcome.DUPLICATE, sequence, index))
+                continue
+            self._mark(options.producer_id, item.sequence)
+            if self.pending == 0:
+                for p in self._param_list:
+                    p.grad = None
+                self._step_bad = torch.zeros(1, device=self.device)
+            x = item.x.to(self.device, non_blocking=True)
+            y = item.y.to(self.device, non_blocking=True)
+            w = None if item.weight is None else item.weight.to(self.device, non_blocking=True)
+            loss = self._loss(self.module(x), y, w)
+            finite = torch.isfinite(loss)
+            self._step_bad.add_(~finite)
+            torch.autograd.backward(torch.where(finite, loss, 0.0), self._grad_seed)
+            self.pending += 1
+            if self.pending < k:
+                pending.append(_Deferred(Outcome.ACCUMULATED, sequence, index, loss.detach()))
+                continue
+            self.pending = 0
+            grads = [p.grad for p in self._param_list if p.grad is not None]
+            if grads:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, self._step_bad, self._one)
+            self._fused_step(self._step_bad)
+            pending.append(
+                _Deferred(Outcome.APPLIED, sequence, index, loss.detach(), self._step_bad)
+            )
+        return self._resolve(pending, options.report_every), None
+
+    def _fused_step(self, found_inf: torch.Tensor) -> None:
+        # A skipped first step would leave the momentum buffers the fused kernel just
+        # created uninitialized, so the very first step is decided on the host.
+        first = not self.optimizer.state and self.spec.optimizer.momentum != 0
+        if first and bool(found_inf.item()):
+            return
+        self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+        with torch.no_grad():
+            self._raw_step()
+
+    def _resolve(self, pending: list[_Deferred], report_every: int) -> list[StepResult]:
+        """The one host read of a deferred message: losses and flags become outcomes."""
+        tensors = [t for d in pending for t in (d.loss, d.bad) if t is not None]
+        values = iter(torch.stack([t.double().reshape(()) for t in tensors]).tolist())
+        results = []
+        for d in pending:
+            if d.loss is None:
+                results.append(StepResult(d.sequence, self.step, d.outcome, reason=d.reason))
+                continue
+            loss = next(values)
+            shown = loss if d.index % report_every == 0 else None
+            if d.outcome is Outcome.ACCUMULATED:
+                if math.isfinite(loss):
+                    results.append(StepResult(d.sequence, self.step, Outcome.ACCUMULATED, shown))
+                else:
+                    results.append(self._skipped(d.sequence, loss, "loss is not finite"))
+                continue
+            if next(values):
+                finite = math.isfinite(loss)
+                reason = "gradient is not finite" if finite else "loss is not finite"
+                results.append(self._skipped(d.sequence, loss, reason))
+                continue
+            self.step += 1
+            self.nonfinite_streak = 0
+            self.last_loss = loss
+            results.append(StepResult(d.sequence, self.step, Outcome.APPLIED, shown))
+        return results
 
     def _skipped(self, sequence: int, loss: float, reason: str) -> StepResult:
         self.nonfinite_streak += 1

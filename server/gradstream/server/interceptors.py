@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from gradstream.server.errors import GradstreamError
 
 log = logging.getLogger("gradstream.server")

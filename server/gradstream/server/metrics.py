@@ -6,8 +6,9 @@ import re
 from collections.abc import Iterable
 
 import prometheus_client
-from gradstream.server.engine import Outcome, StepResult
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gradstream.server.engine import Outcome, StepResult
 
 # The _created series double every counter and no dashboard reads them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]

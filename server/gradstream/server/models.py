@@ -11,13 +11,14 @@ import functools
 import itertools
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from gradstream.server.errors import InvalidArgument
-from gradstream.server.spec import ArchitectureSpec, LossSpec, ModelSpec, OptimizerSpec
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+
+from gradstream.server.errors import InvalidArgument
+from gradstream.server.spec import ArchitectureSpec, LossSpec, ModelSpec, OptimizerSpec
 
 ArchitectureBuilder = Callable[[ArchitectureSpec], nn.Module]
 ENTRY_POINT_GROUP = "gradstream.architectures"
@@ -125,6 +126,37 @@ def loss_value(
         per_element = per_element.mean(dims) if spec.reduction == "mean" else per_element.sum(dims)
     total = (weight * per_element).sum()
     return total / weight.sum() if spec.reduction == "mean" else total
+
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def loss_function(spec: LossSpec) -> LossFunction:
+    """``loss_value`` for one spec, with the unweighted case bound to torch's own kernel.
+
+    ``torch.nn.functional`` re-parses the reduction and re-checks shapes on every
+    call; the batch shapes are already validated, so the hot path calls the same
+    ATen op that F would, with the same arguments: same result, bit for bit.
+    """
+    reduction = {"mean": 1, "sum": 2}[spec.reduction]  # torch's Reduction enum
+    aten: Any = torch._C._nn  # its stubs say str; the ops take the enum int
+    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "mse": lambda o, y: aten.mse_loss(o, y, reduction),
+        "l1": lambda o, y: aten.l1_loss(o, y, reduction),
+        "huber": lambda o, y: aten.huber_loss(o, y, reduction, spec.delta),
+        "cross_entropy": lambda o, y: aten.cross_entropy_loss(o, y, None, reduction, -100, 0.0),
+        "bce_with_logits": lambda o, y: torch.binary_cross_entropy_with_logits(
+            o, y, None, None, reduction
+        ),
+    }
+    kernel = kernels[spec.kind]
+
+    def compute(output: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if weight is None:
+            return kernel(output, y)
+        return loss_value(spec, output, y, weight)
+
+    return compute
 
 
 def _elementwise(

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import torch
+
 from gradstream.server.engine import ModelInfo, Trainer
 from gradstream.server.errors import AlreadyExists, DataLoss, NotFound, ResourceExhausted
 from gradstream.server.metrics import Metrics

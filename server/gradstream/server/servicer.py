@@ -6,17 +6,24 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import torch
+
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.checkpoint import Checkpointer
-from gradstream.server.codec import decode, encode
-from gradstream.server.engine import ModelInfo, Outcome, StepResult, Trainer, TrainOptions
-from gradstream.server.errors import GradstreamError, InvalidArgument, Unavailable
+from gradstream.server.codec import decode, decode_array, encode
+from gradstream.server.engine import (
+    ModelInfo,
+    Outcome,
+    Rejected,
+    StepResult,
+    Trainer,
+    TrainOptions,
+)
+from gradstream.server.errors import DataLoss, GradstreamError, InvalidArgument, Unavailable
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.spec import parse_spec
@@ -30,17 +37,6 @@ _OUTCOMES: dict[Outcome, Any] = {
     outcome: pb.Outcome.Value(f"OUTCOME_{outcome.value}") for outcome in Outcome
 }
 Context = grpc.aio.ServicerContext[object, object]
-
-
-@dataclass(frozen=True, slots=True)
-class _Rejected:
-    """A batch that failed validation: it still gets its place in the result order."""
-
-    reason: str
-    sequence: int
-
-
-_Item = Batch | _Rejected
 
 
 class _Stream:
@@ -129,8 +125,12 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def DeleteModel(
         self, request: pb.DeleteModelRequest, context: Context
     ) -> pb.DeleteModelResponse:
+        try:
+            worker: ModelWorker | None = self.registry.get(request.name)
+        except DataLoss:  # restored from no checkpoint: nothing runs, only files to remove
+            worker = None
         await self.registry.delete(request.name)
-        await self.checkpointer.forget(request.name)
+        await self.checkpointer.forget(request.name, worker)
         return pb.DeleteModelResponse()
 
     async def UpdateModel(
@@ -150,7 +150,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         worker = self.registry.get(request.name)
-        x = worker.trainer.checker.inputs(decode(request.x, "x"))
+        x = worker.trainer.checker.inputs(decode_array(request.x, "x"))
         y = await worker.run(lambda t: t.predict(x).cpu())
         return pb.PredictResponse(y=encode(y))
 
@@ -159,7 +159,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     ) -> pb.ComputeGradientsResponse:
         worker = self.registry.get(request.name)
         checker = worker.trainer.checker
-        x = checker.inputs(decode(request.x, "x"))
+        x = checker.inputs(decode_array(request.x, "x"))
         has_y, has_v = request.HasField("y"), request.HasField("grad_output")
         if has_y == has_v:
             raise InvalidArgument(
@@ -167,9 +167,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             )
         y = weight = vector = None
         if has_y:
-            y = checker.targets(decode(request.y, "y"), x.shape[0])
+            y = checker.targets(decode_array(request.y, "y"), x.shape[0])
             if request.HasField("sample_weight"):
-                weight = checker.weights(decode(request.sample_weight, "sample_weight"), x.shape[0])
+                weight = checker.weights(
+                    decode_array(request.sample_weight, "sample_weight"), x.shape[0]
+                )
         else:
             vector = decode(request.grad_output, "grad_output")
             if not vector.is_floating_point() or not bool(torch.isfinite(vector).all()):
@@ -285,7 +287,12 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                         "open", "only the first TrainRequest of a stream may carry open"
                     )
                 if request.batches:
-                    items = [_validate(checker, b, i) for i, b in enumerate(request.batches)]
+                    items = [
+                        item if isinstance(item, Rejected) else worker.trainer.stage(item)
+                        for item in (
+                            _validate(checker, b, i) for i, b in enumerate(request.batches)
+                        )
+                    ]
                     jobs.put_nowait(
                         await worker.submit(_train_job(items, stream, self.metrics, name))
                     )
@@ -305,51 +312,37 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             jobs.put_nowait(None)
 
 
-def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> _Item:
+def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> Batch | Rejected:
     field = f"batches[{index}]"
     try:
         weight = (
-            decode(batch.sample_weight, f"{field}.sample_weight")
+            decode_array(batch.sample_weight, f"{field}.sample_weight")
             if batch.HasField("sample_weight")
             else None
         )
         return checker.batch(
-            decode(batch.x, f"{field}.x"),
-            decode(batch.y, f"{field}.y"),
+            decode_array(batch.x, f"{field}.x"),
+            decode_array(batch.y, f"{field}.y"),
             weight,
             batch.sequence,
             field,
         )
     except InvalidArgument as exc:
-        return _Rejected(str(exc), batch.sequence)
+        return Rejected(str(exc), batch.sequence)
 
 
 def _train_job(
-    items: list[_Item], stream: _Stream, metrics: Metrics, model: str
+    items: list[Batch | Rejected], stream: _Stream, metrics: Metrics, model: str
 ) -> Callable[[Trainer], list[StepResult]]:
     def job(trainer: Trainer) -> list[StepResult]:
         start = time.perf_counter()
-        results: list[StepResult] = []
-        rows: list[int] = []
-        options = stream.options
-        for item in items:
-            if stream.cancelled:  # nothing is committed after the client went away
-                break
-            if isinstance(item, _Rejected):
-                options.batches_seen += 1
-                sequence = item.sequence or options.batches_seen
-                results.append(
-                    StepResult(sequence, trainer.step, Outcome.REJECTED, reason=item.reason)
-                )
-                rows.append(0)
-            else:
-                try:
-                    results.append(trainer.train(item, options))
-                except GradstreamError as exc:
-                    stream.error = exc
-                    break
-                rows.append(item.x.shape[0])
-        metrics.record(model, zip(results, rows, strict=True), time.perf_counter() - start)
+        results, stream.error = trainer.train_batches(
+            items,
+            stream.options,
+            lambda: stream.cancelled,  # nothing commits after a cancel
+        )
+        rows = [0 if isinstance(i, Rejected) else i.x.shape[0] for i in items]
+        metrics.record(model, zip(results, rows, strict=False), time.perf_counter() - start)
         return results
 
     return job

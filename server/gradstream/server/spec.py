@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from gradstream.server.errors import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gradstream.server.errors import InvalidArgument
 
 BUILTIN_ARCHITECTURES = ("linear", "mlp")
 Activation = Literal["relu", "tanh", "gelu", "sigmoid"]

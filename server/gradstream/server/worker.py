@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from gradstream.server.engine import Trainer
+from gradstream.server.errors import NotFound
 
 T = TypeVar("T")
 _Job = tuple[Callable[[Trainer], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
@@ -28,6 +29,7 @@ class ModelWorker:
         self.trainer = trainer
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._slots = asyncio.Semaphore(queue_depth)
+        self._closed = False
         self._thread = threading.Thread(
             target=self._run, name=f"gradstream-worker-{trainer.name}", daemon=True
         )
@@ -36,6 +38,9 @@ class ModelWorker:
     async def submit(self, job: Callable[[Trainer], T]) -> asyncio.Future[T]:
         """Queue a job, waiting while the queue is full; the future resolves when it ran."""
         await self._slots.acquire()
+        if self._closed:  # a job queued after close() would never run: fail it now
+            self._slots.release()
+            raise NotFound(f"model {self.trainer.name!r} was deleted")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         future.add_done_callback(lambda _: self._slots.release())
@@ -48,6 +53,7 @@ class ModelWorker:
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued jobs, then stop the thread."""
+        self._closed = True
         self._jobs.put(None)
         self._thread.join(timeout)
 
@@ -62,6 +68,16 @@ class ModelWorker:
                 loop.call_soon_threadsafe(_settle, future, None, exc)
             else:
                 loop.call_soon_threadsafe(_settle, future, result, None)
+        # Jobs that slipped in behind close(): fail them rather than leave them waiting.
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _, loop, future = item
+                gone = NotFound(f"model {self.trainer.name!r} was deleted")
+                loop.call_soon_threadsafe(_settle, future, None, gone)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from gradstream.client import SpecError
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 

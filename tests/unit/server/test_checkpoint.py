@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from gradstream.server import checkpoint as ck
 from gradstream.server.batches import Batch
 from gradstream.server.engine import Outcome, Trainer, TrainOptions

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The prepared GPU check, for a lent device machine (H100/H200): CUDA-marked tests, then
+# `gradstream bench --device cuda` for small, medium and large. Under 6 minutes.
+#
+# Here (pip works): bash benchmarks/gpu.sh --fetch   puts the wheels the GPU image lacks in .whl/
+# There (device run, carry .whl): bash benchmarks/gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gradstream-gpu}
+# The GPU image has torch, numpy, grpcio and protobuf; the generated stubs need these at least.
+WHEELS="grpcio==1.85.3 protobuf==7.36.2 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
+pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3 annotated-types==0.7.0
+typing-inspection==0.4.2 typing-extensions==4.15.0 python-dotenv==1.2.2 prometheus-client==0.26.0
+safetensors==0.8.0 pytest-timeout==2.4.0"
+if [[ "${1:-}" == "--fetch" ]]; then
+  grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+  # shellcheck disable=SC2086
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl $WHEELS
+  exit 0
+fi
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/proto:$PWD/client:$PWD/server:$PWD/benchmarks
+export PYTHONUNBUFFERED=1
+nvidia-smi -L | tee "$OUT/gpu.txt"
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' | tee -a "$OUT/gpu.txt"
+timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda 2>&1 | tee "$OUT/tests.txt"
+timeout 180 python3 -m gradstream.bench.cli small medium large --device cuda --duration 4 \
+  --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"

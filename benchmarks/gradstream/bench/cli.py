@@ -1,0 +1,225 @@
+"""``gradstream bench``: run every contender side by side and print the ratios.
+
+(a) the plain in-process PyTorch loop, (b) a raw gRPC byte stream between two
+processes, (c) the service through the SDK with the client in its own process.
+All three run in this one invocation on this one machine, so the ratios compare
+like with like; absolute numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradstream.bench.loop import run_loop
+from gradstream.bench.scenarios import SCENARIOS, Scenario
+from gradstream.client._local import LocalServer
+
+
+def _child(module: str, *args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_raw(scenario: Scenario, seconds: float) -> dict[str, Any]:
+    """The transport bound: the same bytes per message, acked, no protobuf, no torch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready.json"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gradstream.bench.raw", "server", "--ready-file", str(ready)]
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not ready.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            port = json.loads(ready.read_text())["port"]
+            payload = scenario.batch_bytes * scenario.batches_per_message
+            result = _child(
+                "gradstream.bench.raw",
+                "client",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--payload-bytes",
+                str(payload),
+                "--seconds",
+                str(seconds),
+            )
+        finally:
+            server.terminate()
+            server.wait(10)
+    result["batches_per_s"] = result["messages_per_s"] * scenario.batches_per_message
+    return result
+
+
+def run_service(scenario: Scenario, seconds: float, device: str) -> dict[str, Any]:
+    """The service through the SDK; the client in a process of its own."""
+    with LocalServer("--device", device) as server:
+        assert server.process is not None
+        result = _child(
+            "gradstream.bench.service_client",
+            "--target",
+            server.target,
+            "--scenario",
+            scenario.name,
+            "--seconds",
+            str(seconds),
+        )
+        result["server_rss_bytes"] = _rss_bytes(server.process.pid)
+    return result
+
+
+def run_soak(seconds: float, device: str) -> dict[str, Any]:
+    """A steady medium stream for ``seconds``; server RSS sampled from after warm-up to the end."""
+    scenario = SCENARIOS["soak"]
+    with LocalServer("--device", device) as server:
+        assert server.process is not None
+        pid = server.process.pid
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gradstream.bench.service_client",
+                "--target",
+                server.target,
+                "--scenario",
+                "soak",
+                "--seconds",
+                str(seconds),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(min(10.0, seconds / 5))
+        first = _rss_bytes(pid)
+        peak = first
+        while child.poll() is None:
+            peak = max(peak, _rss_bytes(pid))
+            time.sleep(0.5)
+        last = _rss_bytes(pid)
+        out, _ = child.communicate()
+        result: dict[str, Any] = json.loads(out)
+    result.update(
+        server_rss_bytes=last,
+        rss_after_warmup_bytes=first,
+        rss_peak_bytes=peak,
+        rss_growth=(last - first) / first,
+        seconds=seconds,
+        rows=scenario.rows,
+    )
+    return result
+
+
+def _table(results: dict[str, dict[str, Any]]) -> str:
+    head = (
+        f"{'scenario':<8} {'contender':<8} {'steps/s':>10} {'samples/s':>12} {'MB/s':>9} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'RSS MB':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        if name == "soak":
+            s = r["service"]
+            lines.append(
+                f"{name:<8} {'service':<8} {s['steps_per_s']:>10,.0f} "
+                f"{s['samples_per_s']:>12,.0f} {s['bytes_per_s'] / 1e6:>9.1f} "
+                f"{s['latency_p50_s'] * 1e3:>8.2f} {s['latency_p99_s'] * 1e3:>8.2f} "
+                f"{s['server_rss_bytes'] / 1e6:>7.0f}"
+            )
+            lines.append(
+                f"{'':<8} RSS growth over {s['seconds']:.0f} s after warm-up: "
+                f"{s['rss_growth'] * 100:+.2f}%"
+            )
+            continue
+        rows = SCENARIOS[name].rows
+        loop, raw, svc = r["loop"], r["raw"], r["service"]
+        lines.append(
+            f"{name:<8} {'loop':<8} {loop['steps_per_s']:>10,.0f} "
+            f"{loop['steps_per_s'] * rows:>12,.0f} "
+            f"{loop['steps_per_s'] * SCENARIOS[name].batch_bytes / 1e6:>9.1f}"
+        )
+        lines.append(
+            f"{'':<8} {'raw grpc':<8} {raw['batches_per_s']:>10,.0f} "
+            f"{raw['batches_per_s'] * rows:>12,.0f} {raw['bytes_per_s'] / 1e6:>9.1f}"
+        )
+        lines.append(
+            f"{'':<8} {'service':<8} {svc['steps_per_s']:>10,.0f} "
+            f"{svc['samples_per_s']:>12,.0f} {svc['bytes_per_s'] / 1e6:>9.1f} "
+            f"{svc['latency_p50_s'] * 1e3:>8.2f} {svc['latency_p99_s'] * 1e3:>8.2f} "
+            f"{svc['server_rss_bytes'] / 1e6:>7.0f}"
+        )
+        lines.append(
+            f"{'':<8} service/loop {r['service_vs_loop']:.2f}x   "
+            f"service/raw grpc {r['service_vs_raw']:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen scenarios and print (and optionally save) the table."""
+    parser = argparse.ArgumentParser(
+        prog="gradstream bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: small medium large"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the loop and the server)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--seconds", type=float, default=600.0, help="soak duration")
+    parser.add_argument(
+        "--quick", action="store_true", help="short runs: a smoke test, not a measurement"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    chosen = args.scenarios or ["small", "medium", "large"]
+    duration = 0.5 if args.quick else args.duration
+    results: dict[str, dict[str, Any]] = {}
+    for name in chosen:
+        if name == "soak":
+            results[name] = {"service": run_soak(20.0 if args.quick else args.seconds, args.device)}
+            continue
+        scenario = SCENARIOS[name]
+        loop = run_loop(scenario, duration, args.device)
+        raw = run_raw(scenario, duration)
+        service = run_service(scenario, duration, args.device)
+        results[name] = {
+            "loop": loop,
+            "raw": raw,
+            "service": service,
+            "service_vs_loop": service["steps_per_s"] / loop["steps_per_s"],
+            "service_vs_raw": service["bytes_per_s"] / raw["bytes_per_s"],
+        }
+    machine = (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+    )
+    print(f"gradstream bench on {machine}{' (--quick: smoke test only)' if args.quick else ''}")
+    print(_table(results))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"machine": machine, "quick": args.quick, "results": results}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Checkpoint triggers and metrics on an in-process server with a checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradstream.client import Client, FailedPrecondition
+from gradstream.server.app import BackgroundServer
+from gradstream.server.config import Settings
+
+SPEC = {
+    "architecture": {"kind": "linear", "in_features": 2, "out_features": 1},
+    "optimizer": {"kind": "sgd", "lr": 0.01, "momentum": 0.5},
+}
+
+
+def _batches(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    x = np.ones((4, 2), np.float32)
+    return [(x, np.full((4, 1), i, np.float32)) for i in range(n)]
+
+
+def _steps(model_dir: Path) -> list[int]:
+    return [
+        json.loads((p / "meta.json").read_text())["body"]["step"]
+        for p in sorted(model_dir.glob("ckpt-*"))
+    ]
+
+
+def _wait_for(check: object, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _settings(directory: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "port": 0,
+        "health_port": -1,
+        "metrics_port": 0,
+        "device": "cpu",
+        "checkpoint_dir": directory,
+        "checkpoint_every_steps": 0,
+        "checkpoint_every_seconds": 0,
+        "checkpoint_keep": 10,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def test_every_n_steps_and_on_creation(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, checkpoint_every_steps=5)
+    with BackgroundServer(settings) as server, Client(server.target) as client:
+        client.create_model("m", SPEC)
+        assert _steps(tmp_path / "m") == [0]  # on creation, before CreateModel answers
+        list(client.train("m", _batches(6)))  # one message: one worker job
+        _wait_for(lambda: len(_steps(tmp_path / "m")) == 2, "a checkpoint after 5 steps")
+        list(client.train("m", _batches(3)))  # 3 more: not due yet
+        list(client.train("m", _batches(3)))
+        _wait_for(lambda: len(_steps(tmp_path / "m")) == 3, "a checkpoint 5 steps later")
+        assert _steps(tmp_path / "m") == [0, 6, 12]
+        port = server.server.metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert "gradstream_checkpoint_duration_seconds_count" in text
+        assert 'gradstream_checkpoint_last_success_timestamp_seconds{model="m"}' in text
+
+
+def test_every_t_seconds_only_when_the_model_changed(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, checkpoint_every_seconds=0.2)
+    with BackgroundServer(settings) as server, Client(server.target) as client:
+        client.create_model("m", SPEC)
+        list(client.train("m", _batches(3)))
+        _wait_for(lambda: 3 in _steps(tmp_path / "m"), "a timed checkpoint at step 3")
+        list(client.train("m", _batches(2)))
+        _wait_for(lambda: 5 in _steps(tmp_path / "m"), "a timed checkpoint at step 5")
+        # Unchanged models are not written again: one checkpoint per state.
+        assert _steps(tmp_path / "m") == sorted(set(_steps(tmp_path / "m")))
+
+
+def test_save_checkpoint_reports_the_producer_table_and_delete_removes_the_files(
+    tmp_path: Path,
+) -> None:
+    settings = _settings(tmp_path, checkpoint_keep=2)
+    with BackgroundServer(settings) as server, Client(server.target) as client:
+        client.create_model("m", SPEC)
+        list(client.train("m", _batches(4), producer_id="p", wait_durable=False))
+        saved = client.save_checkpoint("m")
+        assert (saved.step, saved.producer_sequences) == (4, {"p": 4})
+        client.save_checkpoint("m")
+        assert len(list((tmp_path / "m").glob("ckpt-*"))) == 2  # checkpoint_keep
+        client.delete_model("m")
+        assert not (tmp_path / "m").exists()
+
+
+def test_save_checkpoint_without_a_directory_is_a_failed_precondition(
+    client: Client, name: str
+) -> None:
+    client.create_model(name, SPEC)
+    with pytest.raises(FailedPrecondition, match="--checkpoint-dir"):
+        client.save_checkpoint(name)

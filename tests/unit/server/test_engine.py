@@ -1,0 +1,159 @@
+"""The Trainer's two paths: exact (CPU) and deferred (one device read per message, as on CUDA)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from gradstream.server.batches import Batch
+from gradstream.server.engine import Outcome, Rejected, Trainer, TrainOptions
+from gradstream.server.spec import parse_spec
+
+CPU = torch.device("cpu")
+
+
+def spec(**overrides: Any) -> Any:
+    base: dict[str, Any] = {
+        "architecture": {"kind": "mlp", "in_features": 3, "hidden": [5], "out_features": 2},
+        "init": {"kind": "seed", "seed": 3},
+        "optimizer": {"kind": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
+    }
+    base.update(overrides)
+    return parse_spec(base)
+
+
+def batches(count: int, seed: int = 0) -> list[Batch]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        rows = int(rng.integers(1, 6))
+        out.append(
+            Batch(
+                torch.from_numpy(rng.normal(size=(rows, 3)).astype(np.float32)),
+                torch.from_numpy(rng.normal(size=(rows, 2)).astype(np.float32)),
+            )
+        )
+    return out
+
+
+def state(trainer: Trainer) -> dict[str, bytes]:
+    values = {n: p.detach().numpy().tobytes() for n, p in trainer.module.named_parameters()}
+    for i, s in enumerate(trainer.optimizer.state.values()):
+        values[f"momentum{i}"] = s["momentum_buffer"].numpy().tobytes()
+    return values
+
+
+def poisoned(batch: Batch) -> Batch:
+    """Finite inputs whose loss overflows: the model sees them, validation does not mind."""
+    return Batch(batch.x * 3e38, batch.y)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_deferred_path_agrees_with_the_exact_path(accumulate: int) -> None:
+    data = batches(12)
+    exact = Trainer("e", spec(accumulate_steps=accumulate), CPU, deferred=False)
+    deferred = Trainer("d", spec(accumulate_steps=accumulate), CPU, deferred=True)
+    assert deferred.optimizer.defaults["fused"] is True
+    r1, e1 = exact.train_batches(list(data), TrainOptions(report_every=2))
+    r2, e2 = deferred.train_batches(list(data), TrainOptions(report_every=2))
+    assert e1 is None and e2 is None
+    assert [(r.outcome, r.step, r.sequence) for r in r1] == [
+        (r.outcome, r.step, r.sequence) for r in r2
+    ]
+    assert [r.loss is None for r in r1] == [r.loss is None for r in r2]
+    for (n, a), b in zip(
+        exact.module.named_parameters(), deferred.module.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_deferred_skips_a_nonfinite_step_leaving_parameters_and_momentum_untouched() -> None:
+    trainer = Trainer("d", spec(), CPU, deferred=True)
+    good = batches(3)
+    trainer.train_batches(good[:1], TrainOptions())
+    before = state(trainer)
+    results, _ = trainer.train_batches([poisoned(good[1])], TrainOptions())
+    assert [r.outcome for r in results] == [Outcome.SKIPPED_NONFINITE]
+    assert results[0].reason == "loss is not finite"
+    assert state(trainer) == before
+    assert trainer.step == 1 and trainer.nonfinite_streak == 1
+    results, _ = trainer.train_batches(good[2:], TrainOptions())
+    assert [r.outcome for r in results] == [Outcome.APPLIED]
+    assert trainer.step == 2 and trainer.nonfinite_streak == 0
+
+
+def test_deferred_skipped_first_step_leaves_no_uninitialized_momentum() -> None:
+    exact = Trainer("e", spec(), CPU, deferred=False)
+    deferred = Trainer("d", spec(), CPU, deferred=True)
+    data = batches(3)
+    for trainer in (exact, deferred):
+        results, _ = trainer.train_batches([poisoned(data[0]), *data[1:]], TrainOptions())
+        assert [r.outcome for r in results] == [
+            Outcome.SKIPPED_NONFINITE,
+            Outcome.APPLIED,
+            Outcome.APPLIED,
+        ]
+    for a, b in zip(exact.module.parameters(), deferred.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_deferred_nonfinite_micro_batch_skips_its_whole_accumulated_step() -> None:
+    trainer = Trainer("d", spec(accumulate_steps=3), CPU, deferred=True)
+    data = batches(6)
+    trainer.train_batches(data[:3], TrainOptions())
+    before = state(trainer)
+    results, _ = trainer.train_batches([data[3], poisoned(data[4]), data[5]], TrainOptions())
+    assert [r.outcome for r in results] == [
+        Outcome.ACCUMULATED,
+        Outcome.SKIPPED_NONFINITE,
+        Outcome.SKIPPED_NONFINITE,
+    ]
+    assert state(trainer) == before
+    assert trainer.step == 1
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_rejected_and_duplicate_keep_their_place(deferred: bool) -> None:
+    trainer = Trainer("t", spec(), CPU, deferred=deferred)
+    good = batches(2)
+    options = TrainOptions(producer_id="p")
+    items: list[Batch | Rejected] = [
+        Batch(good[0].x, good[0].y, sequence=5),
+        Rejected("batches[1].x: bad", sequence=6),
+        Batch(good[1].x, good[1].y, sequence=5),
+        Batch(good[1].x, good[1].y, sequence=7),
+    ]
+    results, error = trainer.train_batches(items, options)
+    assert error is None
+    assert [(r.outcome, r.sequence) for r in results] == [
+        (Outcome.APPLIED, 5),
+        (Outcome.REJECTED, 6),
+        (Outcome.DUPLICATE, 5),
+        (Outcome.APPLIED, 7),
+    ]
+    assert results[1].reason == "batches[1].x: bad"
+    assert trainer.producers == {"p": 7}
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_cancel_stops_before_the_next_batch(deferred: bool) -> None:
+    trainer = Trainer("t", spec(), CPU, deferred=deferred)
+    calls = iter([False, False, True, True])
+    results, _ = trainer.train_batches(list(batches(4)), TrainOptions(), lambda: next(calls))
+    assert len(results) == 2
+    assert trainer.step == 2
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_divergence_guard_stops_training(deferred: bool) -> None:
+    trainer = Trainer("t", spec(), CPU, max_nonfinite_steps=2, deferred=deferred)
+    bad = [poisoned(b) for b in batches(2)]
+    results, error = trainer.train_batches(bad, TrainOptions())
+    assert [r.outcome for r in results] == [Outcome.SKIPPED_NONFINITE] * 2
+    assert error is None
+    results, error = trainer.train_batches(batches(1), TrainOptions())
+    assert results == []
+    assert error is not None and "diverged" in error.message
