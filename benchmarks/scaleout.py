@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from gradstream.client import Client
 from gradstream.client._local import LocalServer
 

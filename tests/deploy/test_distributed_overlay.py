@@ -11,8 +11,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from gradstream.server.config import Settings
 
+from gradstream.server.config import Settings
 from tests.conftest import ROOT, require_tool
 
 DISTRIBUTED = ROOT / "deploy" / "k8s" / "overlays" / "distributed"

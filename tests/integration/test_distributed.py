@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from gradstream.client import Client, GradstreamError, StepResult
 
 STARTUP_TIMEOUT = 60.0

@@ -55,6 +55,9 @@ from typing import Any
 import grpc
 import torch
 import torch.distributed as dist
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
 from gradstream.server.app import Server, resolve_device
 from gradstream.server.batches import Batch
 from gradstream.server.config import Settings
@@ -63,8 +66,6 @@ from gradstream.server.errors import FailedPrecondition
 from gradstream.server.models import DTYPES, _elementwise
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.spec import InitSpec, LossSpec, ModelSpec
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger("gradstream.server.distributed")
 

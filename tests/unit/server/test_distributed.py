@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gradstream.server.distributed import denominator, shard_loss, shard_sizes
 from gradstream.server.models import loss_value
 from gradstream.server.spec import LossSpec
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 KINDS = ["mse", "l1", "huber", "cross_entropy", "bce_with_logits"]
 
