@@ -249,6 +249,10 @@ def test_two_ranks_equal_one_process_on_50_batches_of_random_sizes(
         + rank1['gradstream_rank_rows_total{rank="1"}']
         == rows
     )
+    # SIGTERM to the launcher: rank 0 drains, then releases rank 1 (it ignores SIGTERM).
+    job.stop()
+    log = job.log.read_text()
+    assert "gradstream stopped" in log and "rank 1 stopped" in log, job.tail()
 
 
 def test_a_rank_killed_mid_stream_fails_the_job_fast_and_a_restart_resumes_exactly(
