@@ -575,11 +575,7 @@ class DistributedTrainer(Trainer):
         last = self.producers.get(options.producer_id, 0) if options.producer_id else 0
         if batch.sequence and batch.sequence <= last:
             return StepResult(sequence, self.step, Outcome.DUPLICATE)
-        if self.max_nonfinite_steps and self.nonfinite_streak >= self.max_nonfinite_steps:
-            raise FailedPrecondition(
-                f"model {self.name!r} diverged: {self.nonfinite_streak} non-finite steps in a row; "
-                "set its parameters to train it again"
-            )
+        self._check_diverged()
         if not any(p.requires_grad for p in self._params.values()):
             raise FailedPrecondition(f"model {self.name!r} has no trainable parameters")
         # Marked before the step, as the single-process trainer does: a batch whose
