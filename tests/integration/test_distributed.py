@@ -255,9 +255,15 @@ def test_two_ranks_equal_one_process_on_50_batches_of_random_sizes(
     assert "gradstream stopped" in log and "rank 1 stopped" in log, job.tail()
 
 
-def test_a_rank_killed_mid_stream_fails_the_job_fast_and_a_restart_resumes_exactly(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    "relaunch", [True, False], ids=["the-job-fails-and-is-relaunched", "torchrun-restarts-ranks"]
+)
+def test_a_rank_killed_mid_stream_fails_fast_and_a_restart_resumes_exactly(
+    tmp_path: Path, relaunch: bool
 ) -> None:
+    """SIGKILL of rank 1 mid-stream. Relaunched: the job exits non-zero within the timeout
+    and a new one starts on the same port and checkpoints, as Kubernetes would restart it.
+    Not relaunched: torchrun --max-restarts=1 restarts both ranks in place."""
     timeout = 15.0
     count, kill_after, resume_from = 60, 20, 40
     spec = SPECS["linear-mse"]
@@ -269,7 +275,7 @@ def test_a_rank_killed_mid_stream_fails_the_job_fast_and_a_restart_resumes_exact
         "--checkpoint-every-steps=5",
         "--checkpoint-every-seconds=0",
     )
-    first = TorchrunJob(tmp_path / "first", *args, port=port)
+    first = TorchrunJob(tmp_path / "first", *args, port=port, max_restarts=0 if relaunch else 1)
     second = TorchrunJob(tmp_path / "second", *args, port=port)
     for job in (first, second):
         job.workdir.mkdir()
@@ -319,30 +325,37 @@ def test_a_rank_killed_mid_stream_fails_the_job_fast_and_a_restart_resumes_exact
         consumer = threading.Thread(target=consume, daemon=True)
         consumer.start()
         assert killed.wait(STARTUP_TIMEOUT), first.tail()
-        code = first.wait(timeout + 30)
-        elapsed = time.monotonic() - died["at"]
-        assert code != 0, first.tail()
-        assert elapsed < timeout, f"the job took {elapsed:.1f} s to fail:\n{first.tail()}"
+        if relaunch:
+            code = first.wait(timeout + 30)
+            elapsed = time.monotonic() - died["at"]
+            assert code != 0, first.tail()
+            assert elapsed < timeout, f"the job took {elapsed:.1f} s to fail:\n{first.tail()}"
     finally:
-        first.kill()
-    with second:
+        if relaunch:
+            first.kill()
+    resumed = second.start() if relaunch else first
+    try:
         consumer.join(STARTUP_TIMEOUT + 60)
-        assert not consumer.is_alive() and not errors, (errors, second.tail())
+        assert not consumer.is_alive() and not errors, (errors, resumed.tail())
         assert died["reconnects"] >= 1
         assert [r.sequence for r in results] == list(range(1, count + 1))
         assert all(
             r.outcome == "APPLIED" or (r.outcome == "DUPLICATE" and "before" in r.reason)
             for r in results
         ), results
-        with Client(second.target) as client:
+        with Client(resumed.target) as client:
             assert client.get_model("m").step == count
             got = client.parameters("m")
-        log = second.log.read_text()
+        log = resumed.log.read_text()
         restored = re.search(r"model 'm' restored from \S+ at step (\d+)", log)
-        assert restored, second.tail()
+        assert restored, resumed.tail()
         # Rank 1 got the restored state from rank 0, not a fresh model.
         assert f"rank 1 has model 'm' at step {restored[1]}" in log
         assert 0 < int(restored[1]) <= resume_from
+    finally:
+        resumed.stop()
+        first.kill()
+        second.kill()
     # Same ranks, same split of every batch, state restored bit for bit: bitwise equal.
     for n in reference:
         assert got[n].tobytes() == reference[n].tobytes(), n

@@ -215,8 +215,24 @@ class Collectives:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's point-to-point calls need it set
         if "MASTER_ADDR" in os.environ:
+            # Our own keys per restart of torchrun's workers: the launcher's store outlives
+            # them, and a restarted group must not find the last attempt's addresses.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(  # type: ignore[attr-defined]
+                f"gradstream/attempt-{attempt}",
+                dist.TCPStore(  # type: ignore[attr-defined]
+                    os.environ["MASTER_ADDR"],
+                    int(os.environ["MASTER_PORT"]),
+                    topology.world_size,
+                    is_master=False,
+                    timeout=delta,
+                ),
+            )
             dist.init_process_group(
                 backend,
+                store=store,
+                rank=topology.rank,
+                world_size=topology.world_size,
                 timeout=delta,
                 device_id=device if device.type == "cuda" else None,
             )
