@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 BUF := .tools/node_modules/.bin/buf
 PROTO_OUT ?= proto
 
-.PHONY: install demo test lint format proto tools bench images clean
+.PHONY: install demo test lint format proto dashboard tools bench images clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -50,6 +50,10 @@ proto: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
 	  --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
 	  --mypy_grpc_out=$(PROTO_OUT) proto/gradstream/v1/trainer.proto 2>/dev/null
+
+# Regenerate the committed Grafana dashboard (tests/unit/server/test_dashboard.py checks it).
+dashboard: install
+	$(BIN)/python -m gradstream.server.dashboard deploy/grafana/dashboards/gradstream.json
 
 bench: install
 	$(BIN)/gradstream bench

@@ -72,7 +72,7 @@ def test_steady_state_steps_make_no_host_device_sync_outside_the_reporting_read(
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    trainer._resolve = reporting_read  # type: ignore[method-assign]
+    trainer._resolve = reporting_read  # type: ignore[method-assign, assignment]
     torch.cuda.set_sync_debug_mode("error")
     try:
         results, error = trainer.train_batches(staged[4:], TrainOptions(report_every=8))

@@ -30,4 +30,6 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
         assert r["service"]["steps_per_s"] > 0
         assert 0 < r["service"]["latency_p50_s"] <= r["service"]["latency_p99_s"]
         assert r["service"]["server_rss_bytes"] > 10_000_000
+        assert r["shm"]["steps_per_s"] > 0
         assert r["service_vs_loop"] == r["service"]["steps_per_s"] / r["loop"]["steps_per_s"]
+        assert r["shm_vs_raw"] == r["shm"]["bytes_per_s"] / r["raw"]["bytes_per_s"]

@@ -1,7 +1,8 @@
 """``gradstream bench``: run every contender side by side and print the ratios.
 
 (a) the plain in-process PyTorch loop, (b) a raw gRPC byte stream between two
-processes, (c) the service through the SDK with the client in its own process.
+processes, (c) the service through the SDK with the client in its own process, and (d) the same
+with the local shared-memory path.
 All three run in this one invocation on this one machine, so the ratios compare
 like with like; absolute numbers depend on the machine.
 """
@@ -65,22 +66,22 @@ def run_raw(scenario: Scenario, seconds: float) -> dict[str, Any]:
         finally:
             server.terminate()
             server.wait(10)
-    result["batches_per_s"] = result["messages_per_s"] * scenario.batches_per_message
+    result["steps_per_s"] = result["messages_per_s"] * scenario.batches_per_message
+    result["samples_per_s"] = result["steps_per_s"] * scenario.rows
     return result
 
 
-def run_service(scenario: Scenario, seconds: float, device: str) -> dict[str, Any]:
+def run_service(
+    scenario: Scenario, seconds: float, device: str, shared: bool = False
+) -> dict[str, Any]:
     """The service through the SDK; the client in a process of its own."""
     with LocalServer("--device", device) as server:
         assert server.process is not None
+        flags = ["--shared-memory"] if shared else []
         result = _child(
             "gradstream.bench.service_client",
-            "--target",
-            server.target,
-            "--scenario",
-            scenario.name,
-            "--seconds",
-            str(seconds),
+            *("--target", server.target, "--scenario", scenario.name, "--seconds", str(seconds)),
+            *flags,
         )
         result["server_rss_bytes"] = _rss_bytes(server.process.pid)
     return result
@@ -127,6 +128,15 @@ def run_soak(seconds: float, device: str) -> dict[str, Any]:
     return result
 
 
+def _row(scenario: str, contender: str, r: dict[str, Any]) -> str:
+    cells = f"{scenario:<8} {contender:<8} {r['steps_per_s']:>10,.0f} {r['samples_per_s']:>12,.0f}"
+    cells += f" {r['bytes_per_s'] / 1e6:>9.1f}"
+    if "latency_p50_s" in r:
+        cells += f" {r['latency_p50_s'] * 1e3:>8.2f} {r['latency_p99_s'] * 1e3:>8.2f}"
+        cells += f" {r['server_rss_bytes'] / 1e6:>7.0f}"
+    return cells
+
+
 def _table(results: dict[str, dict[str, Any]]) -> str:
     head = (
         f"{'scenario':<8} {'contender':<8} {'steps/s':>10} {'samples/s':>12} {'MB/s':>9} "
@@ -136,37 +146,17 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         if name == "soak":
             s = r["service"]
-            lines.append(
-                f"{name:<8} {'service':<8} {s['steps_per_s']:>10,.0f} "
-                f"{s['samples_per_s']:>12,.0f} {s['bytes_per_s'] / 1e6:>9.1f} "
-                f"{s['latency_p50_s'] * 1e3:>8.2f} {s['latency_p99_s'] * 1e3:>8.2f} "
-                f"{s['server_rss_bytes'] / 1e6:>7.0f}"
-            )
+            lines.append(_row(name, "service", s))
             lines.append(
                 f"{'':<8} RSS growth over {s['seconds']:.0f} s after warm-up: "
                 f"{s['rss_growth'] * 100:+.2f}%"
             )
             continue
-        rows = SCENARIOS[name].rows
-        loop, raw, svc = r["loop"], r["raw"], r["service"]
-        lines.append(
-            f"{name:<8} {'loop':<8} {loop['steps_per_s']:>10,.0f} "
-            f"{loop['steps_per_s'] * rows:>12,.0f} "
-            f"{loop['steps_per_s'] * SCENARIOS[name].batch_bytes / 1e6:>9.1f}"
-        )
-        lines.append(
-            f"{'':<8} {'raw grpc':<8} {raw['batches_per_s']:>10,.0f} "
-            f"{raw['batches_per_s'] * rows:>12,.0f} {raw['bytes_per_s'] / 1e6:>9.1f}"
-        )
-        lines.append(
-            f"{'':<8} {'service':<8} {svc['steps_per_s']:>10,.0f} "
-            f"{svc['samples_per_s']:>12,.0f} {svc['bytes_per_s'] / 1e6:>9.1f} "
-            f"{svc['latency_p50_s'] * 1e3:>8.2f} {svc['latency_p99_s'] * 1e3:>8.2f} "
-            f"{svc['server_rss_bytes'] / 1e6:>7.0f}"
-        )
+        for i, contender in enumerate(("loop", "raw", "service", "shm")):
+            lines.append(_row(name if i == 0 else "", contender, r[contender]))
         lines.append(
             f"{'':<8} service/loop {r['service_vs_loop']:.2f}x   "
-            f"service/raw grpc {r['service_vs_raw']:.2f}x"
+            f"service/raw {r['service_vs_raw']:.2f}x   shm/raw {r['shm_vs_raw']:.2f}x"
         )
     return "\n".join(lines)
 
@@ -200,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         loop = run_loop(scenario, duration, args.device)
         raw = run_raw(scenario, duration)
         service = run_service(scenario, duration, args.device)
+        shm = run_service(scenario, duration, args.device, shared=True)
         results[name] = {
             "loop": loop,
             "raw": raw,
             "service": service,
+            "shm": shm,
             "service_vs_loop": service["steps_per_s"] / loop["steps_per_s"],
             "service_vs_raw": service["bytes_per_s"] / raw["bytes_per_s"],
+            "shm_vs_raw": shm["bytes_per_s"] / raw["bytes_per_s"],
         }
     machine = (
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, "

@@ -18,7 +18,7 @@ from gradstream.bench.scenarios import SCENARIOS
 from gradstream.client import Client
 
 
-def run(target: str, scenario_name: str, seconds: float) -> dict[str, Any]:
+def run(target: str, scenario_name: str, seconds: float, shared: bool = False) -> dict[str, Any]:
     """Warm up, then stream for ``seconds``; latency is batch yielded -> its result received."""
     scenario = SCENARIOS[scenario_name]
     batches = scenario.batches()
@@ -39,13 +39,16 @@ def run(target: str, scenario_name: str, seconds: float) -> dict[str, Any]:
 
         per_message = scenario.batches_per_message
         warmup = stream(time.perf_counter() + min(0.5, seconds / 4), None)
-        for _ in client.train(name, warmup, batches_per_message=per_message):
+        for _ in client.train(name, warmup, batches_per_message=per_message, shared_memory=shared):
             pass
         latencies: list[float] = []
         start = time.perf_counter()
         steps = 0
         for result in client.train(
-            name, stream(start + seconds, sent), batches_per_message=per_message
+            name,
+            stream(start + seconds, sent),
+            batches_per_message=per_message,
+            shared_memory=shared,
         ):
             latencies.append(time.perf_counter() - sent[steps])
             steps += 1
@@ -68,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", required=True)
     parser.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--shared-memory", action="store_true", help="the local shared-memory path")
     args = parser.parse_args(argv)
-    json.dump(run(args.target, args.scenario, args.seconds), sys.stdout)
+    json.dump(run(args.target, args.scenario, args.seconds, args.shared_memory), sys.stdout)
 
 
 if __name__ == "__main__":

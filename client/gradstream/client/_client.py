@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -11,8 +12,9 @@ import grpc
 import numpy.typing as npt
 
 from gradstream.client._errors import BatchRejected, from_rpc_error
+from gradstream.client._shm import RingFull, SharedRing
 from gradstream.client._spec import spec_from_proto, spec_to_proto
-from gradstream.client._tensor import as_array, from_proto, to_proto
+from gradstream.client._tensor import from_proto, to_proto, wire_array
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 
@@ -223,7 +225,9 @@ class Client:
         skip_rejected: bool = False,
         batches_per_message: int = 64,
         message_bytes: int = 4 * 1024 * 1024,
-        window: int = 4,
+        window: int = 8,
+        window_bytes: int = 64 * 1024 * 1024,
+        shared_memory: bool = False,
         producer_id: str | None = None,
         max_pending_batches: int = 4096,
         max_pending_bytes: int = 256 * 1024 * 1024,
@@ -234,8 +238,11 @@ class Client:
 
         Several batches travel in one message (up to ``batches_per_message`` and
         ``message_bytes``), which is what makes small batches fast. From a lazy
-        iterator, batches are sent as soon as they are produced; at most ``window``
-        messages are unacknowledged at a time. The loss is read
+        iterator, batches are sent as soon as they are produced. At most ``window``
+        messages and ``window_bytes`` are unacknowledged at a time. With
+        ``shared_memory`` (a producer on the server's own host) the bytes go through a
+        shared-memory ring of ``window_bytes`` and the messages carry only references.
+        The loss is read
         back from the device every ``report_every`` batches. A REJECTED batch
         raises ``BatchRejected`` unless ``skip_rejected``.
 
@@ -252,6 +259,9 @@ class Client:
         """
         if producer_id:
             from gradstream.client._producer import ProducerStream
+
+            if shared_memory:
+                raise ValueError("shared_memory is not supported with producer_id (yet)")
 
             return ProducerStream(
                 self._stub,
@@ -277,6 +287,8 @@ class Client:
             batches_per_message=batches_per_message,
             message_bytes=message_bytes,
             window=window,
+            window_bytes=window_bytes,
+            shared_memory=shared_memory,
         )
 
     def _train(
@@ -289,9 +301,16 @@ class Client:
         batches_per_message: int,
         message_bytes: int,
         window: int,
+        window_bytes: int,
+        shared_memory: bool,
     ) -> Iterator[StepResult]:
-        opener = pb.TrainRequest(open=pb.TrainOpen(model=name, report_every=report_every))
-        packer = _Packer(batches, batches_per_message, message_bytes, window)
+        ring = SharedRing(window_bytes) if shared_memory else None
+        opener = pb.TrainRequest(
+            open=pb.TrainOpen(
+                model=name, report_every=report_every, shared_memory=ring.name if ring else ""
+            )
+        )
+        packer = _Packer(batches, batches_per_message, message_bytes, window, window_bytes, ring)
         responses: Any = self._stub.Train(packer.requests(opener))
         try:
             for response in responses:
@@ -308,6 +327,8 @@ class Client:
         finally:
             responses.cancel()
             packer.stop()
+            if ring is not None:
+                ring.close()
         packer.raise_producer_error()
 
 
@@ -327,22 +348,35 @@ class _Packer:
     A sequence is packed directly. A lazy iterator is drained by a thread that
     encodes into the message being filled; a message goes out with whatever is
     ready, so a slow producer gets one batch per message and a fast one full ones.
-    At most ``window`` messages are unacknowledged at once: that bounds the
-    client's memory and the latency a batch spends queued behind others.
+    At most ``window`` messages and ``window_bytes`` bytes (but always one message)
+    are unacknowledged at once: that bounds the client's memory and the time a
+    batch waits behind others, while keeping enough in flight to fill the pipe.
     """
 
     def __init__(
-        self, batches: Iterable[BatchLike], per_message: int, message_bytes: int, window: int
+        self,
+        batches: Iterable[BatchLike],
+        per_message: int,
+        message_bytes: int,
+        window: int,
+        window_bytes: int,
+        ring: SharedRing | None = None,
     ) -> None:
         self.batches = batches
+        self.ring = ring
         self.per_message = max(1, per_message)
         self.message_bytes = message_bytes
+        self.window = max(1, window)
+        self.window_bytes = window_bytes
         self.error: BaseException | None = None
-        self._credits = threading.Semaphore(max(1, window))
+        self._in_flight: deque[tuple[int, int]] = deque()  # (size, ring mark), unacknowledged
+        self._in_flight_bytes = 0
+        self._acks = threading.Condition()
         self._stopped = threading.Event()
         self._filled = threading.Condition()
         self._current = pb.TrainRequest()
         self._size = 0
+        self._flush = False  # the ring is full: send the message being filled as it is
         self._done = False
 
     def stop(self) -> None:
@@ -352,8 +386,14 @@ class _Packer:
             self._filled.notify_all()
 
     def acked(self) -> None:
-        """One message was answered: another may go out."""
-        self._credits.release()
+        """The oldest message was answered: more may go out."""
+        with self._acks:
+            if self._in_flight:
+                size, mark = self._in_flight.popleft()
+                self._in_flight_bytes -= size
+                if self.ring is not None:
+                    self.ring.release(mark)
+            self._acks.notify_all()
 
     def raise_producer_error(self) -> None:
         """The caller's iterator failed: that, not the cancelled call, is the error to see."""
@@ -363,28 +403,59 @@ class _Packer:
     def requests(self, opener: pb.TrainRequest) -> Iterator[pb.TrainRequest]:
         """The request stream: the opener, then messages as credits allow."""
         yield opener
-        messages = self._packed() if isinstance(self.batches, Sequence) else self._pumped()
-        for message in messages:
-            while not self._credits.acquire(timeout=0.1):
-                if self._stopped.is_set():
-                    return
+        try:
+            yield from self._sent(
+                self._packed() if isinstance(self.batches, Sequence) else self._pumped()
+            )
+        except Exception as exc:  # grpc would only log it; the caller must see it
+            self.error = exc
+
+    def _sent(
+        self, messages: Iterator[tuple[pb.TrainRequest, int, int]]
+    ) -> Iterator[pb.TrainRequest]:
+        for message, size, mark in messages:
+            with self._acks:
+                while self._in_flight and (
+                    len(self._in_flight) >= self.window
+                    or self._in_flight_bytes + size > self.window_bytes
+                ):
+                    if self._stopped.is_set():
+                        return
+                    self._acks.wait(0.1)
+                self._in_flight.append((size, mark))
+                self._in_flight_bytes += size
             yield message
 
     def _full(self, request: pb.TrainRequest, size: int) -> bool:
         return len(request.batches) >= self.per_message or size >= self.message_bytes
 
-    def _packed(self) -> Iterator[pb.TrainRequest]:
+    def _mark(self) -> int:
+        return 0 if self.ring is None else self.ring.mark()
+
+    def _packed(self) -> Iterator[tuple[pb.TrainRequest, int, int]]:
         request, size = pb.TrainRequest(), 0
         assert isinstance(self.batches, Sequence)
         for index, batch in enumerate(self.batches):
-            size += _add(request, batch, index)
+            while True:
+                try:
+                    size += _add(request, batch, index, self.ring)
+                    break
+                except RingFull:
+                    if request.batches:  # send what is packed; its ack frees space
+                        yield request, size, self._mark()
+                        request, size = pb.TrainRequest(), 0
+                    elif self._stopped.is_set():
+                        return
+                    else:
+                        assert self.ring is not None
+                        self.ring.wait(0.1)
             if self._full(request, size):
-                yield request
+                yield request, size, self._mark()
                 request, size = pb.TrainRequest(), 0
         if request.batches:
-            yield request
+            yield request, size, self._mark()
 
-    def _pumped(self) -> Iterator[pb.TrainRequest]:
+    def _pumped(self) -> Iterator[tuple[pb.TrainRequest, int, int]]:
         threading.Thread(target=self._pump, name="gradstream-batches", daemon=True).start()
         while True:
             with self._filled:
@@ -394,20 +465,19 @@ class _Packer:
                     self._filled.wait(0.1)
                 if not self._current.batches:
                     return
-                message, self._current, self._size = self._current, pb.TrainRequest(), 0
+                message, size, mark = self._current, self._size, self._mark()
+                self._current, self._size, self._flush = pb.TrainRequest(), 0, False
                 self._filled.notify_all()
-            yield message
+            yield message, size, mark
 
     def _pump(self) -> None:
         try:
             for index, batch in enumerate(self.batches):
-                with self._filled:
-                    while self._full(self._current, self._size):
-                        if self._stopped.is_set():
-                            return
-                        self._filled.wait(0.1)
-                    self._size += _add(self._current, batch, index)
-                    self._filled.notify_all()
+                while not self._pump_one(batch, index):
+                    if self._stopped.is_set():
+                        return
+                    assert self.ring is not None
+                    self.ring.wait(0.1)
         except BaseException as exc:  # re-raised in the caller's thread
             self.error = exc
         finally:
@@ -415,19 +485,49 @@ class _Packer:
                 self._done = True
                 self._filled.notify_all()
 
+    def _pump_one(self, batch: BatchLike, index: int) -> bool:
+        """Add one batch to the message being filled; False if the ring has no room yet."""
+        with self._filled:
+            while self._flush or self._full(self._current, self._size):
+                if self._stopped.is_set():
+                    return True
+                self._filled.wait(0.1)
+            try:
+                self._size += _add(self._current, batch, index, self.ring)
+            except RingFull:
+                self._flush = bool(self._current.batches)
+                return False
+            finally:
+                self._filled.notify_all()
+        return True
 
-def _add(request: pb.TrainRequest, batch: BatchLike, index: int) -> int:
+
+def _add(request: pb.TrainRequest, batch: BatchLike, index: int, ring: SharedRing | None) -> int:
+    """Append one batch; its bytes go into the message, or into the ring (RingFull if no room)."""
     if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
         raise TypeError(
             f"batch {index}: expected (x, y) or (x, y, sample_weight), got {type(batch)}"
         )
+    parts = [wire_array(v) for v in batch if v is not None]
+    arrays = [a for a, _ in parts]
+    if ring is None:
+        message = request.batches.add()
+        for tensor, (array, code) in zip(_tensors(message, len(parts)), parts, strict=True):
+            tensor.dtype = code  # type: ignore[assignment]
+            tensor.shape[:] = array.shape
+            tensor.data = array.tobytes()
+        return sum(a.nbytes for a in arrays)
+    scratch = [pb.Tensor() for _ in parts]
+    used = ring.put(arrays, scratch)  # raises RingFull before anything is added
     message = request.batches.add()
-    x, y = as_array(batch[0]), as_array(batch[1])
-    to_proto(x, message.x)
-    to_proto(y, message.y)
-    size = x.nbytes + y.nbytes
-    if len(batch) == 3 and batch[2] is not None:
-        w = as_array(batch[2])
-        to_proto(w, message.sample_weight)
-        size += w.nbytes
-    return size
+    for tensor, (array, code), placed in zip(
+        _tensors(message, len(parts)), parts, scratch, strict=True
+    ):
+        tensor.dtype = code  # type: ignore[assignment]
+        tensor.shape[:] = array.shape
+        tensor.shared.CopyFrom(placed.shared)
+    return used
+
+
+def _tensors(message: pb.Batch, count: int) -> list[pb.Tensor]:
+    return [message.x, message.y, message.sample_weight][:count]

@@ -47,15 +47,20 @@ def as_array(value: Any) -> npt.NDArray[Any]:
     return np.asarray(value)
 
 
-def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
-    """Encode an array-like; float64 stays float64 and ints stay ints (the server converts)."""
+def wire_array(value: Any) -> tuple[npt.NDArray[Any], int]:
+    """The array as it travels (contiguous, little-endian) and its DataType code."""
     array = as_array(value)
     if array.dtype == np.bool_ or array.dtype.kind == "u":
         array = array.astype(np.int64)
     code = _CODES.get(f"{array.dtype.kind}{array.dtype.itemsize}")
     if code is None:
         raise TypeError(f"cannot send arrays of dtype {array.dtype}; use float32/64, int32/64")
-    array = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code]), code
+
+
+def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode an array-like; float64 stays float64 and ints stay ints (the server converts)."""
+    array, code = wire_array(value)
     tensor = pb.Tensor() if out is None else out
     tensor.dtype = code  # type: ignore[assignment]
     tensor.shape[:] = array.shape
@@ -65,10 +70,16 @@ def to_proto(value: Any, out: pb.Tensor | None = None) -> pb.Tensor:
 
 def from_proto(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
     """Decode without copying: a read-only view of the message's bytes."""
-    dtype = NUMPY_DTYPES.get(tensor.dtype)
+    return from_parts(tensor.dtype, tuple(tensor.shape), tensor.data, field)
+
+
+def from_parts(
+    code: int, shape: tuple[int, ...], data: bytes | memoryview, field: str
+) -> npt.NDArray[Any]:
+    """A read-only array over ``data`` after checking dtype, shape and byte length agree."""
+    dtype = NUMPY_DTYPES.get(code)
     if dtype is None:
-        raise TensorFormatError(f"{field}.dtype", f"unknown data type code {tensor.dtype}")
-    shape = tuple(tensor.shape)
+        raise TensorFormatError(f"{field}.dtype", f"unknown data type code {code}")
     if len(shape) > MAX_DIMS:
         raise TensorFormatError(
             f"{field}.shape", f"has {len(shape)} dimensions, at most {MAX_DIMS}"
@@ -76,10 +87,10 @@ def from_proto(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
     if any(d < 0 for d in shape):
         raise TensorFormatError(f"{field}.shape", f"{list(shape)} has a negative dimension")
     expected = math.prod(shape) * dtype.itemsize
-    if expected != len(tensor.data):
+    if expected != len(data):
+        name = pb.DataType.Name(code).removeprefix("DATA_TYPE_").lower()
         raise TensorFormatError(
             f"{field}.data",
-            f"has {len(tensor.data)} bytes, shape {list(shape)} of "
-            f"{pb.DataType.Name(tensor.dtype).removeprefix('DATA_TYPE_').lower()} needs {expected}",
+            f"has {len(data)} bytes, shape {list(shape)} of {name} needs {expected}",
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

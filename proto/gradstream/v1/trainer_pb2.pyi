@@ -41,14 +41,24 @@ OUTCOME_DUPLICATE: Outcome
 OUTCOME_REJECTED: Outcome
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared: SharedSlice
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ...) -> None: ...
+
+class SharedSlice(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Architecture(_message.Message):
     __slots__ = ("kind", "in_features", "out_features", "hidden", "activation", "bias", "options")
@@ -244,14 +254,16 @@ class Batch(_message.Message):
     def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class TrainOpen(_message.Message):
-    __slots__ = ("model", "producer_id", "report_every")
+    __slots__ = ("model", "producer_id", "report_every", "shared_memory")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_ID_FIELD_NUMBER: _ClassVar[int]
     REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     producer_id: str
     report_every: int
-    def __init__(self, model: _Optional[str] = ..., producer_id: _Optional[str] = ..., report_every: _Optional[int] = ...) -> None: ...
+    shared_memory: str
+    def __init__(self, model: _Optional[str] = ..., producer_id: _Optional[str] = ..., report_every: _Optional[int] = ..., shared_memory: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("open", "batches")

@@ -22,11 +22,11 @@ from prometheus_client import start_http_server
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument
-from gradstream.server.interceptors import ErrorInterceptor
+from gradstream.server.interceptors import ErrorInterceptor, MetricsInterceptor
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
-from gradstream.server.servicer import TrainerServicer
-from gradstream.v1 import trainer_pb2, trainer_pb2_grpc
+from gradstream.server.servicer import TrainerServicer, add_to_server
+from gradstream.v1 import trainer_pb2
 
 log = logging.getLogger("gradstream.server")
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -65,7 +65,16 @@ class Server:
         self.device = resolve_device(settings.device)
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.metrics = Metrics()
+        # The first optimizer imports torch._dynamo, seconds of work: do it before serving,
+        # not inside the first CreateModel.
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+        # No metrics port: nothing is recorded, so "metrics off" costs nothing.
+        self.metrics = Metrics(
+            enabled=settings.metrics_port >= 0,
+            every=settings.metrics_every,
+            max_elements=settings.metrics_max_elements,
+            device=self.device,
+        )
         self.registry = self.registry_type(
             self.device,
             self.metrics,
@@ -105,8 +114,18 @@ class Server:
         # Every model is resident again before the port opens: no stream sees a half-restored one.
         await self.checkpointer.restore_all(self.registry)
         self._timer = asyncio.create_task(self.checkpointer.run_timer(self.registry))
-        self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor()], options=self._options())
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, self._grpc)
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [ErrorInterceptor()]
+        if self.metrics.enabled:
+            # First in the list is outermost: it sees the status ErrorInterceptor maps to.
+            interceptors.insert(0, MetricsInterceptor(self.metrics.grpc))
+            self.metrics.grpc.preinitialize(
+                (
+                    trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"],
+                    health_pb2.DESCRIPTOR.services_by_name["Health"],
+                )
+            )
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=self._options())
+        add_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc

@@ -9,8 +9,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from gradstream.client._tensor import TensorFormatError, from_proto, to_proto
+from gradstream.client._tensor import TensorFormatError, from_parts, to_proto
 from gradstream.server.errors import InvalidArgument
+from gradstream.server.wire import WireTensor
 from gradstream.v1 import trainer_pb2 as pb
 
 # Decoded tensors are read-only views of the request's bytes; nothing writes to
@@ -23,8 +24,33 @@ def decode_array(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
 
     A malformed message raises InvalidArgument naming the field.
     """
+    return decode_wire(WireTensor(tensor.dtype, tuple(tensor.shape), tensor.data), field)
+
+
+def decode_wire(
+    tensor: WireTensor | None, field: str, segment: memoryview | None = None
+) -> npt.NDArray[Any]:
+    """``decode_array`` for a tensor of a decoded Train request (a view, never a copy).
+
+    A tensor may point into the stream's shared-memory ``segment`` instead of carrying data.
+    """
+    if tensor is None:
+        raise InvalidArgument(field, "is missing")
+    data = tensor.data
+    if tensor.shared is not None:
+        offset, length = tensor.shared
+        if segment is None:
+            raise InvalidArgument(f"{field}.shared", "the stream opened no shared_memory segment")
+        if len(data):
+            raise InvalidArgument(f"{field}.data", "give data or shared, not both")
+        if offset + length > len(segment):
+            raise InvalidArgument(
+                f"{field}.shared",
+                f"bytes [{offset}, {offset + length}) lie outside the {len(segment)}-byte segment",
+            )
+        data = segment[offset : offset + length]
     try:
-        array = from_proto(tensor, field)
+        array = from_parts(tensor.dtype, tensor.shape, data, field)
     except TensorFormatError as exc:
         raise InvalidArgument(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
     if tensor.dtype == pb.DATA_TYPE_BFLOAT16:  # numpy has no bfloat16; float32 holds it exactly

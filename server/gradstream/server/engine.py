@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -149,7 +149,7 @@ class Trainer:
 
     def train_batches(
         self,
-        items: list[Batch | Rejected],
+        items: Sequence[Batch | Rejected],
         options: TrainOptions,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> tuple[list[StepResult], GradstreamError | None]:
@@ -244,7 +244,7 @@ class Trainer:
 
     def _train_deferred(
         self,
-        items: list[Batch | Rejected],
+        items: Sequence[Batch | Rejected],
         options: TrainOptions,
         cancelled: Callable[[], bool],
     ) -> tuple[list[StepResult], GradstreamError | None]:

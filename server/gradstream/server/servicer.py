@@ -14,7 +14,7 @@ import torch
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.checkpoint import Checkpointer
-from gradstream.server.codec import decode, decode_array, encode
+from gradstream.server.codec import decode, decode_array, decode_wire, encode
 from gradstream.server.engine import (
     ModelInfo,
     Outcome,
@@ -26,10 +26,11 @@ from gradstream.server.engine import (
 from gradstream.server.errors import DataLoss, GradstreamError, InvalidArgument, Unavailable
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
+from gradstream.server.shm import map_shared_memory
 from gradstream.server.spec import parse_spec
+from gradstream.server.wire import TrainMessage, WireBatch, parse_train_request
 from gradstream.server.worker import ModelWorker
 from gradstream.v1 import trainer_pb2 as pb
-from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 
 log = logging.getLogger("gradstream.server")
 
@@ -48,9 +49,10 @@ class _Stream:
         self.error: GradstreamError | None = None  # ends the stream after the results before it
         self.reader: asyncio.Task[None] | None = None
         self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
+        self.segment: memoryview | None = None  # the producer's shared memory, mapped read-only
 
 
-class TrainerServicer(pb_grpc.TrainerServiceServicer):
+class TrainerServicer:
     """Decodes and validates requests, queues the work on the model's worker, encodes replies."""
 
     def __init__(
@@ -216,11 +218,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.SetParametersResponse(model=_info(await worker.run(assign)))
 
     async def Train(
-        self, request_iterator: AsyncIterator[pb.TrainRequest], context: Context
+        self, request_iterator: AsyncIterator[TrainMessage], context: Context
     ) -> AsyncIterator[pb.TrainResponse]:
         requests = aiter(request_iterator)
         first = await anext(requests, None)
-        if first is None or not first.HasField("open"):
+        if first is None or first.open is None:
             raise InvalidArgument("open", "the first TrainRequest of a stream must carry open")
         if self.draining:
             raise Unavailable("the server is shutting down; reconnect to it once it is back")
@@ -228,6 +230,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         stream = _Stream(TrainOptions(first.open.producer_id, max(1, first.open.report_every)))
         producer = first.open.producer_id
         durable_sent = self.checkpointer.durable_sequence(worker.trainer.name, producer)
+        if first.open.shared_memory:
+            stream.segment = map_shared_memory(first.open.shared_memory, context.peer())
 
         def opened(trainer: Trainer) -> pb.StreamState:
             return pb.StreamState(
@@ -265,14 +269,15 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             finally:
                 stream.cancelled = True
                 reader.cancel()
+                stream.segment = None  # unmapped once the last batch viewing it is gone
         finally:
             self._streams.discard(stream)
             self._streams_closed.set()
 
     async def _read(
         self,
-        first: pb.TrainRequest,
-        requests: AsyncIterator[pb.TrainRequest],
+        first: TrainMessage,
+        requests: AsyncIterator[TrainMessage],
         worker: ModelWorker,
         stream: _Stream,
         jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
@@ -280,9 +285,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         checker = worker.trainer.checker
         name = worker.trainer.name
         try:
-            request: pb.TrainRequest | None = first
+            request: TrainMessage | None = first
             while request is not None:
-                if request is not first and request.HasField("open"):
+                if request is not first and request.open is not None:
                     raise InvalidArgument(
                         "open", "only the first TrainRequest of a stream may carry open"
                     )
@@ -290,7 +295,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                     items = [
                         item if isinstance(item, Rejected) else worker.trainer.stage(item)
                         for item in (
-                            _validate(checker, b, i) for i, b in enumerate(request.batches)
+                            _validate(checker, b, i, stream.segment)
+                            for i, b in enumerate(request.batches)
                         )
                     ]
                     jobs.put_nowait(
@@ -312,18 +318,16 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             jobs.put_nowait(None)
 
 
-def _validate(checker: BatchChecker, batch: pb.Batch, index: int) -> Batch | Rejected:
+def _validate(
+    checker: BatchChecker, batch: WireBatch, index: int, segment: memoryview | None
+) -> Batch | Rejected:
     field = f"batches[{index}]"
     try:
-        weight = (
-            decode_array(batch.sample_weight, f"{field}.sample_weight")
-            if batch.HasField("sample_weight")
-            else None
-        )
+        weight = batch.sample_weight
         return checker.batch(
-            decode_array(batch.x, f"{field}.x"),
-            decode_array(batch.y, f"{field}.y"),
-            weight,
+            decode_wire(batch.x, f"{field}.x", segment),
+            decode_wire(batch.y, f"{field}.y", segment),
+            None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
             batch.sequence,
             field,
         )
@@ -336,12 +340,16 @@ def _train_job(
 ) -> Callable[[Trainer], list[StepResult]]:
     def job(trainer: Trainer) -> list[StepResult]:
         start = time.perf_counter()
+        first_step = trainer.step
         results, stream.error = trainer.train_batches(
             items,
             stream.options,
             lambda: stream.cancelled,  # nothing commits after a cancel
         )
         rows = [0 if isinstance(i, Rejected) else i.x.shape[0] for i in items]
+        # The only place weights are read from the device for metrics: at most once a message.
+        if metrics.sample_due(first_step, trainer.step):
+            metrics.sample(trainer)
         metrics.record(model, zip(results, rows, strict=False), time.perf_counter() - start)
         return results
 
@@ -371,3 +379,29 @@ def _info(info: ModelInfo) -> pb.ModelInfo:
         autograd_chain=info.autograd_chain,
         nonfinite_streak=info.nonfinite_streak,
     )
+
+
+def add_to_server(servicer: TrainerServicer, server: grpc.aio.Server) -> None:
+    """Register the service like the generated ``add_TrainerServiceServicer_to_server``,
+    except that Train requests are decoded by ``wire.parse_train_request`` (zero-copy
+    for large messages)."""
+    service = pb.DESCRIPTOR.services_by_name["TrainerService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        deserialize = parse_train_request if method.name == "Train" else request_type.FromString
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=deserialize,
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
