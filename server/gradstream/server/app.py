@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,9 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 class Server:
     """One gradstream server: the gRPC port, the plaintext health port and the metrics port."""
 
+    # What holds the models: distributed.py swaps in one that replicates them on every rank.
+    registry_type: Callable[..., ModelRegistry] = ModelRegistry
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.tokens = load_tokens(settings)
@@ -144,7 +148,7 @@ class Server:
             max_elements=settings.metrics_max_elements,
             device=self.device,
         )
-        self.registry = ModelRegistry(
+        self.registry = self.registry_type(
             self.device,
             self.metrics,
             max_models=settings.max_models,
@@ -320,14 +324,20 @@ class Server:
         log.info("gradstream stopped")
 
 
-def run(settings: Settings) -> None:
-    """Run a server in this process until SIGINT or SIGTERM."""
+def run(settings: Settings, make_server: Callable[[Settings], Server] | None = None) -> None:
+    """Run a server in this process until SIGINT or SIGTERM (under torchrun: one rank of it)."""
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if make_server is None:
+        from gradstream.server import distributed
+
+        if distributed.requested(settings):
+            distributed.run(settings, run)
+            return
 
     async def main() -> None:
-        server = Server(settings)
+        server = (make_server or Server)(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.request_stop)

@@ -104,3 +104,16 @@ class Settings(BaseSettings):
     keepalive_min_ping_interval: float = Field(
         10.0, ge=0, description="clients pinging more often than this are disconnected"
     )
+
+    # -- scale-out (docs/scaling.md) --------------------------------------------------------
+    distributed: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="data-parallel over torch.distributed: auto is on under torchrun "
+        "(WORLD_SIZE > 1); rank 0 serves gRPC, every rank trains its share of each batch",
+    )
+    collective_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a collective may wait for the other ranks before the job "
+        "fails (and restarts from its checkpoint); must exceed the longest step",
+    )

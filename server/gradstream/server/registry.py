@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -35,6 +36,9 @@ def parameter_count(spec: ModelSpec) -> int:
 
 class ModelRegistry:
     """Creates, finds and frees models; enforces ``max_models``."""
+
+    # What create() builds: distributed.py swaps in a trainer that replicates itself.
+    trainer_type: Callable[..., Trainer] = Trainer
 
     def __init__(
         self,
@@ -97,7 +101,7 @@ class ModelRegistry:
         try:
             trainer = await asyncio.to_thread(
                 functools.partial(
-                    Trainer,
+                    self.trainer_type,
                     name,
                     spec,
                     self.device,
