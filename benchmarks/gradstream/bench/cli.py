@@ -72,10 +72,10 @@ def run_raw(scenario: Scenario, seconds: float) -> dict[str, Any]:
 
 
 def run_service(
-    scenario: Scenario, seconds: float, device: str, shared: bool = False
+    scenario: Scenario, seconds: float, device: str, shared: bool = False, threads: int = 0
 ) -> dict[str, Any]:
     """The service through the SDK; the client in a process of its own."""
-    with LocalServer("--device", device) as server:
+    with LocalServer("--device", device, "--threads", str(threads)) as server:
         assert server.process is not None
         flags = ["--shared-memory"] if shared else []
         result = _child(
@@ -178,7 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="short runs: a smoke test, not a measurement"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads for the loop and the server (0: torch's default)",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     chosen = args.scenarios or ["small", "medium", "large"]
     duration = 0.5 if args.quick else args.duration
     results: dict[str, dict[str, Any]] = {}
@@ -189,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario = SCENARIOS[name]
         loop = run_loop(scenario, duration, args.device)
         raw = run_raw(scenario, duration)
-        service = run_service(scenario, duration, args.device)
-        shm = run_service(scenario, duration, args.device, shared=True)
+        service = run_service(scenario, duration, args.device, threads=args.threads)
+        shm = run_service(scenario, duration, args.device, shared=True, threads=args.threads)
         results[name] = {
             "loop": loop,
             "raw": raw,
