@@ -598,8 +598,7 @@ class DistributedTrainer(Trainer):
         """``Trainer.train`` with the rows split over the ranks; the result is the same."""
         options.batches_seen += 1
         sequence = batch.sequence or options.batches_seen
-        last = self.producers.get(options.producer_id, 0) if options.producer_id else 0
-        if batch.sequence and batch.sequence <= last:
+        if self._is_duplicate(batch, options):
             return StepResult(sequence, self.step, Outcome.DUPLICATE)
         self._check_diverged()
         if not any(p.requires_grad for p in self._params.values()):

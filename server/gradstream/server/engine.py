@@ -180,6 +180,11 @@ class Trainer:
         sequence = item.sequence or options.batches_seen
         return StepResult(sequence, self.step, Outcome.REJECTED, reason=item.reason)
 
+    def _is_duplicate(self, batch: Batch, options: TrainOptions) -> bool:
+        """A producer re-sent a sequence it was already answered for."""
+        last = self.producers.get(options.producer_id, 0) if options.producer_id else 0
+        return bool(batch.sequence) and batch.sequence <= last
+
     def _check_diverged(self) -> None:
         if self.max_nonfinite_steps and self.nonfinite_streak >= self.max_nonfinite_steps:
             raise FailedPrecondition(
@@ -191,8 +196,7 @@ class Trainer:
         """One batch: ``zero_grad`` -> forward -> loss -> ``backward`` -> ``step`` (every k)."""
         options.batches_seen += 1
         sequence = batch.sequence or options.batches_seen
-        last = self.producers.get(options.producer_id, 0) if options.producer_id else 0
-        if batch.sequence and batch.sequence <= last:
+        if self._is_duplicate(batch, options):
             return StepResult(sequence, self.step, Outcome.DUPLICATE)
         self._check_diverged()
         self._mark(options.producer_id, batch.sequence)
@@ -274,8 +278,7 @@ class Trainer:
             if isinstance(item, Rejected):
                 pending.append(_Deferred(Outcome.REJECTED, sequence, index, reason=item.reason))
                 continue
-            last = self.producers.get(options.producer_id, 0) if options.producer_id else 0
-            if item.sequence and item.sequence <= last:
+            if self._is_duplicate(item, options):
                 pending.append(_Deferred(Outcome.DUPLICATE, sequence, index))
                 continue
             self._mark(options.producer_id, item.sequence)
