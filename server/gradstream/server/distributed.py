@@ -596,16 +596,11 @@ class DistributedTrainer(Trainer):
 
     def train(self, batch: Batch, options: TrainOptions) -> StepResult:
         """``Trainer.train`` with the rows split over the ranks; the result is the same."""
-        options.batches_seen += 1
-        sequence = batch.sequence or options.batches_seen
-        if self._is_duplicate(batch, options):
-            return StepResult(sequence, self.step, Outcome.DUPLICATE)
-        self._check_diverged()
         if not any(p.requires_grad for p in self._params.values()):
             raise FailedPrecondition(f"model {self.name!r} has no trainable parameters")
-        # Marked before the step, as the single-process trainer does: a batch whose
-        # loss is skipped as non-finite is still done with, and a re-send is a DUPLICATE.
-        self._mark(options.producer_id, batch.sequence)
+        sequence, answered = self._admit(batch, options)
+        if answered is not None:
+            return answered
         tensors = [batch.x, batch.y] if batch.weight is None else [batch.x, batch.y, batch.weight]
         tensors = [t.to(self.device, non_blocking=True) for t in tensors]
         rows = tensors[0].shape[0]

@@ -192,14 +192,26 @@ class Trainer:
                 "set its parameters to train it again"
             )
 
-    def train(self, batch: Batch, options: TrainOptions) -> StepResult:
-        """One batch: ``zero_grad`` -> forward -> loss -> ``backward`` -> ``step`` (every k)."""
+    def _admit(self, batch: Batch, options: TrainOptions) -> tuple[int, StepResult | None]:
+        """Count the batch in its stream; answer a re-sent one DUPLICATE; refuse if diverged.
+
+        Returns the batch's sequence, and its result when it is not to be trained.
+        """
         options.batches_seen += 1
         sequence = batch.sequence or options.batches_seen
         if self._is_duplicate(batch, options):
-            return StepResult(sequence, self.step, Outcome.DUPLICATE)
+            return sequence, StepResult(sequence, self.step, Outcome.DUPLICATE)
         self._check_diverged()
+        # Marked before the step: a batch whose loss is skipped as non-finite is still
+        # done with, and a re-send of it is a DUPLICATE.
         self._mark(options.producer_id, batch.sequence)
+        return sequence, None
+
+    def train(self, batch: Batch, options: TrainOptions) -> StepResult:
+        """One batch: ``zero_grad`` -> forward -> loss -> ``backward`` -> ``step`` (every k)."""
+        sequence, done = self._admit(batch, options)
+        if done is not None:
+            return done
         k = self.spec.accumulate_steps
         if self.pending == 0:
             # zero_grad(set_to_none=True), without Optimizer.zero_grad's profiler scaffolding.
