@@ -518,25 +518,25 @@ class _Packer:
     def _full(self, request: pb.TrainRequest, size: int) -> bool:
         return len(request.batches) >= self.per_message or size >= self.message_bytes
 
-    def _encodable(self, batch: BatchLike, index: int) -> list[tuple[npt.NDArray[Any], int]]:
+    def _encodable(self, batch: BatchLike, index: int) -> _Encoded:
         """The batch's arrays as they travel; refuses one that no message could hold."""
         if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
             raise TypeError(
                 f"batch {index}: expected (x, y) or (x, y, sample_weight), got {type(batch)}"
             )
-        parts = [wire_array(v) for v in batch if v is not None]
-        if self.limit and _wire_bytes(parts) > self.limit:
+        encoded = _Encoded([wire_array(v) for v in batch if v is not None])
+        if self.limit and encoded.nbytes > self.limit:
             # Splitting the batch would turn one optimizer step into several: not ours to do.
             raise ResourceExhausted(
-                f"batch {index}: about {_wire_bytes(parts)} bytes, more than "
+                f"batch {index}: about {encoded.nbytes} bytes, more than "
                 f"max_message_bytes={self.limit + _MESSAGE_SLACK} allows in one message; send "
                 "smaller batches (each batch is one optimizer step) or raise max_message_bytes "
                 "on the server and the client"
             )
-        return parts
+        return encoded
 
-    def _overflows(self, size: int, parts: list[tuple[npt.NDArray[Any], int]]) -> bool:
-        return bool(self.limit) and size + _wire_bytes(parts) > self.limit
+    def _overflows(self, size: int, encoded: _Encoded) -> bool:
+        return bool(self.limit) and size + encoded.nbytes > self.limit
 
     def _mark(self) -> int:
         return 0 if self.ring is None else self.ring.mark()
@@ -604,7 +604,7 @@ class _Packer:
                 self._done = True
                 self._filled.notify_all()
 
-    def _pump_one(self, parts: list[tuple[npt.NDArray[Any], int]]) -> bool:
+    def _pump_one(self, parts: _Encoded) -> bool:
         """Add one batch to the message being filled; False if the ring has no room yet."""
         with self._filled:
             while (
@@ -628,25 +628,29 @@ class _Packer:
 _MESSAGE_SLACK = 1024  # the message's own framing, beyond its batches
 
 
-def _wire_bytes(parts: list[tuple[npt.NDArray[Any], int]]) -> int:
-    """An upper bound of a batch's encoded size: its bytes plus framing per tensor."""
-    return 16 + sum(a.nbytes + 32 + 11 * a.ndim for a, _ in parts)
+class _Encoded:
+    """A batch's arrays as they travel, with an upper bound of its encoded size, computed once."""
+
+    __slots__ = ("nbytes", "parts")
+
+    def __init__(self, parts: list[tuple[npt.NDArray[Any], int]]) -> None:
+        self.parts = parts
+        # Its bytes plus framing per tensor.
+        self.nbytes = 16 + sum(a.nbytes + 32 + 11 * a.ndim for a, _ in parts)
 
 
-def _add(
-    request: pb.TrainRequest, parts: list[tuple[npt.NDArray[Any], int]], ring: SharedRing | None
-) -> int:
+def _add(request: pb.TrainRequest, encoded: _Encoded, ring: SharedRing | None) -> int:
     """Append one batch; its bytes go into the message, or into the ring (RingFull if no room)."""
-    arrays = [a for a, _ in parts]
+    parts = encoded.parts
     if ring is None:
         message = request.batches.add()
         for tensor, (array, code) in zip(_tensors(message, len(parts)), parts, strict=True):
             tensor.dtype = code  # type: ignore[assignment]
             tensor.shape[:] = array.shape
             tensor.data = array.tobytes()
-        return _wire_bytes(parts)
+        return encoded.nbytes
     scratch = [pb.Tensor() for _ in parts]
-    used = ring.put(arrays, scratch)  # raises RingFull before anything is added
+    used = ring.put([a for a, _ in parts], scratch)  # raises RingFull before anything is added
     message = request.batches.add()
     for tensor, (array, code), placed in zip(
         _tensors(message, len(parts)), parts, scratch, strict=True
