@@ -16,6 +16,7 @@ from gradstream.client._errors import BatchRejected, ResourceExhausted, from_rpc
 from gradstream.client._shm import RingFull, SharedRing
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.client._tensor import from_proto, to_proto, wire_array
+from gradstream.client._wire import MessageBuilder, encode_batch
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 
@@ -142,6 +143,12 @@ class Client:
             channel = grpc.intercept_channel(channel, _BearerToken(token))
         self._channel = channel
         self._stub = pb_grpc.TrainerServiceStub(self._channel)
+        # Train's batches arrive already serialized (see _wire.py); only the opener is a message.
+        self._train_call = self._channel.stream_stream(
+            "/gradstream.v1.TrainerService/Train",
+            request_serializer=_serialize_train,
+            response_deserializer=pb.TrainResponse.FromString,
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -344,7 +351,7 @@ class Client:
             ring,
             max_message_bytes=self.max_message_bytes,
         )
-        responses: Any = self._stub.Train(packer.requests(opener))
+        responses: Any = self._train_call(packer.requests(opener))
         try:
             for response in responses:
                 if response.results:
@@ -363,6 +370,10 @@ class Client:
             if ring is not None:
                 ring.close()
         packer.raise_producer_error()
+
+
+def _serialize_train(request: pb.TrainRequest | bytes) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
 
 
 def _step_result(r: pb.StepResult) -> StepResult:
@@ -463,7 +474,7 @@ class _Packer:
         self._acks = threading.Condition()
         self._stopped = threading.Event()
         self._filled = threading.Condition()
-        self._current = pb.TrainRequest()
+        self._current = MessageBuilder()
         self._size = 0
         self._flush = False  # the ring is full: send the message being filled as it is
         self._done = False
@@ -489,8 +500,8 @@ class _Packer:
         if self.error is not None:
             raise self.error
 
-    def requests(self, opener: pb.TrainRequest) -> Iterator[pb.TrainRequest]:
-        """The request stream: the opener, then messages as credits allow."""
+    def requests(self, opener: pb.TrainRequest) -> Iterator[pb.TrainRequest | bytes]:
+        """The request stream: the opener, then serialized messages as credits allow."""
         yield opener
         try:
             yield from self._sent(
@@ -499,9 +510,7 @@ class _Packer:
         except Exception as exc:  # grpc would only log it; the caller must see it
             self.error = exc
 
-    def _sent(
-        self, messages: Iterator[tuple[pb.TrainRequest, int, int]]
-    ) -> Iterator[pb.TrainRequest]:
+    def _sent(self, messages: Iterator[tuple[MessageBuilder, int, int]]) -> Iterator[bytes]:
         for message, size, mark in messages:
             with self._acks:
                 while self._in_flight and (
@@ -513,10 +522,10 @@ class _Packer:
                     self._acks.wait(0.1)
                 self._in_flight.append((size, mark))
                 self._in_flight_bytes += size
-            yield message
+            yield message.to_bytes()
 
-    def _full(self, request: pb.TrainRequest, size: int) -> bool:
-        return len(request.batches) >= self.per_message or size >= self.message_bytes
+    def _full(self, message: MessageBuilder, size: int) -> bool:
+        return message.count >= self.per_message or size >= self.message_bytes
 
     def _encodable(self, batch: BatchLike, index: int) -> _Encoded:
         """The batch's arrays as they travel; refuses one that no message could hold."""
@@ -541,27 +550,27 @@ class _Packer:
     def _mark(self) -> int:
         return 0 if self.ring is None else self.ring.mark()
 
-    def _packed(self) -> Iterator[tuple[pb.TrainRequest, int, int]]:
-        request, size = pb.TrainRequest(), 0
+    def _packed(self) -> Iterator[tuple[MessageBuilder, int, int]]:
+        request, size = MessageBuilder(), 0
         assert isinstance(self.batches, Sequence)
         for index, batch in enumerate(self.batches):
             try:
                 parts = self._encodable(batch, index)
             except Exception:
-                if request.batches:  # what came before the bad batch still goes out
+                if request.count:  # what came before the bad batch still goes out
                     yield request, size, self._mark()
                 raise
-            if request.batches and self._overflows(size, parts):
+            if request.count and self._overflows(size, parts):
                 yield request, size, self._mark()
-                request, size = pb.TrainRequest(), 0
+                request, size = MessageBuilder(), 0
             while True:
                 try:
                     size += _add(request, parts, self.ring)
                     break
                 except RingFull:
-                    if request.batches:  # send what is packed; its ack frees space
+                    if request.count:  # send what is packed; its ack frees space
                         yield request, size, self._mark()
-                        request, size = pb.TrainRequest(), 0
+                        request, size = MessageBuilder(), 0
                     elif self._stopped.is_set():
                         return
                     else:
@@ -569,22 +578,22 @@ class _Packer:
                         self.ring.wait(0.1)
             if self._full(request, size):
                 yield request, size, self._mark()
-                request, size = pb.TrainRequest(), 0
-        if request.batches:
+                request, size = MessageBuilder(), 0
+        if request.count:
             yield request, size, self._mark()
 
-    def _pumped(self) -> Iterator[tuple[pb.TrainRequest, int, int]]:
+    def _pumped(self) -> Iterator[tuple[MessageBuilder, int, int]]:
         threading.Thread(target=self._pump, name="gradstream-batches", daemon=True).start()
         while True:
             with self._filled:
-                while not self._current.batches and not self._done:
+                while not self._current.count and not self._done:
                     if self._stopped.is_set():
                         return
                     self._filled.wait(0.1)
-                if not self._current.batches:
+                if not self._current.count:
                     return
                 message, size, mark = self._current, self._size, self._mark()
-                self._current, self._size, self._flush = pb.TrainRequest(), 0, False
+                self._current, self._size, self._flush = MessageBuilder(), 0, False
                 self._filled.notify_all()
             yield message, size, mark
 
@@ -610,7 +619,7 @@ class _Packer:
             while (
                 self._flush
                 or self._full(self._current, self._size)
-                or (self._current.batches and self._overflows(self._size, parts))
+                or (self._current.count and self._overflows(self._size, parts))
             ):
                 if self._stopped.is_set():
                     return True
@@ -618,7 +627,7 @@ class _Packer:
             try:
                 self._size += _add(self._current, parts, self.ring)
             except RingFull:
-                self._flush = bool(self._current.batches)
+                self._flush = bool(self._current.count)
                 return False
             finally:
                 self._filled.notify_all()
@@ -639,27 +648,15 @@ class _Encoded:
         self.nbytes = 16 + sum(a.nbytes + 32 + 11 * a.ndim for a, _ in parts)
 
 
-def _add(request: pb.TrainRequest, encoded: _Encoded, ring: SharedRing | None) -> int:
-    """Append one batch; its bytes go into the message, or into the ring (RingFull if no room)."""
-    parts = encoded.parts
+def _add(message: MessageBuilder, encoded: _Encoded, ring: SharedRing | None) -> int:
+    """Append one batch; its bytes go into the message, or into the ring (RingFull if no room).
+
+    Returns what it adds to the window: the entry's bytes, or the ring space it took.
+    """
     if ring is None:
-        message = request.batches.add()
-        for tensor, (array, code) in zip(_tensors(message, len(parts)), parts, strict=True):
-            tensor.dtype = code  # type: ignore[assignment]
-            tensor.shape[:] = array.shape
-            tensor.data = array.tobytes()
-        return encoded.nbytes
-    scratch = [pb.Tensor() for _ in parts]
-    used = ring.put([a for a, _ in parts], scratch)  # raises RingFull before anything is added
-    message = request.batches.add()
-    for tensor, (array, code), placed in zip(
-        _tensors(message, len(parts)), parts, scratch, strict=True
-    ):
-        tensor.dtype = code  # type: ignore[assignment]
-        tensor.shape[:] = array.shape
-        tensor.shared.CopyFrom(placed.shared)
+        entry = encode_batch(encoded.parts)
+        message.add(entry)
+        return len(entry)
+    places, used = ring.put([a for a, _ in encoded.parts])  # RingFull before anything is added
+    message.add(encode_batch(encoded.parts, places))
     return used
-
-
-def _tensors(message: pb.Batch, count: int) -> list[pb.Tensor]:
-    return [message.x, message.y, message.sample_weight][:count]

@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gradstream.v1 import trainer_pb2 as pb
-
 _ALIGN = 64  # every array starts on a cache line, so numpy views of it are aligned
 
 
@@ -68,20 +66,20 @@ class SharedRing:
         with self._freed:
             self._freed.wait(timeout)
 
-    def put(self, arrays: list[npt.NDArray[Any]], tensors: list[pb.Tensor]) -> int:
-        """Copy arrays into the ring and point ``tensors`` at them; returns the bytes used."""
+    def put(self, arrays: list[npt.NDArray[Any]]) -> tuple[list[tuple[int, int]], int]:
+        """Copy arrays into the ring: their (offset, length) places and the ring bytes used."""
         sizes = [-(-a.nbytes // _ALIGN) * _ALIGN for a in arrays]
         start = self.reserve(sum(sizes))
         view = self.segment.buf
         assert view is not None
+        places = []
         offset = start
-        for array, tensor, size in zip(arrays, tensors, sizes, strict=True):
+        for array, size in zip(arrays, sizes, strict=True):
             target = np.ndarray(array.shape, array.dtype, buffer=view, offset=offset)
             target[...] = array
-            tensor.shared.offset = offset
-            tensor.shared.length = array.nbytes
+            places.append((offset, array.nbytes))
             offset += size
-        return sum(sizes)
+        return places, sum(sizes)
 
     def close(self) -> None:
         """Unmap and remove the segment."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import platform
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -184,11 +186,31 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _tune_allocator() -> None:
+    """Keep freed large blocks for reuse instead of returning them to the kernel (glibc).
+
+    Every Train message arrives as a fresh multi-megabyte ``bytes``; by default glibc
+    maps each one anew and unmaps it when freed, so every message paid a page fault per
+    4 KiB. Raising the mmap and trim thresholds lets the heap reuse the same pages
+    (measured: large batches 208-222 -> 247-257 steps/s on 2 cores). Left alone where
+    the operator tuned malloc already, and off glibc.
+    """
+    if any(k.startswith("MALLOC_") for k in os.environ) or "GLIBC_TUNABLES" in os.environ:
+        return
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    libc.mallopt(m_trim_threshold, 256 << 20)
+
+
 def _serve(args: argparse.Namespace) -> int:
     # A server shares its cores with gRPC threads and often with its producers: OpenMP's
     # default spin-waiting then burns the core the event loop needs (measured: 4x fewer
     # large-batch steps/s on 2 cores). It is read when torch loads, so set it before.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _tune_allocator()
     from gradstream.server.app import run
     from gradstream.server.config import Settings
 

@@ -28,7 +28,12 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="auto, cpu, cuda or cuda:N; auto takes CUDA when present"
     )
-    threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads per model (0: one fewer than torch's default, "
+        "at least 1, so the gRPC event loop keeps a core)",
+    )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="largest gRPC message accepted or sent, in bytes"
     )

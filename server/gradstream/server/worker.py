@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
+
 from gradstream.server.engine import Trainer
 from gradstream.server.errors import NotFound
 
@@ -58,6 +60,10 @@ class ModelWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        # OpenMP's thread count is per thread: a new thread gets the process default, not
+        # what torch.set_num_threads chose on the main thread (seen: 2 OpenMP threads on
+        # every step with --threads 1). Apply torch's setting here, on the thread that steps.
+        torch.set_num_threads(torch.get_num_threads())
         while (item := self._jobs.get()) is not None:
             job, loop, future = item
             if future.cancelled():

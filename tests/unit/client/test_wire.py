@@ -1,0 +1,84 @@
+"""The SDK's hand-written Train encoding is byte for byte what protobuf writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradstream.client._tensor import wire_array
+from gradstream.client._wire import MessageBuilder, encode_batch, varint
+from gradstream.v1 import trainer_pb2 as pb
+
+_DTYPES = ["<f4", "<f8", "<f2", "<i8", "<i4", "<u2"]
+
+
+def _reference(
+    parts: list[tuple[npt.NDArray[Any], int]],
+    places: list[tuple[int, int]] | None,
+    sequence: int,
+) -> pb.Batch:
+    batch = pb.Batch(sequence=sequence)
+    for i, (array, code) in enumerate(parts):
+        tensor = [batch.x, batch.y, batch.sample_weight][i]
+        tensor.dtype = code  # type: ignore[assignment]
+        tensor.shape[:] = array.shape
+        if places is None:
+            tensor.data = array.tobytes()
+        else:
+            tensor.shared.offset, tensor.shared.length = places[i]
+    return batch
+
+
+@st.composite
+def _batches(draw: st.DrawFn) -> tuple[list[tuple[npt.NDArray[Any], int]], Any, int]:
+    count = draw(st.integers(2, 3))
+    parts: list[tuple[npt.NDArray[Any], int]] = []
+    for _ in range(count):
+        shape = tuple(draw(st.lists(st.integers(0, 40), max_size=3)))
+        dtype = np.dtype(draw(st.sampled_from(_DTYPES)))
+        seed = draw(st.integers(0, 2**32 - 1))
+        raw = np.random.default_rng(seed).integers(0, 256, int(np.prod(shape)) * dtype.itemsize)
+        array = raw.astype(np.uint8).view(dtype).reshape(shape)
+        if dtype == np.dtype("<u2"):  # bfloat16's bit pattern: travels with its own code
+            parts.append((array, pb.DATA_TYPE_BFLOAT16))
+        else:
+            parts.append(wire_array(array))
+    places: list[tuple[int, int]] | None = None
+    if draw(st.booleans()):
+        places = [(draw(st.integers(0, 2**40)), draw(st.integers(0, 2**40))) for _ in parts]
+    return parts, places, draw(st.integers(0, 2**64 - 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_batches(), min_size=1, max_size=4))
+def test_entries_equal_protobuf_serialization(batches: list[Any]) -> None:
+    message = MessageBuilder()
+    for parts, places, sequence in batches:
+        message.add(encode_batch(parts, places, sequence))
+    expected = pb.TrainRequest(batches=[_reference(*b) for b in batches])
+    data = message.to_bytes()
+    assert data == expected.SerializeToString()
+    assert pb.TrainRequest.FromString(data) == expected
+    assert message.count == len(batches) and message.size == len(data)
+
+
+def test_the_array_is_copied_when_added() -> None:
+    # A producer may refill its buffer as soon as the SDK took the batch.
+    x = np.ones((4, 2), np.float32)
+    y = np.zeros((4, 1), np.float32)
+    message = MessageBuilder()
+    message.add(encode_batch([wire_array(x), wire_array(y)]))
+    x[:] = 7
+    decoded = pb.TrainRequest.FromString(message.to_bytes()).batches[0]
+    assert np.frombuffer(decoded.x.data, np.float32).tolist() == [1.0] * 8
+
+
+def test_varint_matches_protobuf() -> None:
+    assert varint(0) == b"\x00"
+    for value in (1, 127, 128, 300, 2**31, 2**63 - 1, 2**64 - 1):
+        # SharedSlice(offset=v) is the tag byte 0x08 followed by v's varint.
+        assert varint(value) == pb.SharedSlice(offset=value).SerializeToString()[1:]
