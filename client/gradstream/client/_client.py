@@ -654,7 +654,7 @@ def _add(message: MessageBuilder, encoded: _Encoded, ring: SharedRing | None) ->
     Returns what it adds to the window: the entry's bytes, or the ring space it took.
     """
     if ring is None:
-        entry = encode_batch(encoded.parts)
+        entry = encode_batch(encoded.parts, start=message.size)
         message.add(entry)
         return len(entry)
     places, used = ring.put([a for a, _ in encoded.parts])  # RingFull before anything is added

@@ -5,8 +5,9 @@ takes its own (``tobytes``, the assignment into the message, ``SerializeToString
 for 4 MB batches that was most of the SDK's CPU time. Here each batch is encoded once,
 when it is added, as the bytes of one ``batches`` entry of a TrainRequest, and a
 message is the concatenation of its entries (a protobuf message's fields may simply be
-concatenated). ``tests/unit/client/test_wire.py`` checks the bytes parse to, and equal,
-what protobuf itself would write.
+concatenated). Each tensor's data is placed at an aligned offset by a ``padding`` field
+that readers ignore. ``tests/unit/client/test_wire.py`` checks the bytes parse to what
+protobuf itself would write, and that the data is aligned.
 """
 
 from __future__ import annotations
@@ -47,18 +48,35 @@ def _field(tag: int, value: int) -> bytes:
     return bytes((tag,)) + varint(value) if value else b""
 
 
+ALIGN = 64  # data starts at a multiple of this from the message's start
+_PADDING = b"\x2a"  # Tensor.padding = 5: ignored by readers
+
+
+def _padding(size: int) -> bytes:
+    """A padding field exactly ``size`` bytes long (0, or 2 or more but not 130)."""
+    if not size:
+        return b""
+    content = size - 2 if size < 130 else size - 3  # tag + 1- or 2-byte length + zeros
+    return _PADDING + varint(content) + bytes(content)
+
+
 def encode_batch(
     parts: Sequence[tuple[Array, int]],
     places: Sequence[tuple[int, int]] | None = None,
     sequence: int = 0,
+    start: int = 0,
 ) -> bytes:
     """One ``batches`` entry: ``(array, dtype code)`` for x, y and, if given, sample_weight.
 
     The arrays must be C-contiguous and little-endian (``wire_array`` makes them so).
     With ``places`` the tensors carry (offset, length) in the shared-memory ring instead
-    of their bytes.
+    of their bytes. ``start`` is where the entry will sit in its message: each tensor's
+    data is padded to a multiple of ``ALIGN`` from the message's start, because the server
+    uses large messages in place and unaligned floats cost it a copy and a slower step
+    (measured: a 65,536 x 16 step 520 -> 800 us).
     """
-    pieces: list[bytes | memoryview] = []
+    heads: list[bytes] = []
+    datas: list[bytes | memoryview] = []
     for i, (array, code) in enumerate(parts):
         head = _field(_DTYPE, code)
         if array.ndim:
@@ -71,12 +89,49 @@ def encode_batch(
             head += _SHARED + varint(len(where)) + where
         elif array.nbytes:
             data = array.reshape(-1).view(np.uint8).data
-            head += _DATA + varint(len(data))
-        pieces += (_BATCH_FIELDS[i], varint(len(head) + len(data)), head, data)
-    pieces.append(_field(_SEQUENCE, sequence))
-    body = sum(len(p) for p in pieces)
+        heads.append(head)
+        datas.append(data)
+    tail = _field(_SEQUENCE, sequence)
+    pads = [0] * len(parts)
+
+    def layout() -> tuple[list[int], int, list[int]]:
+        """Each tensor's length, the batch's length, where each data starts in the message."""
+        sizes = [
+            len(h) + p + (len(_DATA) + len(varint(len(d))) if d else 0) + len(d)
+            for h, p, d in zip(heads, pads, datas, strict=True)
+        ]
+        body = sum(1 + len(varint(t)) + t for t in sizes) + len(tail)
+        pos = start + len(_BATCHES) + len(varint(body))
+        starts = []
+        for head, pad, data, size in zip(heads, pads, datas, sizes, strict=True):
+            starts.append(
+                pos + 1 + len(varint(size)) + len(head) + pad + 1 + len(varint(len(data)))
+            )
+            pos += 1 + len(varint(size)) + size
+        return sizes, body, starts
+
+    # Padding one tensor lengthens the prefixes before it and moves the tensors after it:
+    # align them in order, redoing the layout each time. A longer prefix can undo an
+    # alignment (at 128 bytes a length takes two); after a few rounds padding only grows,
+    # so prefixes stop changing. Unaligned would still be a correct message.
+    for round_ in range(8 + 4 * len(parts)):
+        _, _, starts = layout()
+        off = next((i for i, d in enumerate(datas) if d and starts[i] % ALIGN), None)
+        if off is None:
+            break
+        want = pads[off] + ALIGN - starts[off] % ALIGN
+        if want > ALIGN + 1 and round_ < 8:
+            want -= ALIGN  # keep padding small while that settles
+        pads[off] = want + ALIGN if want in (1, 130) else want
+    tensors, body, _ = layout()
+    pieces: list[bytes | memoryview] = [_BATCHES, varint(body)]
+    for i, (head, data, size) in enumerate(zip(heads, datas, tensors, strict=True)):
+        pieces += (_BATCH_FIELDS[i], varint(size), head, _padding(pads[i]))
+        if data:
+            pieces += (_DATA, varint(len(data)), data)
+    pieces.append(tail)
     # The one copy of the arrays: after this the caller may reuse its buffers.
-    return b"".join([_BATCHES, varint(body), *pieces])
+    return b"".join(pieces)
 
 
 class MessageBuilder:
@@ -90,7 +145,7 @@ class MessageBuilder:
         self.size = 0
 
     def add(self, entry: bytes) -> None:
-        """Append one ``encode_batch`` entry."""
+        """Append one ``encode_batch`` entry, encoded with ``start=self.size``."""
         self.entries.append(entry)
         self.count += 1
         self.size += len(entry)

@@ -41,16 +41,18 @@ OUTCOME_DUPLICATE: Outcome
 OUTCOME_REJECTED: Outcome
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "shared")
+    __slots__ = ("dtype", "shape", "data", "shared", "padding")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     shared: SharedSlice
-    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ...) -> None: ...
+    padding: bytes
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class SharedSlice(_message.Message):
     __slots__ = ("offset", "length")

@@ -38,6 +38,21 @@ from gradstream.server.tokens import TokenStore
 from gradstream.v1 import trainer_pb2
 
 log = logging.getLogger("gradstream.server")
+
+# torch's own choice (a thread per physical core, or OMP_NUM_THREADS), read before any
+# Server changed it: several servers in one process must not each take one more away.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def intra_op_threads(settings: Settings) -> int:
+    """The torch threads each model's worker steps with: the setting, else one fewer than
+    torch's default (at least 1).
+
+    Every Train message is received on the one event-loop thread while the model's worker
+    steps: with torch's default the two fought for the cores, and on 2 cores medium
+    batches ran at half the plain loop's speed (docs/performance.md).
+    """
+    return settings.threads or max(1, TORCH_DEFAULT_THREADS - 1)
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
@@ -136,10 +151,7 @@ class Server:
         self.tokens = load_tokens(settings)
         self.credentials = server_credentials(settings)
         self.device = resolve_device(settings.device)
-        # Every Train message is received on the one event-loop thread while the model's
-        # worker steps: with torch's default (a thread per core) the two fought for the
-        # cores, and on 2 cores medium batches ran at half the plain loop's speed.
-        torch.set_num_threads(settings.threads or max(1, torch.get_num_threads() - 1))
+        torch.set_num_threads(intra_op_threads(settings))
         # The first optimizer imports torch._dynamo, seconds of work: do it before serving,
         # not inside the first CreateModel.
         torch.optim.SGD([torch.zeros(1, requires_grad=True)])
