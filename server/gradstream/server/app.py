@@ -53,6 +53,8 @@ def intra_op_threads(settings: Settings) -> int:
     batches ran at half the plain loop's speed (docs/performance.md).
     """
     return settings.threads or max(1, TORCH_DEFAULT_THREADS - 1)
+
+
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
