@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -24,6 +25,8 @@ import torch
 from gradstream.bench.loop import run_loop
 from gradstream.bench.scenarios import SCENARIOS, Scenario
 from gradstream.client._local import LocalServer
+from gradstream.server.app import intra_op_threads
+from gradstream.server.config import Settings
 
 
 def _child(module: str, *args: str) -> dict[str, Any]:
@@ -128,6 +131,18 @@ def run_soak(seconds: float, device: str) -> dict[str, Any]:
     return result
 
 
+CONTENDERS = ("loop", "raw", "service", "shm")
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median steps/s (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: float(r["steps_per_s"]))[(len(runs) - 1) // 2]
+
+
+def _ratio(runs: dict[str, dict[str, Any]], a: str, b: str, key: str) -> float:
+    return float(runs[a][key]) / float(runs[b][key])
+
+
 def _row(scenario: str, contender: str, r: dict[str, Any]) -> str:
     cells = f"{scenario:<8} {contender:<8} {r['steps_per_s']:>10,.0f} {r['samples_per_s']:>12,.0f}"
     cells += f" {r['bytes_per_s'] / 1e6:>9.1f}"
@@ -158,6 +173,9 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             f"{'':<8} service/loop {r['service_vs_loop']:.2f}x   "
             f"service/raw {r['service_vs_raw']:.2f}x   shm/raw {r['shm_vs_raw']:.2f}x"
         )
+        if len(r["rounds"]["loop"]) > 1:
+            spread = "   ".join(f"{c} {min(v):,.0f}-{max(v):,.0f}" for c, v in r["rounds"].items())
+            lines.append(f"{'':<8} steps/s over {len(r['rounds']['loop'])} rounds: {spread}")
     return "\n".join(lines)
 
 
@@ -184,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch intra-op threads for the loop and the server (0: torch's default)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of every contender per scenario; the median round is reported",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,21 +219,30 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = {"service": run_soak(20.0 if args.quick else args.seconds, args.device)}
             continue
         scenario = SCENARIOS[name]
-        loop = run_loop(scenario, duration, args.device)
-        raw = run_raw(scenario, duration)
-        service = run_service(scenario, duration, args.device, threads=args.threads)
-        shm = run_service(scenario, duration, args.device, shared=True, threads=args.threads)
+        rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in CONTENDERS}
+        # Contenders alternate within each round, so a slow spell of the machine does not
+        # land on one of them only; each one's median round is reported.
+        for _ in range(1 if args.quick else args.repeat):
+            rounds["loop"].append(run_loop(scenario, duration, args.device))
+            rounds["raw"].append(run_raw(scenario, duration))
+            rounds["service"].append(
+                run_service(scenario, duration, args.device, threads=args.threads)
+            )
+            rounds["shm"].append(
+                run_service(scenario, duration, args.device, shared=True, threads=args.threads)
+            )
+        chosen_runs = {c: _median(runs) for c, runs in rounds.items()}
         results[name] = {
-            "loop": loop,
-            "raw": raw,
-            "service": service,
-            "shm": shm,
-            "service_vs_loop": service["steps_per_s"] / loop["steps_per_s"],
-            "service_vs_raw": service["bytes_per_s"] / raw["bytes_per_s"],
-            "shm_vs_raw": shm["bytes_per_s"] / raw["bytes_per_s"],
+            **chosen_runs,
+            "service_vs_loop": _ratio(chosen_runs, "service", "loop", "steps_per_s"),
+            "service_vs_raw": _ratio(chosen_runs, "service", "raw", "bytes_per_s"),
+            "shm_vs_raw": _ratio(chosen_runs, "shm", "raw", "bytes_per_s"),
+            "rounds": {c: [r["steps_per_s"] for r in runs] for c, runs in rounds.items()},
         }
+    server_threads = intra_op_threads(Settings(threads=args.threads))
     machine = (
-        f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{platform.machine()}, {os.cpu_count()} cores, torch threads: loop "
+        f"{torch.get_num_threads()}, server {server_threads}, "
         f"torch {torch.__version__}, device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
     )
