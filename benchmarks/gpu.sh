@@ -27,5 +27,5 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/gpu.txt"
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' | tee -a "$OUT/gpu.txt"
 timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda 2>&1 | tee "$OUT/tests.txt"
-timeout 180 python3 -m gradstream.bench.cli small medium large --device cuda --duration 4 \
+timeout 180 python3 -m gradstream.bench.cli small medium large --device cuda --duration 4 --repeat 1 \
   --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"

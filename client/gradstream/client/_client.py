@@ -16,7 +16,7 @@ from gradstream.client._errors import BatchRejected, ResourceExhausted, from_rpc
 from gradstream.client._shm import RingFull, SharedRing
 from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.client._tensor import from_proto, to_proto, wire_array
-from gradstream.client._wire import MessageBuilder, encode_batch
+from gradstream.client._wire import MAX_PADDING, MessageBuilder, encode_batch
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 
@@ -644,8 +644,8 @@ class _Encoded:
 
     def __init__(self, parts: list[tuple[npt.NDArray[Any], int]]) -> None:
         self.parts = parts
-        # Its bytes plus framing per tensor.
-        self.nbytes = 16 + sum(a.nbytes + 32 + 11 * a.ndim for a, _ in parts)
+        # Its bytes plus framing and alignment padding per tensor.
+        self.nbytes = 24 + sum(a.nbytes + 32 + 11 * a.ndim + MAX_PADDING for a, _ in parts)
 
 
 def _add(message: MessageBuilder, encoded: _Encoded, ring: SharedRing | None) -> int:

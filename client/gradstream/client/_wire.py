@@ -58,12 +58,12 @@ ALIGN_MIN_BYTES = 1024
 _PADDING = b"\x2a"  # Tensor.padding = 5: ignored by readers
 
 
+MAX_PADDING = 2 * ALIGN + 1  # bytes a tensor's padding field may take
+
+
 def _padding(size: int) -> bytes:
-    """A padding field exactly ``size`` bytes long (0, or 2 or more but not 130)."""
-    if not size:
-        return b""
-    content = size - 2 if size < 130 else size - 3  # tag + 1- or 2-byte length + zeros
-    return _PADDING + varint(content) + bytes(content)
+    """A padding field exactly ``size`` bytes long (0, or 2 to ``MAX_PADDING``)."""
+    return _PADDING + varint(size - 2) + bytes(size - 2) if size else b""
 
 
 def encode_batch(
@@ -121,8 +121,8 @@ def encode_batch(
 
     # Padding one tensor lengthens the prefixes before it and moves the tensors after it:
     # align them in order, redoing the layout each time. A longer prefix can undo an
-    # alignment (at 128 bytes a length takes two); after a few rounds padding only grows,
-    # so prefixes stop changing. Unaligned would still be a correct message.
+    # alignment (at 128 bytes a length takes two); after a few rounds padding only grows
+    # (up to MAX_PADDING), so prefixes settle. Unaligned would still be a correct message.
     for round_ in range(8 + 4 * len(parts)):
         _, _, starts = layout()
         off = next(
@@ -131,10 +131,10 @@ def encode_batch(
         )
         if off is None:
             break
-        want = pads[off] + ALIGN - starts[off] % ALIGN
-        if want > ALIGN + 1 and round_ < 8:
-            want -= ALIGN  # keep padding small while that settles
-        pads[off] = want + ALIGN if want in (1, 130) else want
+        want = pads[off] + ALIGN - starts[off] % ALIGN  # 1 to MAX_PADDING + 63
+        if want > MAX_PADDING or (want > ALIGN + 1 and round_ < 8):
+            want -= ALIGN
+        pads[off] = want + ALIGN if want == 1 else want  # a field takes at least 2 bytes
     tensors, body, _ = layout()
     pieces: list[bytes | memoryview] = [_BATCHES, varint(body)]
     for i, (head, data, size) in enumerate(zip(heads, datas, tensors, strict=True)):

@@ -9,6 +9,7 @@ import numpy.typing as npt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gradstream.client._client import _Encoded
 from gradstream.client._tensor import wire_array
 from gradstream.client._wire import ALIGN, ALIGN_MIN_BYTES, MessageBuilder, encode_batch, varint
 from gradstream.server.wire import _request as read_in_place
@@ -59,7 +60,10 @@ def _batches(draw: st.DrawFn) -> tuple[list[tuple[npt.NDArray[Any], int]], Any, 
 def test_entries_parse_to_the_protobuf_message(batches: list[Any]) -> None:
     message = MessageBuilder()
     for parts, places, sequence in batches:
-        message.add(encode_batch(parts, places, sequence, start=message.size))
+        entry = encode_batch(parts, places, sequence, start=message.size)
+        # The SDK packs messages by this bound: it must not undercount.
+        assert len(entry) <= _Encoded(parts).nbytes
+        message.add(entry)
     expected = pb.TrainRequest(batches=[_reference(*b) for b in batches])
     data = message.to_bytes()
     assert message.count == len(batches) and message.size == len(data)
