@@ -146,11 +146,12 @@ def encode_batch(
     return b"".join(pieces)
 
 
-def _via_protobuf(
-    parts: Sequence[tuple[Array, int]], places: Sequence[tuple[int, int]] | None, sequence: int
-) -> bytes:
-    # Nothing to align: protobuf's C encoder is 5x faster than Python for tiny batches,
-    # and its copies of a few bytes cost nothing.
+def proto_batch(
+    parts: Sequence[tuple[Array, int]],
+    places: Sequence[tuple[int, int]] | None = None,
+    sequence: int = 0,
+) -> pb.Batch:
+    """The same batch as a protobuf message (what ``encode_batch`` must be equivalent to)."""
     batch = pb.Batch(sequence=sequence)
     for i, (array, code) in enumerate(parts):
         tensor = (batch.x, batch.y, batch.sample_weight)[i]
@@ -160,7 +161,15 @@ def _via_protobuf(
             tensor.data = array.tobytes()
         else:
             tensor.shared.offset, tensor.shared.length = places[i]
-    body = batch.SerializeToString()
+    return batch
+
+
+def _via_protobuf(
+    parts: Sequence[tuple[Array, int]], places: Sequence[tuple[int, int]] | None, sequence: int
+) -> bytes:
+    # Nothing to align: protobuf's C encoder is 5x faster than Python for tiny batches,
+    # and its copies of a few bytes cost nothing.
+    body = proto_batch(parts, places, sequence).SerializeToString()
     return _BATCHES + varint(len(body)) + body
 
 

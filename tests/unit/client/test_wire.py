@@ -11,28 +11,18 @@ from hypothesis import strategies as st
 
 from gradstream.client._client import _Encoded
 from gradstream.client._tensor import wire_array
-from gradstream.client._wire import ALIGN, ALIGN_MIN_BYTES, MessageBuilder, encode_batch, varint
+from gradstream.client._wire import (
+    ALIGN,
+    ALIGN_MIN_BYTES,
+    MessageBuilder,
+    encode_batch,
+    proto_batch,
+    varint,
+)
 from gradstream.server.wire import _request as read_in_place
 from gradstream.v1 import trainer_pb2 as pb
 
 _DTYPES = ["<f4", "<f8", "<f2", "<i8", "<i4", "<u2"]
-
-
-def _reference(
-    parts: list[tuple[npt.NDArray[Any], int]],
-    places: list[tuple[int, int]] | None,
-    sequence: int,
-) -> pb.Batch:
-    batch = pb.Batch(sequence=sequence)
-    for i, (array, code) in enumerate(parts):
-        tensor = [batch.x, batch.y, batch.sample_weight][i]
-        tensor.dtype = code  # type: ignore[assignment]
-        tensor.shape[:] = array.shape
-        if places is None:
-            tensor.data = array.tobytes()
-        else:
-            tensor.shared.offset, tensor.shared.length = places[i]
-    return batch
 
 
 @st.composite
@@ -64,7 +54,7 @@ def test_entries_parse_to_the_protobuf_message(batches: list[Any]) -> None:
         # The SDK packs messages by this bound: it must not undercount.
         assert len(entry) <= _Encoded(parts).nbytes
         message.add(entry)
-    expected = pb.TrainRequest(batches=[_reference(*b) for b in batches])
+    expected = pb.TrainRequest(batches=[proto_batch(*b) for b in batches])
     data = message.to_bytes()
     assert message.count == len(batches) and message.size == len(data)
     # Equal to protobuf's own bytes once the ignored padding is dropped.
