@@ -7,6 +7,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,17 +32,24 @@ def require_tool(name: str, *candidates: Path) -> str:
     pytest.skip(f"{name} is not installed")
 
 
+def server_settings(**overrides: Any) -> Settings:
+    """An in-process test server's settings: loopback, free gRPC port, CPU, no health or
+    metrics port unless a test asks for one."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "health_port": -1,
+        "metrics_port": -1,
+        "device": "cpu",
+    }
+    return Settings(**(values | overrides))
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[BackgroundServer]:
     """One in-process server for the session, on free loopback ports, CPU."""
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        health_port=0,
-        metrics_port=0,
-        device="cpu",
-        max_message_bytes=8 * 1024 * 1024,
-        max_models=1000,
+    settings = server_settings(
+        health_port=0, metrics_port=0, max_message_bytes=8 * 1024 * 1024, max_models=1000
     )
     with BackgroundServer(settings) as running:
         yield running

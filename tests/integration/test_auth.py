@@ -21,6 +21,7 @@ from gradstream.server.app import BackgroundServer, Server, StartupRefused
 from gradstream.server.config import Settings
 from gradstream.server.servicer import TrainerServicer
 from gradstream.server.tokens import RPC_ACTIONS
+from tests.conftest import server_settings
 from tests.integration._security import ADMIN, OTHER, READER, TRAINER, Pki, make_pki
 
 SPEC = {
@@ -72,12 +73,8 @@ def secured(
 ) -> Iterator[tuple[str, BackgroundServer, Spy]]:
     """A server with tokens over TLS, or over mutual TLS, with a spy on its handlers."""
     spy = Spy()
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
+    settings = server_settings(
         health_port=0,
-        metrics_port=-1,
-        device="cpu",
         tokens_file=pki.tokens,
         tls_cert=pki.server_cert,
         tls_key=pki.server_key,
@@ -226,12 +223,7 @@ def test_plaintext_client_cannot_talk_to_a_tls_server(
 
 
 def test_mtls_refuses_a_client_without_a_certificate(pki: Pki, tmp_path: Path) -> None:
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        health_port=-1,
-        metrics_port=-1,
-        device="cpu",
+    settings = server_settings(
         tokens_file=pki.tokens,
         tls_cert=pki.server_cert,
         tls_key=pki.server_key,
@@ -261,9 +253,7 @@ def test_mtls_refuses_a_client_without_a_certificate(pki: Pki, tmp_path: Path) -
 
 
 def test_tokens_also_work_without_tls_on_loopback(pki: Pki) -> None:
-    settings = Settings(
-        port=0, health_port=-1, metrics_port=-1, device="cpu", tokens_file=pki.tokens
-    )
+    settings = server_settings(tokens_file=pki.tokens)
     with BackgroundServer(settings) as server:
         with Client(server.target, timeout=10) as anonymous:
             with pytest.raises(GradstreamError) as failure:
@@ -342,11 +332,8 @@ def test_metrics_port_can_serve_https_with_the_same_certificate(pki: Pki) -> Non
     import urllib.error
     import urllib.request
 
-    settings = Settings(
-        port=0,
-        health_port=-1,
+    settings = server_settings(
         metrics_port=0,
-        device="cpu",
         tokens_file=pki.tokens,
         tls_cert=pki.server_cert,
         tls_key=pki.server_key,

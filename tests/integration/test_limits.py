@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradstream.client import Client, ResourceExhausted
 from gradstream.server.app import BackgroundServer
-from gradstream.server.config import Settings
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+from tests.conftest import server_settings
 
 MAX_STREAMS = 4
 MESSAGE_LIMIT = 1024 * 1024
@@ -30,12 +30,8 @@ SPEC = {
 @pytest.fixture(scope="module")
 def limited() -> Iterator[BackgroundServer]:
     """A server with small limits, so each is cheap to reach."""
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
+    settings = server_settings(
         health_port=0,
-        metrics_port=-1,
-        device="cpu",
         max_streams=MAX_STREAMS,
         max_batch_rows=64,
         max_batch_bytes=1000,

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gradstream.client import Client, NotFound
 from gradstream.server.app import BackgroundServer
-from gradstream.server.config import Settings
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+from tests.conftest import server_settings
 
 Series = tuple[str, frozenset[tuple[str, str]]]
 TRAINER = "gradstream.v1.TrainerService"
@@ -193,7 +193,7 @@ def test_bad_batches_and_unknown_models_add_no_series(
 
 
 def test_without_a_metrics_port_nothing_is_recorded() -> None:
-    settings = Settings(port=0, health_port=-1, metrics_port=-1, device="cpu")
+    settings = server_settings()
     with BackgroundServer(settings) as server, Client(server.target) as client:
         client.create_model("m", SEED)
         x = np.ones((1, 1), np.float32)

@@ -11,7 +11,7 @@ import pytest
 
 from gradstream.client import Client, ProducerStream, Unavailable
 from gradstream.server.app import BackgroundServer
-from gradstream.server.config import Settings
+from tests.conftest import server_settings
 
 SPEC = {
     "architecture": {"kind": "linear", "in_features": 2, "out_features": 1},
@@ -83,11 +83,7 @@ def test_a_small_buffer_on_a_server_without_checkpoints_still_finishes(
 
 
 def test_a_full_buffer_asks_the_server_for_a_checkpoint(tmp_path: Path) -> None:
-    settings = Settings(
-        port=0,
-        health_port=-1,
-        metrics_port=-1,
-        device="cpu",
+    settings = server_settings(
         checkpoint_dir=tmp_path,
         checkpoint_every_steps=0,
         checkpoint_every_seconds=0,
@@ -109,7 +105,7 @@ def test_a_full_buffer_asks_the_server_for_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_drain_refuses_new_streams_and_ends_open_ones_with_unavailable(tmp_path: Path) -> None:
-    settings = Settings(port=0, health_port=-1, metrics_port=-1, device="cpu")
+    settings = server_settings()
     server = BackgroundServer(settings).start()
     release = threading.Event()
     try:

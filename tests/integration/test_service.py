@@ -17,7 +17,7 @@ from gradstream.client import (
     NotFound,
 )
 from gradstream.server.app import BackgroundServer
-from gradstream.server.config import Settings
+from tests.conftest import server_settings
 
 LINEAR = {
     "architecture": {"kind": "linear", "in_features": 1, "out_features": 1, "bias": False},
@@ -228,9 +228,7 @@ def test_nonfinite_steps_are_skipped_and_the_model_untouched(client: Client, nam
 
 
 def test_divergence_guard_refuses_training_until_parameters_are_set(name: str) -> None:
-    settings = Settings(
-        port=0, health_port=-1, metrics_port=-1, device="cpu", max_nonfinite_steps=2
-    )
+    settings = server_settings(max_nonfinite_steps=2)
     with BackgroundServer(settings) as server, Client(server.target) as client:
         client.create_model(name, LINEAR)
         y = np.ones((1, 1), np.float32)

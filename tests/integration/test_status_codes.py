@@ -13,10 +13,10 @@ import pytest
 
 from gradstream.client import Client, FailedPrecondition, GradstreamError
 from gradstream.server.app import BackgroundServer
-from gradstream.server.config import Settings
 from gradstream.server.engine import Trainer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+from tests.conftest import server_settings
 
 SPEC = {
     "architecture": {"kind": "linear", "in_features": 2, "out_features": 1},
@@ -163,7 +163,7 @@ def test_all_frozen_model_cannot_give_gradients(client: Client, name: str) -> No
 
 
 def test_draining_server_answers_unavailable() -> None:
-    settings = Settings(port=0, health_port=-1, metrics_port=-1, device="cpu", drain_timeout=10)
+    settings = server_settings(drain_timeout=10)
     running = BackgroundServer(settings).start()
     release = threading.Event()
     with Client(running.target, timeout=10) as client:
