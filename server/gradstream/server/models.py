@@ -91,6 +91,57 @@ def build_module(spec: ModelSpec, device: torch.device) -> nn.Module:
     return module
 
 
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _layer_function(layer: nn.Module) -> Forward | None:
+    """The ATen call a built-in layer's ``forward`` makes, with the same arguments."""
+    match layer:
+        # Exact types: a subclass may override forward. The parameters are bound here;
+        # nothing in gradstream rebinds them (restore and set_parameters copy in place).
+        case nn.Linear() if type(layer) is nn.Linear:
+            weight, bias = layer.weight, layer.bias
+            return lambda x: F.linear(x, weight, bias)
+        case nn.ReLU() if type(layer) is nn.ReLU and not layer.inplace:
+            return torch.relu
+        case nn.Tanh() if type(layer) is nn.Tanh:
+            return torch.tanh
+        case nn.Sigmoid() if type(layer) is nn.Sigmoid:
+            return torch.sigmoid
+        case nn.GELU() if type(layer) is nn.GELU:
+            approximate = layer.approximate
+            return lambda x: F.gelu(x, approximate=approximate)
+    return None
+
+
+def forward_function(module: nn.Module) -> Forward:
+    """``module``'s forward pass as a flat chain of ATen calls where it is built-in layers only.
+
+    ``nn.Module.__call__`` costs microseconds a layer in hook and dispatch bookkeeping,
+    ~20 % of a medium step (mlp 64-64, batch 256) on one CPU thread. The chain makes the
+    calls ``forward`` would: the same result, bit for bit. Anything else (a plug-in's
+    module, a layer with hooks) is called as the module itself.
+    """
+    layers = list(module) if type(module) is nn.Sequential else [module]
+    functions = [_layer_function(layer) for layer in layers]
+    hooked = any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in module.modules()
+    )
+    chain = [f for f in functions if f is not None]
+    if hooked or len(chain) != len(layers):
+        return module
+    if len(chain) == 1:
+        return chain[0]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for f in chain:
+            x = f(x)
+        return x
+
+    return forward
+
+
 def build_optimizer(spec: OptimizerSpec, module: nn.Module) -> torch.optim.Optimizer:
     """SGD over every parameter: frozen ones have no gradient, so SGD leaves them alone."""
     return torch.optim.SGD(
