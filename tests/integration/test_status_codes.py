@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -289,3 +291,50 @@ def test_health_watch_still_streams(server: BackgroundServer) -> None:
         first = next(iter(watch))
         assert first.status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
+
+
+def test_drain_while_a_stream_is_opening_ends_it_with_unavailable() -> None:
+    """drain() lands after the stream is registered but before its reader task first runs.
+
+    A task cancelled before it starts never runs its body, so the stream's end-of-requests
+    marker must not depend on the reader's own except/finally (seen: the stream hung, and
+    shutdown waited out half the drain time).
+    """
+    running = BackgroundServer(server_settings(drain_timeout=20)).start()
+    loop = running._loop
+    assert loop is not None
+    worker_free = threading.Event()
+    try:
+        with Client(running.target, timeout=10) as client:
+            client.create_model("opening", SPEC)
+            worker = running.server.registry.get("opening")
+            # Hold the model's worker so the stream waits in opening, already registered.
+            asyncio.run_coroutine_threadsafe(
+                worker.submit(lambda _: worker_free.wait(30)), loop
+            ).result(10)
+            with grpc.insecure_channel(running.target) as channel:
+                stub = pb_grpc.TrainerServiceStub(channel)
+                requests_done = threading.Event()
+
+                def requests() -> Iterator[pb.TrainRequest]:
+                    yield pb.TrainRequest(open=pb.TrainOpen(model="opening"))
+                    requests_done.wait(30)
+
+                responses = iter(stub.Train(requests(), timeout=10))
+                servicer = running.server.servicer
+                deadline = time.monotonic() + 10
+                while servicer.open_streams == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert servicer.open_streams == 1
+                loop.call_soon_threadsafe(servicer.drain)
+                worker_free.set()
+                try:
+                    assert next(responses).HasField("opened")
+                    with pytest.raises(grpc.RpcError) as ended:
+                        next(responses)
+                    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+                finally:
+                    requests_done.set()
+    finally:
+        worker_free.set()
+        running.stop()

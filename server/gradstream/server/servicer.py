@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -257,6 +258,7 @@ class TrainerServicer:
             # the worker's bounded queue stops the reader when it is too far ahead.
             jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None] = asyncio.Queue()
             reader = asyncio.create_task(self._read(first, requests, worker, stream, jobs))
+            reader.add_done_callback(functools.partial(_reading_ended, stream, jobs))
             stream.reader = reader
             if self.draining:  # drain() ran while this stream was opening
                 stream.draining = True
@@ -292,43 +294,48 @@ class TrainerServicer:
         jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
     ) -> None:
         name = worker.trainer.name
-        try:
-            request: TrainMessage | None = first
-            while request is not None:
-                if request is not first and request.open is not None:
-                    raise InvalidArgument(
-                        "open", "only the first TrainRequest of a stream may carry open"
-                    )
-                if request.batches:
-                    check = _checks(request.batches, stream.segment)
-                    if _mean_batch_bytes(request.batches) < WORKER_CHECK_BYTES:
-                        # Small batches: their checks are mostly Python (holding the GIL),
-                        # and the worker is the busier thread; spare it. Large ones are left
-                        # to the worker, see _checks.
-                        check = _done(check(worker.trainer))
-                    job = _train_job(check, stream, self.metrics, name)
-                    jobs.put_nowait(await worker.submit(job))
-                request = await anext(requests, None)
-        except asyncio.CancelledError:
-            if stream.draining:  # drain() cancelled the reader: Train reads this failure last
-                draining: asyncio.Future[list[StepResult]] = (
-                    asyncio.get_running_loop().create_future()
+        request: TrainMessage | None = first
+        while request is not None:
+            if request is not first and request.open is not None:
+                raise InvalidArgument(
+                    "open", "only the first TrainRequest of a stream may carry open"
                 )
-                # The steps queued before still finish and reach the client first.
-                draining.set_exception(
-                    Unavailable("the server is shutting down; reconnect to resume the stream")
-                )
-                jobs.put_nowait(draining)
-            # Otherwise only Train's own exit cancels the reader: nobody is left to read a
-            # failed future, and an unread one would be logged with a traceback on collection.
-            raise
-        except BaseException as exc:
-            failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            jobs.put_nowait(failed)
-            raise
-        finally:
-            jobs.put_nowait(None)
+            if request.batches:
+                check = _checks(request.batches, stream.segment)
+                if _mean_batch_bytes(request.batches) < WORKER_CHECK_BYTES:
+                    # Small batches: their checks are mostly Python (holding the GIL),
+                    # and the worker is the busier thread; spare it. Large ones are left
+                    # to the worker, see _checks.
+                    check = _done(check(worker.trainer))
+                job = _train_job(check, stream, self.metrics, name)
+                jobs.put_nowait(await worker.submit(job))
+            request = await anext(requests, None)
+
+
+def _reading_ended(
+    stream: _Stream,
+    jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
+    reader: asyncio.Task[None],
+) -> None:
+    """Queue how the reader ended, then the end marker, behind the jobs it queued.
+
+    A done callback, not the reader's own except/finally: a task cancelled before its
+    first step never runs its body, and drain() can cancel a stream's reader that early;
+    the stream then waited for a marker that never came.
+    """
+    ended: BaseException | None = None
+    if reader.cancelled():
+        # drain() cancelled it: Train reads this failure after the steps queued before.
+        # Otherwise only Train's own exit cancels the reader, and nobody is left to read.
+        if stream.draining:
+            ended = Unavailable("the server is shutting down; reconnect to resume the stream")
+    else:
+        ended = reader.exception()
+    if ended is not None:
+        failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
+        failed.set_exception(ended)
+        jobs.put_nowait(failed)
+    jobs.put_nowait(None)
 
 
 def _validate(
