@@ -301,6 +301,7 @@ class Client:
                 name,
                 batches,
                 producer_id,
+                train_call=self._train_call,
                 report_every=report_every,
                 skip_rejected=skip_rejected,
                 batches_per_message=batches_per_message,

@@ -27,7 +27,8 @@ from typing import Any
 import grpc
 
 from gradstream.client._errors import BatchRejected, DataLoss, Unavailable, from_rpc_error
-from gradstream.client._tensor import as_array, to_proto
+from gradstream.client._tensor import wire_array
+from gradstream.client._wire import encode_batch
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 
@@ -40,8 +41,11 @@ _POLL = 0.1  # seconds between checks of a stop flag while waiting
 @dataclass(frozen=True, slots=True)
 class _Entry:
     sequence: int
-    batch: pb.Batch
-    size: int
+    batch: bytes  # one ``batches`` entry of a TrainRequest, as wire bytes (``encode_batch``)
+
+    @property
+    def size(self) -> int:
+        return len(self.batch)
 
 
 class _Attempt:
@@ -71,6 +75,7 @@ class ProducerStream(Iterator[Any]):
         batches: Iterable[Any],
         producer_id: str,
         *,
+        train_call: Callable[[Iterator[pb.TrainRequest | bytes]], Any],
         report_every: int,
         skip_rejected: bool,
         batches_per_message: int,
@@ -85,6 +90,7 @@ class ProducerStream(Iterator[Any]):
         self.producer_id = producer_id
         self.reconnects = 0
         self._stub = stub
+        self._train_call = train_call  # Train, sending bytes as they are
         self._channel = channel
         self._batches = batches
         self._opener = pb.TrainRequest(
@@ -150,7 +156,7 @@ class ProducerStream(Iterator[Any]):
             while True:
                 attempt = _Attempt()
                 self._attempt = attempt
-                call: Any = self._stub.Train(self._requests(attempt))
+                call: Any = self._train_call(self._requests(attempt))
                 try:
                     for response in call:
                         if response.HasField("opened"):
@@ -251,14 +257,18 @@ class ProducerStream(Iterator[Any]):
                 )
             )
 
-    def _requests(self, attempt: _Attempt) -> Iterator[pb.TrainRequest]:
+    def _requests(self, attempt: _Attempt) -> Iterator[pb.TrainRequest | bytes]:
         yield self._opener
         while not attempt.opened.wait(_POLL):
             if attempt.dead:
                 return
         position = attempt.resume_at
         while True:
-            request = pb.TrainRequest()
+            # A message is its batches' entries concatenated. Each entry was encoded on its
+            # own, so only the first one's data is sure to be aligned in the message (the
+            # server copies unaligned data to check it: slower, not wrong); a batch large
+            # enough for alignment to matter usually travels alone.
+            entries: list[bytes] = []
             with self._cond:
                 while (
                     not attempt.dead
@@ -272,16 +282,16 @@ class ProducerStream(Iterator[Any]):
                 size = 0
                 while (
                     position < self._head + len(self._buffer)
-                    and len(request.batches) < self._per_message
+                    and len(entries) < self._per_message
                     and size < self._message_bytes
                 ):
                     entry = self._buffer[position - self._head]
-                    request.batches.append(entry.batch)
+                    entries.append(entry.batch)
                     size += entry.size
                     position += 1
-            if not request.batches:
+            if not entries:
                 return  # the caller's batches are all sent: half-close
-            yield request
+            yield entries[0] if len(entries) == 1 else b"".join(entries)
 
     def _done(self) -> bool:
         with self._cond:
@@ -331,16 +341,11 @@ class ProducerStream(Iterator[Any]):
                 )
         else:
             sequence = self._fed + 1
-        batch = pb.Batch(sequence=sequence)
-        x, y = as_array(item[0]), as_array(item[1])
-        to_proto(x, batch.x)
-        to_proto(y, batch.y)
-        size = x.nbytes + y.nbytes
-        if len(item) >= 3 and item[2] is not None:
-            w = as_array(item[2])
-            to_proto(w, batch.sample_weight)
-            size += w.nbytes
-        return _Entry(sequence, batch, size), given
+        weight = item[2] if len(item) >= 3 else None
+        parts = [wire_array(v) for v in (item[0], item[1], weight) if v is not None]
+        # Encoded (and so copied) now: the buffer must not change if the caller reuses
+        # its arrays, and a re-send after a reconnect costs no encoding.
+        return _Entry(sequence, encode_batch(parts, sequence=sequence)), given
 
     def _full(self, size: int) -> bool:
         if not self._buffer:
