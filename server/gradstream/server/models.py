@@ -92,6 +92,13 @@ def build_module(spec: ModelSpec, device: torch.device) -> nn.Module:
 
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+# torch's registries of hooks every module call runs (register_module_forward_hook & co.).
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 def _layer_function(layer: nn.Module) -> Forward | None:
@@ -124,10 +131,11 @@ def forward_function(module: nn.Module) -> Forward:
     """
     layers = list(module) if type(module) is nn.Sequential else [module]
     functions = [_layer_function(layer) for layer in layers]
+    # Hooks are looked at once, here: gradstream registers none, on modules or globally.
     hooked = any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
         for m in module.modules()
-    )
+    ) or any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
     chain = [f for f in functions if f is not None]
     if hooked or len(chain) != len(layers):
         return module

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from gradstream.server import engine
 from gradstream.server.batches import Batch
 from gradstream.server.engine import Outcome, Trainer, TrainOptions
 from gradstream.server.models import forward_function
@@ -139,8 +140,17 @@ def test_forward_function_calls_the_module_itself_unless_it_knows_every_layer() 
 
     hooked = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     calls: list[int] = []
-    hooked[1].register_forward_hook(lambda *_: calls.append(1))
+    handle = hooked[1].register_forward_hook(lambda *_: calls.append(1))
     assert forward_function(hooked) is hooked
+    handle.remove()
+    assert forward_function(hooked) is not hooked
+
+    # A hook on every module call, registered globally: only the module itself runs it.
+    handle = nn.modules.module.register_module_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert forward_function(hooked) is hooked
+    finally:
+        handle.remove()
 
     class Scaled(nn.Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,3 +159,10 @@ def test_forward_function_calls_the_module_itself_unless_it_knows_every_layer() 
     assert forward_function(Scaled(3, 1)) is not None
     assert isinstance(forward_function(Scaled(3, 1)), Scaled)
     assert forward_function(nn.ReLU(inplace=True)) is not torch.relu
+
+
+def test_backward_falls_back_to_the_public_call_without_the_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(torch.autograd.Variable, "_execution_engine")
+    assert engine._engine_backward() is torch.autograd.backward
