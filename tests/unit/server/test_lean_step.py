@@ -60,7 +60,7 @@ CASES = [("linear", "relu")] + [("mlp", a) for a in ACTIVATIONS]
 @pytest.mark.parametrize(("kind", "activation"), CASES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("accumulate", [1, 3])
-def test_plain_sgd_step_equals_the_eager_loop_bitwise(
+def test_cpu_step_shortcuts_equal_the_eager_loop_bitwise(
     kind: str, activation: str, dtype: str, accumulate: int
 ) -> None:
     arch = architecture(kind, activation)
