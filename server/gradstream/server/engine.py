@@ -35,7 +35,7 @@ def _engine_backward() -> Callable[[torch.Tensor, torch.Tensor], None]:
     the engine call it ends in is made directly, with the arguments it would pass. The
     engine does not check the seed against the loss, so callers pass what the Trainer
     builds: a scalar loss and a scalar seed of its dtype. Falls back to the public call if
-    a torch release moves the engine.
+    a torch release moves the engine or changes the call (tried once, here, on a probe).
     """
     engine = getattr(torch.autograd.Variable, "_execution_engine", None)
     run = getattr(engine, "run_backward", None)
@@ -45,7 +45,15 @@ def _engine_backward() -> Callable[[torch.Tensor, torch.Tensor], None]:
     def backward(loss: torch.Tensor, seed: torch.Tensor) -> None:
         run((loss,), (seed,), False, False, (), allow_unreachable=True, accumulate_grad=True)
 
-    return backward
+    probe = torch.ones((), requires_grad=True)
+    try:
+        with torch.enable_grad():
+            backward(probe * 2.0, torch.ones(()))
+    except (TypeError, RuntimeError):
+        return torch.autograd.backward
+    return (
+        backward if probe.grad is not None and probe.grad.item() == 2.0 else torch.autograd.backward
+    )
 
 
 _backward = _engine_backward()

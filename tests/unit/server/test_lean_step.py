@@ -7,6 +7,7 @@ learning-rate change and a freeze half-way.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -164,5 +165,16 @@ def test_forward_function_calls_the_module_itself_unless_it_knows_every_layer() 
 def test_backward_falls_back_to_the_public_call_without_the_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    assert engine._engine_backward() is not torch.autograd.backward  # this torch: direct
     monkeypatch.delattr(torch.autograd.Variable, "_execution_engine")
+    assert engine._engine_backward() is torch.autograd.backward
+
+
+def test_backward_falls_back_when_the_engine_call_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def changed(*args: object, **kwargs: object) -> None:
+        raise TypeError("run_backward(): incompatible function arguments")
+
+    monkeypatch.setattr(
+        torch.autograd.Variable, "_execution_engine", SimpleNamespace(run_backward=changed)
+    )
     assert engine._engine_backward() is torch.autograd.backward
