@@ -26,6 +26,14 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_SKIPPED_NONFINITE: _ClassVar[Outcome]
     OUTCOME_DUPLICATE: _ClassVar[Outcome]
     OUTCOME_REJECTED: _ClassVar[Outcome]
+
+class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_SAFETENSORS: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_PT2: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_ONNX: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_TRITON: _ClassVar[ExportFormat]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT64: DataType
@@ -39,6 +47,11 @@ OUTCOME_ACCUMULATED: Outcome
 OUTCOME_SKIPPED_NONFINITE: Outcome
 OUTCOME_DUPLICATE: Outcome
 OUTCOME_REJECTED: Outcome
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat
+EXPORT_FORMAT_SAFETENSORS: ExportFormat
+EXPORT_FORMAT_PT2: ExportFormat
+EXPORT_FORMAT_ONNX: ExportFormat
+EXPORT_FORMAT_TRITON: ExportFormat
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "shared", "padding")
@@ -320,10 +333,12 @@ class PredictRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("y",)
+    __slots__ = ("y", "step")
     Y_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     y: Tensor
-    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    step: int
+    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ComputeGradientsRequest(_message.Message):
     __slots__ = ("name", "x", "y", "sample_weight", "grad_output")
@@ -431,3 +446,58 @@ class SaveCheckpointResponse(_message.Message):
     step: int
     producer_sequences: _containers.ScalarMap[str, int]
     def __init__(self, checkpoint: _Optional[str] = ..., step: _Optional[int] = ..., producer_sequences: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class EvaluateOpen(_message.Message):
+    __slots__ = ("model", "top_k")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    top_k: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., top_k: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("open", "batches")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    open: EvaluateOpen
+    batches: _containers.RepeatedCompositeFieldContainer[Batch]
+    def __init__(self, open: _Optional[_Union[EvaluateOpen, _Mapping]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("model", "step", "rows", "loss", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    step: int
+    rows: int
+    loss: float
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, model: _Optional[str] = ..., step: _Optional[int] = ..., rows: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ExportModelRequest(_message.Message):
+    __slots__ = ("name", "format")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    format: ExportFormat
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ...) -> None: ...
+
+class ExportModelResponse(_message.Message):
+    __slots__ = ("path", "data", "step")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    data: bytes
+    step: int
+    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ..., step: _Optional[int] = ...) -> None: ...

@@ -90,6 +90,16 @@ class TrainerServiceStub:
                 request_serializer=gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
                 response_deserializer=gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.stream_unary(
+                '/gradstream.v1.TrainerService/Evaluate',
+                request_serializer=gradstream_dot_v1_dot_trainer__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=gradstream_dot_v1_dot_trainer__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
+        self.ExportModel = channel.unary_stream(
+                '/gradstream.v1.TrainerService/ExportModel',
+                request_serializer=gradstream_dot_v1_dot_trainer__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=gradstream_dot_v1_dot_trainer__pb2.ExportModelResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -173,6 +183,21 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evaluate(self, request_iterator, context):
+        """Evaluate runs the model on client-streamed batches without stepping or building a
+        graph, and answers once with the weighted loss and the task's metrics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportModel(self, request, context):
+        """ExportModel streams the model encoded in a serving format, as files cut in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +255,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.SaveCheckpoint,
                     request_deserializer=gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.FromString,
                     response_serializer=gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'Evaluate': grpc.stream_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=gradstream_dot_v1_dot_trainer__pb2.EvaluateRequest.FromString,
+                    response_serializer=gradstream_dot_v1_dot_trainer__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=gradstream_dot_v1_dot_trainer__pb2.ExportModelRequest.FromString,
+                    response_serializer=gradstream_dot_v1_dot_trainer__pb2.ExportModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +565,60 @@ class TrainerService:
             '/gradstream.v1.TrainerService/SaveCheckpoint',
             gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
             gradstream_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradstream.v1.TrainerService/Evaluate',
+            gradstream_dot_v1_dot_trainer__pb2.EvaluateRequest.SerializeToString,
+            gradstream_dot_v1_dot_trainer__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradstream.v1.TrainerService/ExportModel',
+            gradstream_dot_v1_dot_trainer__pb2.ExportModelRequest.SerializeToString,
+            gradstream_dot_v1_dot_trainer__pb2.ExportModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

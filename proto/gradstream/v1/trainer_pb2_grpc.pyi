@@ -60,6 +60,12 @@ class TrainerServiceStub:
     """SetParameters overwrites some or all parameters, all or nothing."""
     SaveCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]
     """SaveCheckpoint writes a checkpoint of one model now and answers once it is durable."""
+    Evaluate: _grpc.StreamUnaryMultiCallable[_trainer_pb2.EvaluateRequest, _trainer_pb2.EvaluateResponse]
+    """Evaluate runs the model on client-streamed batches without stepping or building a
+    graph, and answers once with the weighted loss and the task's metrics.
+    """
+    ExportModel: _grpc.UnaryStreamMultiCallable[_trainer_pb2.ExportModelRequest, _trainer_pb2.ExportModelResponse]
+    """ExportModel streams the model encoded in a serving format, as files cut in chunks."""
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -88,6 +94,12 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """SetParameters overwrites some or all parameters, all or nothing."""
     SaveCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]  # type: ignore[assignment]
     """SaveCheckpoint writes a checkpoint of one model now and answers once it is durable."""
+    Evaluate: _aio.StreamUnaryMultiCallable[_trainer_pb2.EvaluateRequest, _trainer_pb2.EvaluateResponse]  # type: ignore[assignment]
+    """Evaluate runs the model on client-streamed batches without stepping or building a
+    graph, and answers once with the weighted loss and the task's metrics.
+    """
+    ExportModel: _aio.UnaryStreamMultiCallable[_trainer_pb2.ExportModelRequest, _trainer_pb2.ExportModelResponse]  # type: ignore[assignment]
+    """ExportModel streams the model encoded in a serving format, as files cut in chunks."""
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainerService trains, inspects and serves models held by the server."""
@@ -179,5 +191,23 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.SaveCheckpointResponse, _abc.Awaitable[_trainer_pb2.SaveCheckpointResponse]]:
         """SaveCheckpoint writes a checkpoint of one model now and answers once it is durable."""
+
+    @_abc_1.abstractmethod
+    def Evaluate(
+        self,
+        request_iterator: _MaybeAsyncIterator[_trainer_pb2.EvaluateRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.EvaluateResponse, _abc.Awaitable[_trainer_pb2.EvaluateResponse]]:
+        """Evaluate runs the model on client-streamed batches without stepping or building a
+        graph, and answers once with the weighted loss and the task's metrics.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportModel(
+        self,
+        request: _trainer_pb2.ExportModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trainer_pb2.ExportModelResponse], _abc.AsyncIterator[_trainer_pb2.ExportModelResponse]]:
+        """ExportModel streams the model encoded in a serving format, as files cut in chunks."""
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

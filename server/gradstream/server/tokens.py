@@ -8,8 +8,9 @@ The file has one token per line, ``#`` starts a comment::
     0c9e...aa                       fraud-v2                 predict
 
 ``models`` is a comma-separated list of names or globs (``fnmatch``, case-sensitive).
-``actions`` is a comma-separated subset of ``train``, ``predict``, ``read`` and
-``admin``; ``admin`` includes the other three. Tokens are kept only as SHA-256
+``actions`` is a comma-separated subset of ``train``, ``predict``, ``read``,
+``evaluate``, ``export`` and ``admin``; ``admin`` includes all the others. ``export``
+hands out the whole model, so no other action implies it. Tokens are kept only as SHA-256
 digests and compared with ``hmac.compare_digest`` against every entry, so neither
 memory dumps nor timing tell a token.
 """
@@ -30,6 +31,8 @@ class Action(StrEnum):
     TRAIN = "train"
     PREDICT = "predict"
     READ = "read"
+    EVALUATE = "evaluate"
+    EXPORT = "export"
     ADMIN = "admin"
 
 
@@ -47,6 +50,8 @@ RPC_ACTIONS: dict[str, Action] = {
     "GetModel": Action.READ,
     "ListModels": Action.READ,
     "GetParameters": Action.READ,
+    "Evaluate": Action.EVALUATE,
+    "ExportModel": Action.EXPORT,
 }
 MIN_TOKEN_LENGTH = 16
 
