@@ -35,14 +35,17 @@ def task_of(spec: ModelSpec) -> str:
     return "regression"
 
 
-def check_top_k(spec: ModelSpec, top_k: Sequence[int], field: str = "open.top_k") -> tuple[int, ...]:
+def check_top_k(
+    spec: ModelSpec, top_k: Sequence[int], field: str = "open.top_k"
+) -> tuple[int, ...]:
     """The distinct k of a request, each in [1, classes]; only multiclass models take any."""
     ks = tuple(sorted(set(top_k)))
     if not ks:
         return ks
     if task_of(spec) != "multiclass":
         raise InvalidArgument(
-            field, f"top-k accuracy needs a cross_entropy model, this one's loss is {spec.loss.kind}"
+            field,
+            f"top-k accuracy needs a cross_entropy model, this one's loss is {spec.loss.kind}",
         )
     classes = spec.architecture.out_features
     for k in ks:
@@ -214,7 +217,9 @@ class Evaluation:
         self._add("correct", float(((out > 0) == positive).sum()))
         self._ranks.add(out.reshape(-1).numpy(), positive.reshape(-1).numpy())
 
-    def _add_multiclass(self, out: torch.Tensor, target: torch.Tensor, row_loss: torch.Tensor) -> None:
+    def _add_multiclass(
+        self, out: torch.Tensor, target: torch.Tensor, row_loss: torch.Tensor
+    ) -> None:
         self._add("cross_entropy", float(row_loss.sum()))
         self._add("correct", float((out.argmax(1) == target).sum()))
         if self.top_k:

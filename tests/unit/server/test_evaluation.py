@@ -77,7 +77,7 @@ def test_rank_counts_merge_many_chunks_into_the_pairwise_count() -> None:
 def test_rank_counts_past_the_bound_name_the_setting() -> None:
     counts = RankCounts(max_scores=10)
     counts.add(np.arange(8, dtype=np.float64), np.arange(8) % 2 == 0)
-    with pytest.raises(ResourceExhausted, match="eval_auc_max_scores.*11.*limit is 10"):
+    with pytest.raises(ResourceExhausted, match=r"eval_auc_max_scores.*11.*limit is 10"):
         counts.add(np.arange(8, 11, dtype=np.float64), np.ones(3, dtype=bool))
         counts.roc_auc()
 
@@ -98,7 +98,9 @@ def test_regression_metrics_are_the_hand_computed_values() -> None:
     y = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
     for splits in (1, 3):
         got = _evaluate(_spec("mse"), out, y, splits=splits)
-        assert got == pytest.approx({"loss": 0.25, "mse": 0.25, "mae": 0.25, "rmse": 0.5, "r2": 0.8})
+        assert got == pytest.approx(
+            {"loss": 0.25, "mse": 0.25, "mae": 0.25, "rmse": 0.5, "r2": 0.8}
+        )
 
 
 def test_r2_is_the_column_average_and_a_constant_target_follows_scikit_learn() -> None:
@@ -167,7 +169,7 @@ def test_multiclass_accuracy_and_top_k_with_a_tie() -> None:
 def test_top_k_outside_the_classes_or_on_another_task_is_refused() -> None:
     with pytest.raises(InvalidArgument, match=r"open.top_k.*k=4 is outside \[1, 3\]"):
         Evaluation(_spec("cross_entropy", out=3), top_k=(1, 4))
-    with pytest.raises(InvalidArgument, match="open.top_k.*loss is mse"):
+    with pytest.raises(InvalidArgument, match=r"open.top_k.*loss is mse"):
         Evaluation(_spec("mse"), top_k=(1,))
     with pytest.raises(InvalidArgument, match="no batches"):
         Evaluation(_spec("mse")).result()

@@ -56,7 +56,7 @@ def test_safetensors_rebuilds_the_module_bitwise(kind: str, tmp_path: Path) -> N
     path = ex.write(ex.copy_model(trainer), ex.ExportFormat.SAFETENSORS, tmp_path)
     with safetensors.safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-        assert set(f.keys()) == set(trainer.module.state_dict())  # noqa: SIM118
+        assert set(f.keys()) == set(trainer.module.state_dict())
     assert metadata["gradstream.step"] == "3"
     assert json.loads(metadata["gradstream.spec"])["architecture"]["kind"] == kind
     module, spec, step = ex.load_safetensors(path)
