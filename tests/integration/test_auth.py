@@ -6,6 +6,7 @@ import collections
 import itertools
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,15 @@ class Spy:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         for rpc in RPCS:
             original = getattr(TrainerServicer, rpc)
-            if rpc == "Train":
+            if rpc in ("Train", "ExportModel"):  # their handlers return response streams
 
-                def train(self_: Any, requests: Any, context: Any, _o: Any = original) -> Any:
-                    self.calls["Train"] += 1
-                    return _o(self_, requests, context)
+                def streamed(
+                    self_: Any, request: Any, context: Any, _o: Any = original, _n: str = rpc
+                ) -> Any:
+                    self.calls[_n] += 1
+                    return _o(self_, request, context)
 
-                monkeypatch.setattr(TrainerServicer, rpc, train)
+                monkeypatch.setattr(TrainerServicer, rpc, streamed)
             else:
 
                 async def unary(
@@ -121,6 +124,10 @@ def _call(client: Client, rpc: str) -> Any:
             return client.gradients("alpha", X, Y)
         case "Train":
             return list(client.train("alpha", [(X, Y)]))
+        case "Evaluate":
+            return client.evaluate("alpha", [(X, Y)])
+        case "ExportModel":
+            return client.export("alpha", "safetensors", Path(tempfile.mkdtemp()) / "alpha")
     raise AssertionError(rpc)
 
 

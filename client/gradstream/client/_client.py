@@ -26,6 +26,10 @@ Array = npt.NDArray[Any]
 BatchLike = tuple[Any, Any] | tuple[Any, Any, Any] | tuple[Any, Any, Any, Any]
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _OUTCOME_NAMES = {v: k.removeprefix("OUTCOME_") for k, v in pb.Outcome.items()}
+# "pt2" -> "EXPORT_FORMAT_PT2": the names the SDK and the CLI take.
+_EXPORT_FORMATS = {
+    k.removeprefix("EXPORT_FORMAT_").lower(): k for k, v in pb.ExportFormat.items() if v
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +228,87 @@ class Client:
         response = self._call(self._stub.ComputeGradients, request)
         return {n: from_proto(t, f"gradients[{n}]") for n, t in response.gradients.items()}
 
+    # -- evaluation and export ------------------------------------------------------------
+
+    def evaluate(
+        self,
+        name: str,
+        batches: Iterable[BatchLike],
+        top_k: Sequence[int] = (),
+        *,
+        message_bytes: int = 4 * 1024 * 1024,
+    ) -> dict[str, float]:
+        """The model's loss and task metrics on ``(x, y[, sample_weight])`` batches; no step.
+
+        Returns ``loss`` (weighted and reduced as training does), the metrics of the
+        model's task (docs/evaluation.md), ``step`` (the step it was taken at) and
+        ``rows``. ``top_k`` asks a multiclass model for top-k accuracy too.
+        """
+
+        def requests() -> Iterator[pb.EvaluateRequest]:
+            message = pb.EvaluateRequest(open=pb.EvaluateOpen(model=name, top_k=list(top_k)))
+            for batch in batches:
+                x, y, weight = (*batch, None)[:3]
+                added = message.batches.add(x=to_proto(x), y=to_proto(y))
+                if weight is not None:
+                    to_proto(weight, added.sample_weight)
+                if message.ByteSize() >= message_bytes:
+                    yield message
+                    message = pb.EvaluateRequest()
+            yield message
+
+        try:
+            response = self._stub.Evaluate(requests())
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return {
+            "loss": response.loss,
+            **dict(response.metrics),
+            "step": response.step,
+            "rows": response.rows,
+        }
+
+    def export(self, name: str, format: str, path: str | Path) -> list[Path]:
+        """Export the model as ``safetensors``, ``pt2``, ``onnx`` or ``triton`` into ``path``.
+
+        ``path`` is the file for the single-file formats, and the model repository folder
+        (created if missing) for ``triton``. Returns the files written. The files are
+        written as they arrive, each under a temporary name renamed once complete.
+        """
+        code = _EXPORT_FORMATS.get(format)
+        if code is None:
+            known = ", ".join(_EXPORT_FORMATS)
+            raise ValueError(f"format: {format!r} is not an export format; give one of {known}")
+        request = pb.ExportModelRequest(name=name, format=code)
+        target = Path(path)
+        written: list[Path] = []
+        single = format != "triton"
+        current: Any = None
+        try:
+            for chunk in self._stub.ExportModel(request):
+                if chunk.path:
+                    if current is not None:
+                        written.append(_finish(current))
+                        current = None
+                    if single and written:
+                        raise ValueError(f"the server sent more than one file for {format}")
+                    file = target if single else _inside(target, chunk.path)
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    current = open(file.with_name(f".{file.name}.part"), "wb")  # noqa: SIM115
+                if current is None:
+                    raise ValueError("the server sent data before naming its file")
+                current.write(chunk.data)
+            if current is not None:
+                written.append(_finish(current))
+                current = None
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            if current is not None:
+                current.close()
+                Path(current.name).unlink(missing_ok=True)
+        return written
+
     def parameters(self, name: str, gradients: bool = False) -> dict[str, Array]:
         """Parameter values by name; with ``gradients`` also ``"<name>.grad"`` where one is set."""
         request = pb.GetParametersRequest(name=name, include_gradients=gradients)
@@ -375,6 +460,23 @@ class Client:
 
 def _serialize_train(request: pb.TrainRequest | bytes) -> bytes:
     return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing a path from the server that would leave ``root``."""
+    parts = relative.split("/")
+    if relative.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"the server sent an unsafe export path {relative!r}")
+    return root.joinpath(*parts)
+
+
+def _finish(file: Any) -> Path:
+    """Close a ``.NAME.part`` file and rename it to NAME: a complete file or none."""
+    file.close()
+    part = Path(file.name)
+    final = part.with_name(part.name.removeprefix(".").removesuffix(".part"))
+    part.replace(final)
+    return final
 
 
 def _step_result(r: pb.StepResult) -> StepResult:

@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument
+from gradstream.server.export import ExportFormat
 from gradstream.server.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
@@ -32,6 +33,7 @@ from gradstream.server.interceptors import (
     StreamLimitInterceptor,
 )
 from gradstream.server.metrics import Metrics
+from gradstream.server.publishing import ExportDirectory, Publisher
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.servicer import TrainerServicer, add_to_server
 from gradstream.server.tokens import TokenStore
@@ -142,6 +144,23 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def make_publisher(settings: Settings) -> Publisher | None:
+    """Continuous export as the settings ask (docs/serving.md), or None when export_dir is unset."""
+    if settings.export_dir is None:
+        return None
+    if not settings.export_every_steps and not settings.export_every_seconds:
+        raise StartupRefused(
+            "export_dir: set export_every_steps or export_every_seconds to say how often to export"
+        )
+    directory = ExportDirectory(
+        settings.export_dir,
+        ExportFormat(settings.export_format),
+        settings.export_keep,
+        settings.export_max_batch_size,
+    )
+    return Publisher(directory, settings.export_every_steps, settings.export_every_seconds)
+
+
 class Server:
     """One gradstream server: the gRPC port, the plaintext health port and the metrics port."""
 
@@ -181,7 +200,15 @@ class Server:
             every_seconds=settings.checkpoint_every_seconds,
             keep=settings.checkpoint_keep,
         )
-        self.servicer = TrainerServicer(self.registry, self.metrics, self.checkpointer)
+        self.publisher = make_publisher(settings)
+        self.servicer = TrainerServicer(
+            self.registry,
+            self.metrics,
+            self.checkpointer,
+            publisher=self.publisher,
+            eval_auc_max_scores=settings.eval_auc_max_scores,
+            export_max_batch_size=settings.export_max_batch_size,
+        )
         self._timer: asyncio.Task[None] | None = None
         self.streams = StreamLimitInterceptor(settings.max_streams, self.metrics.active_streams)
         self.health = health_aio.HealthServicer()
@@ -332,6 +359,8 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
         await self.registry.close()
+        if self.publisher is not None:  # the versions already offered are still written
+            await asyncio.to_thread(self.publisher.close, max(1.0, deadline - loop.time()))
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self._metrics_http is not None:

@@ -122,3 +122,27 @@ class Settings(BaseSettings):
         description="seconds a collective may wait for the other ranks before the job "
         "fails (and restarts from its checkpoint); must exceed the longest step",
     )
+
+    # -- evaluation and export (docs/serving.md) ---------------------------------------------
+    eval_auc_max_scores: int = Field(
+        1_000_000,
+        gt=0,
+        description="distinct scores one Evaluate keeps for roc_auc (about 24 bytes each, "
+        "at most twice this many held); past it the Evaluate fails with RESOURCE_EXHAUSTED",
+    )
+    export_dir: Path | None = Field(
+        None, description="continuous export: a new version of each model here (unset: off)"
+    )
+    export_format: Literal["triton", "pt2", "safetensors", "onnx"] = Field(
+        "triton", description="continuous export's format (triton: a Triton model repository)"
+    )
+    export_every_steps: int = Field(
+        0, ge=0, description="optimizer steps between continuous exports of a model (0: off)"
+    )
+    export_every_seconds: float = Field(
+        0.0, ge=0, description="seconds between continuous exports of a model that stepped (0: off)"
+    )
+    export_keep: int = Field(3, ge=1, description="newest exported versions kept per model")
+    export_max_batch_size: int = Field(
+        0, ge=0, description="Triton config's max_batch_size (0: no Triton batching)"
+    )

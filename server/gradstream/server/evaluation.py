@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,10 @@ from torch.nn import functional as F  # noqa: N812
 
 from gradstream.server.errors import InvalidArgument, ResourceExhausted
 from gradstream.server.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from gradstream.server.batches import Batch
+    from gradstream.server.engine import Trainer
 
 Array = npt.NDArray[Any]
 REGRESSION = ("mse", "l1", "huber")
@@ -274,3 +278,13 @@ class Evaluation:
             else:
                 scores.append(1.0 - residual / total)
         return float(np.mean(scores))
+
+
+def evaluate_batches(trainer: Trainer, evaluation: Evaluation, batches: Sequence[Batch]) -> int:
+    """On the model's worker: each batch's forward pass in inference mode, counted.
+
+    Returns the step the model was at: nothing here steps it.
+    """
+    for batch in batches:
+        evaluation.add(trainer.predict(batch.x), batch.y, batch.weight)
+    return trainer.step

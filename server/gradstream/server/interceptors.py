@@ -18,6 +18,7 @@ from gradstream.server.errors import GradstreamError
 from gradstream.server.metrics import GrpcServerMetrics, grpc_type
 from gradstream.server.tokens import RPC_ACTIONS, Action, TokenStore
 from gradstream.server.wire import TrainMessage
+from gradstream.v1 import trainer_pb2
 
 log = logging.getLogger("gradstream.server")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -82,10 +83,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
+        # A request or a request stream alike: the wrappers only pass it on.
+        single: Any = handler.unary_unary or handler.stream_unary
+        if single is not None:
+            inner = single
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def one_response(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
                 try:
                     return await inner(request, context)
                 except BaseException as exc:
@@ -93,7 +98,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                         raise
                     await _abort(context, exc, method)
 
-            return _same_kind(handler, unary_unary, handler.request_deserializer)
+            return _same_kind(handler, one_response, handler.request_deserializer)
+        if handler.unary_stream is not None:
+            inner_unary_stream: Any = handler.unary_stream
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> None:
+                try:
+                    await _write_responses(inner_unary_stream(request, context), context)
+                except BaseException as exc:
+                    if _is_abort(exc) or not isinstance(exc, Exception):
+                        raise
+                    await _abort(context, exc, method)
+
+            return _same_kind(handler, unary_stream, handler.request_deserializer)
         if handler.stream_stream is not None:
             inner_stream: Any = handler.stream_stream
 
@@ -110,6 +129,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             return _same_kind(handler, stream_stream, handler.request_deserializer)
         return handler
+
+
+async def _write_responses(result: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Run a server-streaming behaviour: a generator's responses are written, a coroutine
+    (one that calls ``context.write`` itself, as the wrappers here do) is awaited."""
+    if inspect.isasyncgen(result):
+        async for response in result:
+            await context.write(response)
+    else:
+        await result
 
 
 class _MethodSeries:
@@ -307,12 +336,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
 
             async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 await _refuse_malformed(request, context)
-                result = inner(request, context)
-                if inspect.isasyncgen(result):  # a generator; else a coroutine using write()
-                    async for response in result:
-                        await context.write(response)
-                else:
-                    await result
+                await _write_responses(inner(request, context), context)
 
         elif handler.stream_unary is not None:
             inner = handler.stream_unary
@@ -362,6 +386,8 @@ def _bearer(metadata: Any) -> str | None:
 def _model_of(request: Any) -> str:
     if isinstance(request, TrainMessage):  # Train's first message, decoded by wire.py
         return request.open.model if request.open is not None else ""
+    if isinstance(request, trainer_pb2.EvaluateRequest):  # Evaluate's first message
+        return request.open.model
     return str(getattr(request, "name", ""))
 
 
@@ -422,18 +448,44 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return response
 
             return _same_kind(handler, unary_unary, handler.request_deserializer)
+        if handler.unary_stream is not None:
+            inner_unary_stream: Any = handler.unary_stream
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> None:
+                await check(context, request)
+                await _write_responses(inner_unary_stream(request, context), context)
+
+            return _same_kind(handler, unary_stream, handler.request_deserializer)
+
+        async def checked(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            """The request stream with its first message checked before anything reads it."""
+            if grant is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, denial or "")
+            first = await anext(aiter(requests), None)
+            if first is not None:
+                await check(context, first)
+            return _prepend(first, requests)
+
+        if handler.stream_unary is not None:
+            inner_stream_unary: Any = handler.stream_unary
+
+            async def stream_unary(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                return await inner_stream_unary(await checked(requests, context), context)
+
+            return _same_kind(handler, stream_unary, handler.request_deserializer)
         if handler.stream_stream is not None:
             inner_stream: Any = handler.stream_stream
 
             async def stream_stream(
                 requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                if grant is None:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, denial or "")
-                first = await anext(aiter(requests), None)
-                if first is not None:
-                    await check(context, first)
-                async for response in inner_stream(_prepend(first, requests), context):
+                async for response in inner_stream(await checked(requests, context), context):
                     yield response
 
             return _same_kind(handler, stream_stream, handler.request_deserializer)

@@ -261,6 +261,21 @@ class Metrics:
             "Train streams open now (max_streams bounds it).",
             registry=r,
         )
+        self.eval_metric = Gauge(
+            "gradstream_eval_metric",
+            "Loss and task metrics of the model's last Evaluate (docs/evaluation.md).",
+            ["model", "metric"],
+            registry=r,
+        )
+        self.eval_step = Gauge(
+            "gradstream_eval_step",
+            "The optimizer step the model's last Evaluate was taken at.",
+            ["model"],
+            registry=r,
+        )
+        self.eval_rows = Gauge(
+            "gradstream_eval_rows", "Rows of the model's last Evaluate.", ["model"], registry=r
+        )
 
     def model_created(self, model: str, lr: float) -> None:
         """Pre-initialize the model's series so rates start from zero, not from absence."""
@@ -285,10 +300,25 @@ class Metrics:
             self.learning_rate,
             self.batches_rejected,
             self.steps_skipped,
+            self.eval_metric,
+            self.eval_step,
+            self.eval_rows,
         ):
             for labels in list(metric._metrics):  # prometheus-client has no "remove by model"
                 if labels[0] == model:
                     metric.remove(*labels)
+
+    def evaluated(self, model: str, step: int, rows: int, metrics: dict[str, float]) -> None:
+        """Publish one Evaluate's loss and metrics, replacing the model's previous ones."""
+        if not self.enabled:
+            return
+        for labels in list(self.eval_metric._metrics):
+            if labels[0] == model and labels[1] not in metrics:
+                self.eval_metric.remove(*labels)
+        for name, value in metrics.items():
+            self.eval_metric.labels(model, name).set(value)
+        self.eval_step.labels(model).set(step)
+        self.eval_rows.labels(model).set(rows)
 
     def record(self, model: str, results: Iterable[tuple[StepResult, int]], seconds: float) -> None:
         """Account one worker job: each result with the row count of its batch."""

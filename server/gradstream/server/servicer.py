@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,12 +28,16 @@ from gradstream.server.engine import (
 )
 from gradstream.server.errors import (
     DataLoss,
+    FailedPrecondition,
     GradstreamError,
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
 )
+from gradstream.server.evaluation import Evaluation, evaluate_batches
+from gradstream.server.export import ExportFormat, chunks, copy_model, write
 from gradstream.server.metrics import Metrics
+from gradstream.server.publishing import Publisher
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.shm import map_shared_memory
 from gradstream.server.spec import parse_spec
@@ -46,6 +52,9 @@ WORKER_CHECK_BYTES = 256 * 1024
 
 _OUTCOMES: dict[Outcome, Any] = {
     outcome: pb.Outcome.Value(f"OUTCOME_{outcome.value}") for outcome in Outcome
+}
+_EXPORT_FORMATS: dict[int, ExportFormat] = {
+    pb.ExportFormat.Value(f"EXPORT_FORMAT_{fmt.name}"): fmt for fmt in ExportFormat
 }
 Context = grpc.aio.ServicerContext[object, object]
 
@@ -66,11 +75,21 @@ class TrainerServicer:
     """Decodes and validates requests, queues the work on the model's worker, encodes replies."""
 
     def __init__(
-        self, registry: ModelRegistry, metrics: Metrics, checkpointer: Checkpointer | None = None
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        checkpointer: Checkpointer | None = None,
+        *,
+        publisher: Publisher | None = None,
+        eval_auc_max_scores: int = 1_000_000,
+        export_max_batch_size: int = 0,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.checkpointer = checkpointer or Checkpointer(None, metrics)
+        self.publisher = publisher
+        self.eval_auc_max_scores = eval_auc_max_scores
+        self.export_max_batch_size = export_max_batch_size
         self.draining = False
         self._streams: set[_Stream] = set()
         self._streams_closed = asyncio.Event()
@@ -143,6 +162,8 @@ class TrainerServicer:
             worker = None
         await self.registry.delete(request.name)
         await self.checkpointer.forget(request.name, worker)
+        if self.publisher is not None:
+            self.publisher.forget(request.name)
         return pb.DeleteModelResponse()
 
     async def UpdateModel(
@@ -163,8 +184,77 @@ class TrainerServicer:
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         worker = self.registry.get(request.name)
         x = worker.trainer.checker.inputs(decode_array(request.x, "x"))
-        y = await worker.run(lambda t: t.predict(x).cpu())
-        return pb.PredictResponse(y=encode(y))
+        y, step = await worker.run(lambda t: (t.predict(x).cpu(), t.step))
+        return pb.PredictResponse(y=encode(y), step=step)
+
+    async def Evaluate(
+        self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: Context
+    ) -> pb.EvaluateResponse:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or not first.HasField("open"):
+            raise InvalidArgument("open", "the first EvaluateRequest of a stream must carry open")
+        worker = self.registry.get(first.open.model)
+        checker = worker.trainer.checker
+        evaluation = Evaluation(
+            worker.trainer.spec, tuple(first.open.top_k), self.eval_auc_max_scores
+        )
+        step, index = 0, 0
+        request: pb.EvaluateRequest | None = first
+        while request is not None:
+            if request is not first and request.HasField("open"):
+                raise InvalidArgument(
+                    "open", "only the first EvaluateRequest of a stream may carry open"
+                )
+            batches = []
+            for batch in request.batches:
+                field = f"batches[{index}]"  # counted over the whole stream
+                weight = batch.sample_weight if batch.HasField("sample_weight") else None
+                batches.append(
+                    checker.batch(
+                        decode_array(batch.x, f"{field}.x"),
+                        decode_array(batch.y, f"{field}.y"),
+                        None if weight is None else decode_array(weight, f"{field}.sample_weight"),
+                        field=field,
+                    )
+                )
+                index += 1
+            if batches:
+                job = functools.partial(evaluate_batches, evaluation=evaluation, batches=batches)
+                step = await worker.run(job)
+            request = await anext(requests, None)
+        metrics = evaluation.result()
+        self.metrics.evaluated(first.open.model, step, evaluation.rows, metrics)
+        loss = metrics.pop("loss")
+        return pb.EvaluateResponse(
+            model=first.open.model, step=step, rows=evaluation.rows, loss=loss, metrics=metrics
+        )
+
+    async def ExportModel(
+        self, request: pb.ExportModelRequest, context: Context
+    ) -> AsyncIterator[pb.ExportModelResponse]:
+        fmt = _EXPORT_FORMATS.get(request.format)
+        if fmt is None:
+            known = ", ".join(f"EXPORT_FORMAT_{f.name}" for f in ExportFormat)
+            raise InvalidArgument(
+                "format", f"{request.format} is not a format; give one of {known}"
+            )
+        # The worker copies the parameters; encoding runs on another thread.
+        copy = await self.registry.get(request.name).run(copy_model)
+        with tempfile.TemporaryDirectory(prefix="gradstream-export-") as tmp:
+            try:
+                await asyncio.to_thread(write, copy, fmt, Path(tmp), self.export_max_batch_size)
+            except GradstreamError:
+                raise
+            except Exception as exc:  # a plug-in module torch cannot trace, say
+                raise FailedPrecondition(
+                    f"model {copy.name!r} cannot be exported as {fmt.value}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            pieces = chunks(Path(tmp))
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                path, data = piece
+                yield pb.ExportModelResponse(path=path, data=data, step=copy.step)
 
     async def ComputeGradients(
         self, request: pb.ComputeGradientsRequest, context: Context
@@ -307,7 +397,7 @@ class TrainerServicer:
                     # and the worker is the busier thread; spare it. Large ones are left
                     # to the worker, see _checks.
                     check = _done(check(worker.trainer))
-                job = _train_job(check, stream, self.metrics, name)
+                job = _train_job(check, stream, self.metrics, name, self.publisher)
                 jobs.put_nowait(await worker.submit(job))
             request = await anext(requests, None)
 
@@ -391,6 +481,7 @@ def _train_job(
     stream: _Stream,
     metrics: Metrics,
     model: str,
+    publisher: Publisher | None = None,
 ) -> Callable[[Trainer], list[StepResult]]:
     def job(trainer: Trainer) -> list[StepResult]:
         items = check(trainer)
@@ -406,6 +497,8 @@ def _train_job(
         if metrics.sample_due(first_step, trainer.step):
             metrics.sample(trainer)
         metrics.record(model, zip(results, rows, strict=False), time.perf_counter() - start)
+        if publisher is not None and publisher.due(model, trainer.step):
+            publisher.offer(copy_model(trainer))  # written on the publisher's thread
         return results
 
     return job
@@ -446,11 +539,12 @@ def add_to_server(servicer: TrainerServicer, server: grpc.aio.Server) -> None:
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
         deserialize = parse_train_request if method.name == "Train" else request_type.FromString
-        make = (
-            grpc.stream_stream_rpc_method_handler
-            if method.client_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=deserialize,
