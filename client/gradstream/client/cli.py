@@ -1,4 +1,4 @@
-"""The ``gradstream`` command: serve, create, train, predict, params, demo, bench."""
+"""The ``gradstream`` command: serve, create, train, predict, eval, export, params, demo, bench."""
 
 from __future__ import annotations
 
@@ -70,18 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train = client_command("train", "stream a dataset (.npz, .npy pair or .csv) into a model")
     train.add_argument("name")
-    train.add_argument(
-        "data",
-        nargs="?",
-        type=Path,
-        help=".npz with x, y (and sample_weight), or .csv whose last --y-columns are y",
-    )
-    train.add_argument("--x", type=Path, help=".npy of inputs (with --y)")
-    train.add_argument("--y", type=Path, help=".npy of targets (with --x)")
-    train.add_argument("--y-columns", type=int, default=1, help="csv: trailing target columns")
-    train.add_argument(
-        "--labels", action="store_true", help="csv: targets are integer class labels"
-    )
+    _add_dataset_flags(train)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--report-every", type=int, default=10)
@@ -97,6 +86,27 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("name")
     predict.add_argument("data", type=Path, help=".npy, .npz (x) or .csv of inputs")
     predict.set_defaults(run=_predict)
+
+    evaluate = client_command("eval", "print the model's loss and metrics on a dataset as JSON")
+    evaluate.add_argument("name")
+    _add_dataset_flags(evaluate)
+    evaluate.add_argument("--batch-size", type=int, default=1024)
+    evaluate.add_argument(
+        "--top-k",
+        type=int,
+        action="append",
+        default=[],
+        help="multiclass: also top-k accuracy (repeatable)",
+    )
+    evaluate.set_defaults(run=_evaluate)
+
+    export = client_command("export", "write the model in a serving format")
+    export.add_argument("name")
+    export.add_argument("--format", required=True, choices=["safetensors", "pt2", "onnx", "triton"])
+    export.add_argument(
+        "-o", "--output", required=True, type=Path, help="the file; triton: the repository folder"
+    )
+    export.set_defaults(run=_export)
 
     params = client_command("params", "print parameters (and gradients) as JSON")
     params.add_argument("name")
@@ -118,6 +128,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="see gradstream bench --help")
     bench.set_defaults(run=_bench)
     return parser
+
+
+def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    """The dataset a train or eval command reads (see ``load_arrays``)."""
+    parser.add_argument(
+        "data",
+        nargs="?",
+        type=Path,
+        help=".npz with x, y (and sample_weight), or .csv whose last --y-columns are y",
+    )
+    parser.add_argument("--x", type=Path, help=".npy of inputs (with --y)")
+    parser.add_argument("--y", type=Path, help=".npy of targets (with --x)")
+    parser.add_argument("--y-columns", type=int, default=1, help="csv: trailing target columns")
+    parser.add_argument(
+        "--labels", action="store_true", help="csv: targets are integer class labels"
+    )
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -260,23 +286,26 @@ def _has_header(path: Path) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _batches(args: argparse.Namespace, epochs: int) -> Iterator[tuple[Any, ...]]:
+    """The dataset's rows in batches of ``--batch-size``, ``epochs`` times over."""
     x, y, w = load_arrays(args)
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows, y has {len(y)}")
     size = args.batch_size
+    for _ in range(epochs):
+        for start in range(0, len(x), size):
+            part = slice(start, start + size)
+            yield (x[part], y[part]) if w is None else (x[part], y[part], w[part])
 
-    def batches() -> Iterator[tuple[Any, ...]]:
-        for _ in range(args.epochs):
-            for start in range(0, len(x), size):
-                part = slice(start, start + size)
-                yield (x[part], y[part]) if w is None else (x[part], y[part], w[part])
 
-    total = args.epochs * -(-len(x) // size)
+def _train(args: argparse.Namespace) -> int:
+    x, _, _ = load_arrays(args)
+    total = args.epochs * -(-len(x) // args.batch_size)
+    batches = _batches(args, args.epochs)
     progress = _Progress(total, quiet=args.quiet)
     with connect(args, timeout=None) as client:
         results = client.train(
-            args.name, batches(), report_every=args.report_every, producer_id=args.producer_id
+            args.name, batches, report_every=args.report_every, producer_id=args.producer_id
         )
         for result in results:
             progress.update(result)
@@ -331,6 +360,21 @@ def _predict(args: argparse.Namespace) -> int:
     with connect(args) as client:
         out = client.predict(args.name, x)
     np.savetxt(sys.stdout, out.reshape(len(out), -1), delimiter=",", fmt="%.8g")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    with connect(args, timeout=None) as client:
+        result = client.evaluate(args.name, _batches(args, epochs=1), top_k=args.top_k)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    with connect(args, timeout=None) as client:
+        written = client.export(args.name, args.format, args.output)
+    for path in written:
+        print(path)
     return 0
 
 
