@@ -227,6 +227,10 @@ def _scenario(client: Client, state: Run) -> None:
     rejected = list(client.train("diverging", wrong, skip_rejected=True))
     assert [r.outcome for r in rejected] == ["REJECTED"] * REJECTED_BATCHES
 
+    # The dashboard's evaluation panel: one Evaluate of the healthy model before it trains.
+    x = np.ones((8, 3), np.float32)
+    client.evaluate("healthy", [(x, np.zeros((8, 2), np.float32))])
+
     stop = threading.Event()
     ghost = threading.Thread(target=_ghost_requests, args=(client, stop), daemon=True)
     ghost.start()

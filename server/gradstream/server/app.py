@@ -182,6 +182,7 @@ class Server:
             every=settings.metrics_every,
             max_elements=settings.metrics_max_elements,
             device=self.device,
+            loss_window=settings.loss_window,
         )
         self.registry = self.registry_type(
             self.device,

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     metrics_every: int = Field(
         10, gt=0, description="steps between samples of weight and gradient metrics"
     )
+    loss_window: int = Field(
+        100,
+        gt=0,
+        description="reported batch losses in the smoothed loss gauges (window mean and EMA)",
+    )
     metrics_max_elements: int = Field(
         64, ge=0, description="parameters with at most this many elements export every value"
     )

@@ -108,6 +108,28 @@ ROWS: tuple[Row, ...] = (
         ),
     ),
     Row(
+        "Learning curve and evaluation",
+        (
+            Panel(
+                "Smoothed loss",
+                "Progressive validation loss: each batch's loss is taken before its step. "
+                "Mean of the last loss_window reported batches, and their EMA.",
+                (
+                    Target(f"gradstream_train_loss_window_mean{{{MODEL}}}", "{{model}} mean"),
+                    Target(f"gradstream_train_loss_ema{{{MODEL}}}", "{{model}} EMA"),
+                ),
+                unit="none",
+            ),
+            Panel(
+                "Evaluation",
+                "Loss and metrics of each model's last Evaluate (gradstream_eval_metric); "
+                "gradstream_eval_step says at which step.",
+                (Target(f"gradstream_eval_metric{{{MODEL}}}", "{{model}} {{metric}}"),),
+                unit="none",
+            ),
+        ),
+    ),
+    Row(
         "Weights and gradients (sampled every metrics_every steps)",
         (
             Panel(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,31 @@ SKIP_REASONS = ("nonfinite_loss", "nonfinite_gradient")
 # Long-lived Train streams need buckets far past the defaults' 10 s.
 _RPC_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 1800.0)
 GRPC_TYPES = ("unary", "server_stream", "client_stream", "bidi_stream")  # [2 * client + server]
+
+
+class SmoothedLoss:
+    """The last ``window`` batch losses' mean and their exponential moving average.
+
+    The EMA starts at the first loss and moves by ``alpha = 2 / (window + 1)`` (the
+    span-``window`` convention), so both follow the same horizon.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.losses: deque[float] = deque(maxlen=window)
+        self.alpha = 2.0 / (window + 1)
+        self.ema = 0.0
+
+    def add(self, losses: Iterable[float]) -> None:
+        """Count losses in the order they were computed."""
+        for loss in losses:
+            first = not self.losses
+            self.losses.append(loss)
+            self.ema = loss if first else self.ema + self.alpha * (loss - self.ema)
+
+    @property
+    def mean(self) -> float:
+        """Mean of the losses in the window (summed afresh: no drift from running sums)."""
+        return sum(self.losses) / len(self.losses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +210,11 @@ class Metrics:
         every: int = 10,
         max_elements: int = 64,
         device: torch.device | None = None,
+        loss_window: int = 100,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.loss_window = loss_window
+        self._smoothed: dict[str, SmoothedLoss] = {}
         self.enabled = enabled
         self.every = every
         self.max_elements = max_elements
@@ -193,6 +222,19 @@ class Metrics:
         r = self.registry
         self.train_loss = Gauge(
             "gradstream_train_loss", "Loss of the last reported step.", ["model"], registry=r
+        )
+        self.train_loss_mean = Gauge(
+            "gradstream_train_loss_window_mean",
+            "Mean loss of the model's last loss_window reported batches (progressive "
+            "validation: each batch's loss is taken before its step).",
+            ["model"],
+            registry=r,
+        )
+        self.train_loss_ema = Gauge(
+            "gradstream_train_loss_ema",
+            "Exponential moving average of reported batch losses, alpha = 2 / (loss_window + 1).",
+            ["model"],
+            registry=r,
         )
         self.train_steps = Counter(
             "gradstream_train_steps", "Optimizer steps applied.", ["model"], registry=r
@@ -291,9 +333,12 @@ class Metrics:
     def model_deleted(self, model: str) -> None:
         """Drop every series of a deleted model."""
         self._probes.pop(model, None)
+        self._smoothed.pop(model, None)
         self._weights.samples.pop(model, None)
         for metric in (
             self.train_loss,
+            self.train_loss_mean,
+            self.train_loss_ema,
             self.train_steps,
             self.train_samples,
             self.step_duration,
@@ -326,6 +371,7 @@ class Metrics:
             return
         applied = samples = batches = 0
         loss: float | None = None
+        losses: list[float] = []
         for result, rows in results:
             batches += 1
             match result.outcome:
@@ -334,6 +380,7 @@ class Metrics:
                     samples += rows
                     if result.loss is not None:
                         loss = result.loss
+                        losses.append(loss)
                 case Outcome.SKIPPED_NONFINITE:
                     self.steps_skipped.labels(model, _skip_label(result.reason)).inc()
                 case Outcome.REJECTED:
@@ -344,6 +391,12 @@ class Metrics:
             self.train_samples.labels(model).inc(samples)
         if loss is not None:
             self.train_loss.labels(model).set(loss)
+            smoothed = self._smoothed.get(model)
+            if smoothed is None:
+                smoothed = self._smoothed[model] = SmoothedLoss(self.loss_window)
+            smoothed.add(losses)
+            self.train_loss_mean.labels(model).set(smoothed.mean)
+            self.train_loss_ema.labels(model).set(smoothed.ema)
         if batches:
             self.step_duration.labels(model).observe(seconds / batches)
 

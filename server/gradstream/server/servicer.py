@@ -224,7 +224,10 @@ class TrainerServicer:
                 step = await worker.run(job)
             request = await anext(requests, None)
         metrics = evaluation.result()
-        self.metrics.evaluated(first.open.model, step, evaluation.rows, metrics)
+        # top-k names come from the request: kept out of Prometheus, whose series a
+        # request must never create (docs/observability.md).
+        fixed = {k: v for k, v in metrics.items() if not k.startswith("top_")}
+        self.metrics.evaluated(first.open.model, step, evaluation.rows, fixed)
         loss = metrics.pop("loss")
         return pb.EvaluateResponse(
             model=first.open.model, step=step, rows=evaluation.rows, loss=loss, metrics=metrics

@@ -156,6 +156,34 @@ def test_record_counts_steps_samples_and_the_last_loss() -> None:
     )
 
 
+def test_smoothed_loss_is_the_window_mean_and_the_ema_of_reported_losses() -> None:
+    metrics, trainer = Metrics(loss_window=3), _trainer()
+    metrics.model_created("m", 0.1)
+    results = _steps(trainer, 5)
+    losses = [r.loss for r in results]
+    assert all(loss is not None for loss in losses)
+    metrics.record("m", [(r, 4) for r in results[:2]], 0.001)
+    metrics.record("m", [(r, 4) for r in results[2:]], 0.001)
+    last3 = losses[2:]
+    assert _value(metrics, "gradstream_train_loss_window_mean", model="m") == pytest.approx(
+        sum(last3) / 3, rel=1e-15
+    )
+    ema = losses[0]
+    for loss in losses[1:]:
+        ema = ema + 0.5 * (loss - ema)  # alpha = 2 / (3 + 1)
+    assert _value(metrics, "gradstream_train_loss_ema", model="m") == pytest.approx(ema, rel=1e-15)
+
+
+def test_evaluated_replaces_the_previous_evaluation() -> None:
+    metrics = Metrics()
+    metrics.evaluated("m", 7, 100, {"loss": 0.5, "roc_auc": 0.75})
+    metrics.evaluated("m", 9, 50, {"loss": 0.25})
+    assert _value(metrics, "gradstream_eval_metric", model="m", metric="loss") == 0.25
+    assert _value(metrics, "gradstream_eval_step", model="m") == 9
+    assert _value(metrics, "gradstream_eval_rows", model="m") == 50
+    assert 'metric="roc_auc"' not in generate_latest(metrics.registry).decode()
+
+
 def test_series_are_preinitialized_at_creation_and_all_gone_after_deletion() -> None:
     metrics, trainer = Metrics(), _trainer()
     metrics.model_created("m", 0.1)
@@ -227,6 +255,7 @@ def test_every_exported_metric_is_documented() -> None:
     metrics.model_created("m", 0.1)
     metrics.record("m", [(r, 4) for r in _steps(trainer, 1)], 0.001)
     metrics.sample(trainer)
+    metrics.evaluated("m", 1, 4, {"loss": 0.5})
     metrics.grpc.preinitialize([trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]])
     names = {
         re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split(" ")[0])
