@@ -24,7 +24,7 @@ from prometheus_client import start_http_server
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument
-from gradstream.server.export import ExportFormat
+from gradstream.server.export import CHUNK_BYTES, ExportFormat
 from gradstream.server.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
@@ -209,6 +209,8 @@ class Server:
             publisher=self.publisher,
             eval_auc_max_scores=settings.eval_auc_max_scores,
             export_max_batch_size=settings.export_max_batch_size,
+            # A chunk and its envelope fit in one message whatever max_message_bytes is.
+            export_chunk_bytes=max(1, min(CHUNK_BYTES, settings.max_message_bytes // 2)),
         )
         self._timer: asyncio.Task[None] | None = None
         self.streams = StreamLimitInterceptor(settings.max_streams, self.metrics.active_streams)

@@ -35,7 +35,7 @@ from gradstream.server.errors import (
     Unavailable,
 )
 from gradstream.server.evaluation import Evaluation, evaluate_batches
-from gradstream.server.export import ExportFormat, chunks, copy_model, write
+from gradstream.server.export import CHUNK_BYTES, ExportFormat, chunks, copy_model, write
 from gradstream.server.metrics import Metrics
 from gradstream.server.publishing import Publisher
 from gradstream.server.registry import ModelRegistry
@@ -83,6 +83,7 @@ class TrainerServicer:
         publisher: Publisher | None = None,
         eval_auc_max_scores: int = 1_000_000,
         export_max_batch_size: int = 0,
+        export_chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -90,6 +91,7 @@ class TrainerServicer:
         self.publisher = publisher
         self.eval_auc_max_scores = eval_auc_max_scores
         self.export_max_batch_size = export_max_batch_size
+        self.export_chunk_bytes = export_chunk_bytes
         self.draining = False
         self._streams: set[_Stream] = set()
         self._streams_closed = asyncio.Event()
@@ -254,10 +256,13 @@ class TrainerServicer:
                     f"model {copy.name!r} cannot be exported as {fmt.value}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from None
-            pieces = chunks(Path(tmp))
-            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-                path, data = piece
-                yield pb.ExportModelResponse(path=path, data=data, step=copy.step)
+            pieces = chunks(Path(tmp), self.export_chunk_bytes)
+            try:
+                while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                    path, data = piece
+                    yield pb.ExportModelResponse(path=path, data=data, step=copy.step)
+            finally:
+                pieces.close()
 
     async def ComputeGradients(
         self, request: pb.ComputeGradientsRequest, context: Context

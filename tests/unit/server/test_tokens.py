@@ -34,6 +34,18 @@ def test_parse_and_allow() -> None:
     assert store.find("a" * 31) is None and store.find("") is None
 
 
+def test_evaluate_and_export_are_their_own_actions() -> None:
+    store = TokenStore.parse(
+        "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee  m  evaluate\n"
+        "ffffffffffffffffffffffffffffffff  m  train,predict,read,export\n"
+    )
+    evaluator, exporter = store.find("e" * 32), store.find("f" * 32)
+    assert evaluator and exporter
+    assert evaluator.allows(Action.EVALUATE, "m")
+    assert not evaluator.allows(Action.EXPORT, "m") and not evaluator.allows(Action.READ, "m")
+    assert exporter.allows(Action.EXPORT, "m") and not exporter.allows(Action.EVALUATE, "m")
+
+
 def test_tokens_are_kept_only_as_digests() -> None:
     store = TokenStore.parse(FILE)
     for grant in store.grants:
