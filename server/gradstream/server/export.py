@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -208,7 +208,7 @@ def files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def chunks(root: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[str, bytes]]:
+def chunks(root: Path, chunk_bytes: int = CHUNK_BYTES) -> Generator[tuple[str, bytes], None, None]:
     """``(path, data)`` pieces of every file under ``root``; the path only on a file's first.
 
     An empty file is one piece with no data. Paths are relative and "/"-separated.
