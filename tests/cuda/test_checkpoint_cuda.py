@@ -12,7 +12,7 @@ import torch
 
 from gradstream.server import checkpoint as ck
 from gradstream.server.batches import Batch
-from gradstream.server.engine import Rejected, Trainer, TrainOptions
+from gradstream.server.engine import Rejected, Trainer, TrainerFactory, TrainOptions
 from gradstream.server.spec import parse_spec
 
 pytestmark = [
@@ -46,7 +46,7 @@ def test_checkpoint_mid_accumulation_on_cuda_restores_bitwise(tmp_path: Path) ->
     first.train_batches(batches[:11], TrainOptions(producer_id="p"))
     assert first.pending == 1
     ck.write(tmp_path / "m", ck.take(first), keep=1)
-    resumed = ck.restore(ck.newest(tmp_path / "m")[1], device)
+    resumed = ck.restore(ck.newest(tmp_path / "m")[1], TrainerFactory(device))
     assert all(p.device.type == "cuda" for p in resumed.module.parameters())
     resumed.train_batches(_batches(resumed, 21), TrainOptions(producer_id="p"))
     assert resumed.step == reference.step and resumed.producers == {"p": 21}

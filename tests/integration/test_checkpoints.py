@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from gradstream.client import Client, FailedPrecondition
-from gradstream.server.app import BackgroundServer
 from gradstream.server.config import Settings
+from gradstream.server.main import BackgroundServer
 
 SPEC = {
     "architecture": {"kind": "linear", "in_features": 2, "out_features": 1},

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradstream.server.distributed import denominator, shard_loss, shard_sizes
 from gradstream.server.models import loss_value
+from gradstream.server.sharded import denominator, shard_loss, shard_sizes
 from gradstream.server.spec import LossSpec
 
 KINDS = ["mse", "l1", "huber", "cross_entropy", "bce_with_logits"]
