@@ -12,7 +12,7 @@ import torch
 
 from gradstream.server import checkpoint as ck
 from gradstream.server.batches import Batch
-from gradstream.server.engine import Rejected, Trainer, TrainerFactory, TrainOptions
+from gradstream.server.engine import Trainer, TrainerFactory, TrainOptions
 from gradstream.server.spec import parse_spec
 
 pytestmark = [
@@ -27,7 +27,7 @@ SPEC = {
 }
 
 
-def _batches(trainer: Trainer, n: int) -> list[Batch | Rejected]:
+def _batches(trainer: Trainer, n: int) -> list[Batch]:
     g = torch.Generator().manual_seed(0)
     return [
         trainer.stage(

@@ -46,8 +46,8 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
             for alias in node.names:
                 full = f"{node.module}.{alias.name}"
                 targets.add(full if full in modules else node.module)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
+        for inner in ast.iter_child_nodes(node):
+            visit(inner)
 
     visit(ast.parse(path.read_text(), str(path)))
     return {t for t in targets if t in modules}

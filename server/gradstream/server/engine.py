@@ -116,14 +116,6 @@ class ModelInfo:
     nonfinite_streak: int
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A batch refused before it reached the model; it keeps its place in the result order."""
-
-    reason: str
-    sequence: int = 0
-
-
 @dataclass(slots=True)
 class TrainOptions:
     """Per-stream choices: who is producing and how often to read the loss back."""
@@ -142,7 +134,6 @@ class _Deferred:
     index: int  # position in the stream, for report_every
     loss: torch.Tensor | None = None
     bad: torch.Tensor | None = None  # the step's found_inf, on the batch that ends a step
-    reason: str = ""
 
 
 class StepKind(StrEnum):
@@ -330,7 +321,7 @@ class Trainer:
 
     def train_batches(
         self,
-        items: Sequence[Batch | Rejected],
+        items: Sequence[Batch],
         options: TrainOptions,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> tuple[list[StepResult], GradstreamError | None]:
@@ -344,19 +335,11 @@ class Trainer:
         for item in items:
             if cancelled():
                 break
-            if isinstance(item, Rejected):
-                results.append(self._rejected(item, options))
-                continue
             try:
                 results.append(self.train(item, options))
             except GradstreamError as exc:
                 return results, exc
         return results, None
-
-    def _rejected(self, item: Rejected, options: TrainOptions) -> StepResult:
-        options.batches_seen += 1
-        sequence = item.sequence or options.batches_seen
-        return StepResult(sequence, self.step, Outcome.REJECTED, reason=item.reason)
 
     def _is_duplicate(self, batch: Batch, options: TrainOptions) -> bool:
         """A producer re-sent a sequence it was already answered for."""
@@ -459,7 +442,7 @@ class Trainer:
 
     def _train_deferred(
         self,
-        items: Sequence[Batch | Rejected],
+        items: Sequence[Batch],
         options: TrainOptions,
         cancelled: Callable[[], bool],
     ) -> tuple[list[StepResult], GradstreamError | None]:
@@ -483,9 +466,6 @@ class Trainer:
             options.batches_seen += 1
             index = options.batches_seen
             sequence = item.sequence or index
-            if isinstance(item, Rejected):
-                pending.append(_Deferred(Outcome.REJECTED, sequence, index, reason=item.reason))
-                continue
             if self._is_duplicate(item, options):
                 pending.append(_Deferred(Outcome.DUPLICATE, sequence, index))
                 continue
@@ -532,7 +512,7 @@ class Trainer:
         results = []
         for d in pending:
             if d.loss is None:
-                results.append(StepResult(d.sequence, self.step, d.outcome, reason=d.reason))
+                results.append(StepResult(d.sequence, self.step, d.outcome))
                 continue
             loss = next(values)
             shown = loss if d.index % report_every == 0 else None
