@@ -16,7 +16,7 @@ from prometheus_client import Gauge
 
 from gradstream.server.errors import GradstreamError
 from gradstream.server.metrics import GrpcServerMetrics, grpc_type
-from gradstream.server.tokens import RPC_ACTIONS, Action, TokenStore
+from gradstream.server.tokens import CALLER, RPC_ACTIONS, Action, TokenStore
 from gradstream.server.wire import TrainMessage
 
 log = logging.getLogger("gradstream.server")
@@ -400,7 +400,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if grant is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, denial or "")
             if rpc == "ListModels" or isinstance(request, Malformed):
-                return  # ListModels is filtered; a malformed request is refused further in
+                return  # ListModels is filtered by the servicer; a malformed one refused further in
             assert grant is not None
             model = _model_of(request)
             if not grant.allows(action, model):
@@ -414,12 +414,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 await check(context, request)
-                response = await inner(request, context)
-                if rpc == "ListModels" and grant is not None:
-                    visible = [m for m in response.models if grant.allows(Action.READ, m.name)]
-                    del response.models[:]
-                    response.models.extend(visible)
-                return response
+                CALLER.set(grant)  # this task's: ListModels answers what the caller may read
+                return await inner(request, context)
 
             return _same_kind(handler, unary_unary, handler.request_deserializer)
         if handler.stream_stream is not None:

@@ -31,6 +31,7 @@ from gradstream.server.registry import ModelRegistry
 from gradstream.server.session import TrainSession
 from gradstream.server.shm import map_shared_memory
 from gradstream.server.spec import parse_spec
+from gradstream.server.tokens import may_read
 from gradstream.server.wire import TrainMessage, parse_train_request
 from gradstream.server.worker import ModelWorker
 from gradstream.v1 import trainer_pb2 as pb
@@ -106,7 +107,7 @@ class TrainerServicer:
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         infos = []
-        for name in self.registry.names():
+        for name in filter(may_read, self.registry.names()):
             try:
                 infos.append(_info(await self.registry.get(name).run(Trainer.info)))
             except GradstreamError:  # deleted while listing
