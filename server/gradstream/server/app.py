@@ -43,8 +43,7 @@ def intra_op_threads(settings: Settings) -> int:
     torch's default (at least 1).
 
     Every Train message is received on the one event-loop thread while the model's worker
-    steps: with torch's default the two fought for the cores, and on 2 cores medium
-    batches ran at half the plain loop's speed (docs/performance.md).
+    steps: with torch's default the two fight for the cores (docs/performance.md).
     """
     return settings.threads or max(1, TORCH_DEFAULT_THREADS - 1)
 

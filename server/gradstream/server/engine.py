@@ -31,9 +31,9 @@ from gradstream.server.spec import ModelSpec, OptimizerSpec
 def _engine_backward() -> Callable[[torch.Tensor, torch.Tensor], None]:
     """``torch.autograd.backward(loss, seed)`` for a scalar loss, minus its argument handling.
 
-    The wrapper normalizes and re-checks its arguments in Python on every call (~35 us a
-    step of an mlp 64-64 on batches of 256 here; a trainer 10-25 % faster without it);
-    the engine call it ends in is made directly, with the arguments it would pass. The
+    The wrapper normalizes and re-checks its arguments in Python on every call, a cost
+    of the same order as a small model's step (docs/performance.md); the engine call it
+    ends in is made directly, with the arguments it would pass. The
     engine does not check the seed against the loss, so callers pass what the Trainer
     builds: a scalar loss and a scalar seed of its dtype. Falls back to the public call if
     a torch release moves the engine or changes the call (tried once, here, on a probe).
