@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -152,16 +152,8 @@ def pull_state(group: Collectives) -> TrainerState:
         )
         group.broadcast(value)
         tensors[key] = value
-    return TrainerState(
-        tensors=tensors,
-        step=meta["step"],
-        pending=meta["pending"],
-        nonfinite_streak=meta["nonfinite_streak"],
-        producers=meta["producers"],
-        frozen=meta["frozen"],
-        param_groups=meta["param_groups"],
-        optimizer_scalars=meta["optimizer_scalars"],
-    )
+    # The fields push_state sent, as it read them from state_dict().
+    return cast(TrainerState, {**meta, "tensors": tensors})
 
 
 def follower_spec(spec: ModelSpec) -> ModelSpec:
