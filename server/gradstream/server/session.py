@@ -7,10 +7,11 @@ Threads and queues of one stream (``docs/architecture.md`` draws them):
     model worker thread       ``train_message``: the batches of one message, in order
     event loop, ``replies``   awaits each job in submission order and hands its results on
 
-At most ``MESSAGES_IN_FLIGHT`` messages are read and not yet answered: a client that stops
-reading its responses makes the server stop reading its batches, and HTTP/2 flow control
-holds the client. Without the bound, results and batches of a client that never reads piled
-up on the server without limit.
+At most the model's ``queue_depth`` + 1 messages are read and not yet answered (the
+worker's queue full, one message being answered): a client that stops reading its
+responses makes the server stop reading its batches, and HTTP/2 flow control holds the
+client. Without the bound, results and batches of a client that never reads piled up on
+the server without limit.
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ from gradstream.server.worker import ModelWorker
 
 # Batches at least this large (on average in a message) are checked on the model's worker.
 WORKER_CHECK_BYTES = 256 * 1024
-# Request messages read but not yet answered, per stream: enough to keep the worker busy
-# while the event loop decodes the next one, few enough that a stalled client holds little.
-MESSAGES_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +137,8 @@ class TrainSession:
         self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
         self.error: GradstreamError | None = None  # ends the stream after the results before it
         self._reader: asyncio.Task[None] | None = None
-        self._in_flight = asyncio.Semaphore(MESSAGES_IN_FLIGHT)
+        # Enough to keep the worker's queue full while one message's results are written.
+        self._in_flight = asyncio.Semaphore(worker.queue_depth + 1)
         self._durable_sent = checkpointer.durable_sequence(worker.trainer.name, options.producer_id)
 
     def drain(self) -> None:

@@ -29,6 +29,7 @@ class ModelWorker:
 
     def __init__(self, trainer: Trainer, queue_depth: int = 8) -> None:
         self.trainer = trainer
+        self.queue_depth = queue_depth
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._slots = asyncio.Semaphore(queue_depth)
         self._closed = False
