@@ -13,8 +13,9 @@ import torch
 from prometheus_client import generate_latest
 
 from gradstream.client import Client, GradstreamError
-from gradstream.server.app import BackgroundServer, StartupRefused
 from gradstream.server.export import load_safetensors
+from gradstream.server.listening import StartupRefused
+from gradstream.server.main import BackgroundServer
 from gradstream.server.publishing import versions
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
