@@ -15,6 +15,15 @@ from gradstream.client._local import LocalServer
 from tests.e2e.test_cli import SPEC, gradstream
 
 
+def _ok(*args: str) -> str:
+    """Run the command; its stdout, or a failure that shows its stderr."""
+    result = gradstream(*args, check=False)
+    assert result.returncode == 0, (
+        f"gradstream {args[0]} exited {result.returncode}: {result.stderr}"
+    )
+    return result.stdout
+
+
 @pytest.fixture(scope="module")
 def served() -> Iterator[LocalServer]:
     with LocalServer() as server:
@@ -23,15 +32,15 @@ def served() -> Iterator[LocalServer]:
 
 def test_eval_and_export_from_the_command_line(served: LocalServer, tmp_path: Path) -> None:
     target = served.target
-    gradstream("create", "cli-serve", "--spec", json.dumps(SPEC), "--target", target)
+    _ok("create", "cli-serve", "--spec", json.dumps(SPEC), "--target", target)
     rng = np.random.default_rng(1)
     x = rng.uniform(-1, 1, (50, 2)).astype(np.float32)
     y = x @ np.array([[2.0], [-1.0]], np.float32) + 0.5
     csv = tmp_path / "data.csv"
     np.savetxt(csv, np.hstack([x, y]), delimiter=",", header="a,b,target", comments="")
-    gradstream("train", "cli-serve", str(csv), "--epochs", "3", "--quiet", "--target", target)
+    _ok("train", "cli-serve", str(csv), "--epochs", "3", "--quiet", "--target", target)
     evaluated = json.loads(
-        gradstream("eval", "cli-serve", str(csv), "--batch-size", "7", "--target", target).stdout
+        _ok("eval", "cli-serve", str(csv), "--batch-size", "7", "--target", target)
     )
     with Client(target) as client:
         predicted = client.predict("cli-serve", x).astype(np.float64)
@@ -41,10 +50,8 @@ def test_eval_and_export_from_the_command_line(served: LocalServer, tmp_path: Pa
     assert set(evaluated) == {"loss", "mse", "mae", "rmse", "r2", "step", "rows"}
 
     out = tmp_path / "model.pt2"
-    exported = gradstream(
-        "export", "cli-serve", "--format", "pt2", "-o", str(out), "--target", target
-    )
-    assert exported.stdout.strip() == str(out)
+    exported = _ok("export", "cli-serve", "--format", "pt2", "-o", str(out), "--target", target)
+    assert exported.strip() == str(out)
     module = torch.export.load(str(out)).module()
     assert np.array_equal(
         module(torch.from_numpy(x)).detach().numpy(), predicted.astype(np.float32)
