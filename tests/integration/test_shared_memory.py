@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from gradstream.client import Client
-from gradstream.client._tensor import to_proto
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import to_proto
 
 SPEC = {
     "architecture": {"kind": "linear", "in_features": 8, "out_features": 1},

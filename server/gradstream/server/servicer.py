@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import torch
 
-from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.codec import decode, decode_array, decode_wire, encode
@@ -38,6 +37,7 @@ from gradstream.server.spec import parse_spec
 from gradstream.server.wire import TrainMessage, WireBatch, WireTensor, parse_train_request
 from gradstream.server.worker import ModelWorker
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import spec_from_proto, spec_to_proto
 
 log = logging.getLogger("gradstream.server")
 
