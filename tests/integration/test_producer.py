@@ -138,7 +138,7 @@ def test_drain_refuses_new_streams_and_ends_open_ones_with_unavailable(tmp_path:
         server.stop()
 
 
-class _Recorder(grpc.StreamStreamClientInterceptor):  # type: ignore[misc]
+class _Recorder(grpc.StreamStreamClientInterceptor):  # type: ignore[type-arg]
     """Keeps the bytes of every Train message sent, and the most sent but unanswered."""
 
     def __init__(self) -> None:

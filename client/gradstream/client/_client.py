@@ -232,6 +232,7 @@ class Client:
         asks the server for a checkpoint) and re-sent after a reconnect, tried for
         ``reconnect_timeout`` seconds while the server answers UNAVAILABLE. With
         ``wait_durable`` the iterator ends only once every batch is in a checkpoint.
+        The packing, window and shared-memory options mean the same on both paths.
         """
         if producer_id:
             return ProducerStream(
