@@ -173,7 +173,7 @@ class Outbox:
                 while not self._room(bound):
                     if self._stopped:
                         return False
-                    self._stuck()
+                    self._stuck(full=self._held_full(bound))
                     self._cond.wait(_POLL)
                 if self._stopped:
                     return False
@@ -181,32 +181,36 @@ class Outbox:
                     self._add(sequence, parts)
                     return True
                 except RingFull:
-                    self._stuck()
+                    self._stuck(full=True)
             assert self.ring is not None
             self.ring.wait(_POLL)
 
     def _room(self, bound: int) -> bool:
         if self._flush:
             return False
-        held, count = self._open.builder.size, self._open.builder.count
-        if count and (self._full(self._open) or (self._limit and held + bound > self._limit)):
-            return False
+        size, count = self._open.builder.size, self._open.builder.count
+        if count and (self._full(self._open) or (self._limit and size + bound > self._limit)):
+            return False  # the sender takes the open message first
+        return not self._held_full(bound)
+
+    def _held_full(self, bound: int) -> bool:
         if not self._held_batches or not self._max_batches:
-            return True  # one batch always fits, however large
-        return (
-            self._held_batches < self._max_batches and self._held_bytes + bound <= self._max_bytes
-        )
+            return False  # one batch always fits, however large
+        return self._held_batches >= self._max_batches or self._held_bytes + bound > self._max_bytes
 
     def _full(self, message: _Message) -> bool:
         builder = message.builder
         return builder.count >= self._per_message or builder.size >= self._message_bytes
 
-    def _stuck(self) -> None:
-        """The feeder must wait: the open message goes out as it is (called locked)."""
+    def _stuck(self, full: bool) -> None:
+        """The feeder must wait: the open message goes out as it is (called locked).
+
+        ``full``: what is held (or the ring) has no room, which only releases free.
+        """
         if self._open.builder.count and not self._flush:
             self._flush = True
             self._cond.notify_all()
-        if self._on_full is not None:
+        if full and self._on_full is not None:
             self._on_full()
 
     def _add(self, sequence: int, parts: list[tuple[Any, int]]) -> None:
