@@ -26,8 +26,7 @@ def _sequences_and_alignment(message: bytes) -> list[int]:
 
 def test_a_resumed_call_sends_the_held_messages_byte_for_byte() -> None:
     batches = [
-        (np.full((300 + i, 2), i, np.float32), np.ones((300 + i, 1), np.float32))
-        for i in range(10)
+        (np.full((300 + i, 2), i, np.float32), np.ones((300 + i, 1), np.float32)) for i in range(10)
     ]
     outbox = Outbox(
         batches,
