@@ -42,9 +42,10 @@ def test_a_resumed_call_sends_the_held_messages_byte_for_byte() -> None:
     try:
         first = outbox.sending(OPENER, window=100, window_bytes=10**9)
         assert first.resume(applied=5, answered=5) == []
-        opener, *sent = first.requests()
-        assert opener is OPENER and all(isinstance(m, bytes) for m in sent)
-        assert [_sequences_and_alignment(bytes(m)) for m in sent] == [
+        opener, *rest = first.requests()
+        sent = [m for m in rest if isinstance(m, bytes)]
+        assert opener is OPENER and sent == rest
+        assert [_sequences_and_alignment(m) for m in sent] == [
             [6, 7, 8],
             [9, 10, 11],
             [12, 13, 14],
