@@ -34,11 +34,13 @@ def test_no_server_module_imports_the_sdk() -> None:
     assert not reached
 
 
-def test_the_server_loads_no_sdk_module_and_the_wire_format_no_torch() -> None:
+def test_no_server_module_loads_the_sdk_and_the_wire_format_loads_no_torch() -> None:
     code = (
         "import sys, gradstream.wire;"
         "print(' '.join(m for m in sys.modules if m == 'torch' or m.startswith('gradstream.')));"
-        "import gradstream.server.app, gradstream.server.codec, gradstream.server.servicer;"
+        "import importlib, pkgutil, gradstream.server as s;"
+        "[importlib.import_module(f'gradstream.server.{m.name}')"
+        " for m in pkgutil.iter_modules(s.__path__) if not m.name.startswith('_')];"
         "print(' '.join(m for m in sys.modules if m.startswith('gradstream.client')) or '-')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
