@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gradstream.client import Client, ProducerStream, ResourceExhausted, Unavailable
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from gradstream.server.wire import _request as read_in_place
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import ALIGN

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gradstream.client import Client, ProducerStream
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import to_proto
 from tests.conftest import server_settings
