@@ -72,7 +72,7 @@ images:
 # Build the cpu image with podman on a local Debian base and run it as docs/deploy.md says
 # (tests/deploy/test_image.py); installs podman with apt where it can, skips where it cannot.
 image-test: install
-	GRADSTREAM_IMAGE_TEST=1 $(BIN)/python -m pytest -q -rs -p no:cacheprovider tests/deploy/test_image.py
+	GRADSTREAM_IMAGE_TEST=1 $(BIN)/python -m pytest -q -rs -s --durations=3 -p no:cacheprovider tests/deploy/test_image.py
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

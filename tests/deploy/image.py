@@ -127,7 +127,8 @@ class Podman:
         """The base image: a Debian rootfs (made once per run into ``cache``), imported."""
         rootfs = cache / f"rootfs-{BASE_SUITE}.tar"
         if not rootfs.exists():
-            partial = rootfs.with_suffix(".partial")
+            # mmdebstrap picks its output format from the name: keep the .tar.
+            partial = cache / f"rootfs-{BASE_SUITE}.partial.tar"
             done = subprocess.run(
                 [
                     "mmdebstrap",
@@ -162,6 +163,7 @@ class Podman:
             "--pull=never",  # the base is local; nothing comes from a container registry
             "--format",
             "docker",  # OCI images drop HEALTHCHECK
+            "--layers=false",  # built once per run: committing every step would only cost time
             "--network",
             "host",
             "--file",
@@ -216,4 +218,13 @@ class Podman:
             ("system", "reset", "--force"),
         ):
             self.run(*args, timeout=300, check=False)
+        # The overlay driver bind-mounts its own directory; a reset may leave that mount.
+        for point in sorted(self.mounts(), key=len, reverse=True):
+            subprocess.run(["umount", point], capture_output=True, timeout=60, check=False)
         shutil.rmtree(self.home, ignore_errors=True)
+
+    def mounts(self) -> list[str]:
+        """Mount points under the directory."""
+        with open("/proc/self/mounts") as table:
+            points = [line.split()[1] for line in table]
+        return [p for p in points if Path(p).is_relative_to(self.home)]
