@@ -9,6 +9,7 @@ that `Podman.destroy` removes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -41,6 +42,7 @@ IMAGE_TAG = "localhost/gradstream:test-cpu"
 PYPI_SIMPLE = "https://pypi.org/simple"
 WHEELS = Path(os.environ.get("GRADSTREAM_WHEELS", "/opt/wheels"))
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+BLOB_CACHE = Path("/var/lib/containers/cache")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -99,6 +101,9 @@ class Podman:
             f'graphroot = "{home / "root"}"\n'
             f'runroot = "{home / "run"}"\n'
         )
+        # Outside the directory podman keeps one cache of blob digests; removed at the end
+        # when this run made it.
+        self.made_blob_cache = not BLOB_CACHE.exists()
         self.env = os.environ | {
             "CONTAINERS_CONF": str(home / "containers.conf"),
             "CONTAINERS_STORAGE_CONF": str(home / "storage.conf"),
@@ -222,6 +227,10 @@ class Podman:
         for point in sorted(self.mounts(), key=len, reverse=True):
             subprocess.run(["umount", point], capture_output=True, timeout=60, check=False)
         shutil.rmtree(self.home, ignore_errors=True)
+        if self.made_blob_cache:
+            shutil.rmtree(BLOB_CACHE, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                BLOB_CACHE.parent.rmdir()  # only where nothing else is in it
 
     def mounts(self) -> list[str]:
         """Mount points under the directory."""
