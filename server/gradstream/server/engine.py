@@ -19,12 +19,12 @@ from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.errors import FailedPrecondition, GradstreamError, InvalidArgument
 from gradstream.server.models import (
     build_module,
-    build_optimizer,
     forward_function,
     loss_function,
     loss_value,
 )
-from gradstream.server.spec import ModelSpec, OptimizerSpec
+from gradstream.server.optim import build_optimizer
+from gradstream.server.spec import ModelSpec, OptimizerSpec, RMSpropSpec, SGDSpec
 
 
 def _engine_backward() -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -62,7 +62,8 @@ _backward = _engine_backward()
 def _plain_sgd(spec: OptimizerSpec) -> bool:
     """SGD whose step is ``param -= lr * grad`` and nothing else."""
     return (
-        spec.momentum == 0
+        isinstance(spec, SGDSpec)
+        and spec.momentum == 0
         and spec.weight_decay == 0
         and not spec.maximize
         and not spec.differentiable
@@ -164,13 +165,23 @@ class Trainer:
         self.module = build_module(spec, device)
         self._forward = forward_function(self.module)
         # Off the CPU, outcomes are read back once per request message instead of once per
-        # batch (see train_batches); that needs SGD's fused kernel, which can skip a step
-        # on the device. On the CPU a read costs nothing and the exact path is kept.
+        # batch (see train_batches); that needs a fused kernel, which can skip a step on
+        # the device (RMSprop has none), and no schedule, which steps only on applied
+        # steps. On the CPU a read costs nothing and the exact path is kept.
         if deferred is None:
             deferred = device.type != "cpu" and spec.optimizer.foreach is not True
-        self.deferred = deferred and not spec.optimizer.differentiable
+        self.deferred = (
+            deferred
+            and not spec.optimizer.differentiable
+            and not isinstance(spec.optimizer, RMSpropSpec)
+            and spec.schedule is None
+        )
         optimizer_spec = spec.optimizer
-        if self.deferred and optimizer_spec.fused is None:
+        if (
+            self.deferred
+            and not isinstance(optimizer_spec, RMSpropSpec)
+            and optimizer_spec.fused is None
+        ):
             optimizer_spec = optimizer_spec.model_copy(update={"fused": True})
         self.optimizer = build_optimizer(optimizer_spec, self.module)
         self.checker = BatchChecker(spec, max_batch_rows, max_batch_bytes)
@@ -388,7 +399,8 @@ class Trainer:
     def _fused_step(self, found_inf: torch.Tensor) -> None:
         # A skipped first step would leave the momentum buffers the fused kernel just
         # created uninitialized, so the very first step is decided on the host.
-        first = not self.optimizer.state and self.spec.optimizer.momentum != 0
+        sgd = self.spec.optimizer
+        first = not self.optimizer.state and isinstance(sgd, SGDSpec) and sgd.momentum != 0
         if first and bool(found_inf.item()):
             return
         self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from gradstream.server.errors import InvalidArgument
-from gradstream.server.spec import ArchitectureSpec, LossSpec, ModelSpec, OptimizerSpec
+from gradstream.server.spec import ArchitectureSpec, LossSpec, ModelSpec
 
 ArchitectureBuilder = Callable[[ArchitectureSpec], nn.Module]
 ENTRY_POINT_GROUP = "gradstream.architectures"
@@ -148,22 +148,6 @@ def forward_function(module: nn.Module) -> Forward:
         return x
 
     return forward
-
-
-def build_optimizer(spec: OptimizerSpec, module: nn.Module) -> torch.optim.Optimizer:
-    """SGD over every parameter: frozen ones have no gradient, so SGD leaves them alone."""
-    return torch.optim.SGD(
-        module.parameters(),
-        lr=spec.lr,
-        momentum=spec.momentum,
-        dampening=spec.dampening,
-        weight_decay=spec.weight_decay,
-        nesterov=spec.nesterov,
-        maximize=spec.maximize,
-        foreach=spec.foreach,
-        differentiable=spec.differentiable,
-        fused=spec.fused,
-    )
 
 
 Reduction = Literal["mean", "sum", "none"]
