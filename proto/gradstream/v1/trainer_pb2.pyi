@@ -63,7 +63,7 @@ class SharedSlice(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Architecture(_message.Message):
-    __slots__ = ("kind", "in_features", "out_features", "hidden", "activation", "bias", "options")
+    __slots__ = ("kind", "in_features", "out_features", "hidden", "activation", "bias", "options", "embeddings", "dense_features")
     KIND_FIELD_NUMBER: _ClassVar[int]
     IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,8 @@ class Architecture(_message.Message):
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FEATURES_FIELD_NUMBER: _ClassVar[int]
     kind: str
     in_features: int
     out_features: int
@@ -78,7 +80,21 @@ class Architecture(_message.Message):
     activation: str
     bias: bool
     options: _struct_pb2.Struct
-    def __init__(self, kind: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., hidden: _Optional[_Iterable[int]] = ..., activation: _Optional[str] = ..., bias: _Optional[bool] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    dense_features: int
+    def __init__(self, kind: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., hidden: _Optional[_Iterable[int]] = ..., activation: _Optional[str] = ..., bias: _Optional[bool] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dense_features: _Optional[int] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("input", "num_embeddings", "dim", "mode")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    num_embeddings: int
+    dim: int
+    mode: str
+    def __init__(self, input: _Optional[str] = ..., num_embeddings: _Optional[int] = ..., dim: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class Init(_message.Message):
     __slots__ = ("kind", "seed", "tensors")

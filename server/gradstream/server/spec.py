@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from torch import nn
 
 from gradstream.server.errors import InvalidArgument
 
@@ -36,8 +37,32 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+class EmbeddingSpec(_Spec):
+    """One ``torch.nn.EmbeddingBag`` of ``embedding_mlp``, fed by the int64 input ``input``."""
+
+    input: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    num_embeddings: PositiveInt
+    dim: PositiveInt
+    mode: Literal["sum", "mean", "max"] = "mean"
+
+    @field_validator("input")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == "dense":
+            raise ValueError("'dense' is the float input of the dense features")
+        # The tables live in an nn.ModuleDict, which refuses keys that are its attributes.
+        if hasattr(nn.ModuleDict(), value):
+            raise ValueError(f"{value!r} is a name torch modules use themselves")
+        return value
+
+
 class ArchitectureSpec(_Spec):
-    """The network: ``linear``, ``mlp`` or a plug-in of ``gradstream.architectures``."""
+    """The network: ``linear``, ``mlp``, ``embedding_mlp`` or a plug-in of
+    ``gradstream.architectures``.
+
+    ``embedding_mlp`` takes ``embeddings`` and ``dense_features`` instead of
+    ``in_features``, which is derived: the width of the features its mlp reads.
+    """
 
     kind: str
     in_features: PositiveInt
@@ -46,6 +71,26 @@ class ArchitectureSpec(_Spec):
     activation: Activation = "relu"
     bias: bool = True
     options: dict[str, Any] = Field(default_factory=dict)
+    embeddings: tuple[EmbeddingSpec, ...] = ()
+    dense_features: int = Field(default=0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_in_features(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("kind") != "embedding_mlp":
+            return data
+        try:
+            width = sum(int(e["dim"]) for e in data.get("embeddings") or ())
+            width += int(data.get("dense_features") or 0)
+        except (KeyError, TypeError, ValueError):
+            return data  # the field validators say what is wrong
+        given = data.get("in_features")
+        if given is not None and given != width:
+            raise ValueError(
+                f"in_features: embedding_mlp derives it (the embedding dims plus "
+                f"dense_features, {width}); got {given}"
+            )
+        return {**data, "in_features": width}
 
     @model_validator(mode="after")
     def _kind_fits(self) -> ArchitectureSpec:
@@ -53,6 +98,16 @@ class ArchitectureSpec(_Spec):
             raise ValueError(
                 f"hidden: a linear architecture has no hidden layers, got {self.hidden}"
             )
+        if self.kind != "embedding_mlp" and (self.embeddings or self.dense_features):
+            field = "embeddings" if self.embeddings else "dense_features"
+            raise ValueError(f"{field}: only embedding_mlp takes it, not {self.kind!r}")
+        if self.kind == "embedding_mlp":
+            if not self.embeddings:
+                raise ValueError("embeddings: embedding_mlp needs at least one table")
+            names = [e.input for e in self.embeddings]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"embeddings: input names must differ, {twice} repeat")
         return self
 
 
