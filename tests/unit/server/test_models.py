@@ -13,7 +13,7 @@ from gradstream.server.models import EmbeddingMLP, build_module
 from gradstream.server.registry import parameter_count
 from gradstream.server.spec import ModelSpec, parse_spec
 
-TABLES = [
+TABLES: list[dict[str, Any]] = [
     {"input": "user", "num_embeddings": 50, "dim": 4, "mode": "sum"},
     {"input": "item", "num_embeddings": 30, "dim": 3, "mode": "mean"},
     {"input": "tags", "num_embeddings": 20, "dim": 2, "mode": "max"},
