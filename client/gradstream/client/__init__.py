@@ -15,6 +15,7 @@ from gradstream.client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from gradstream.client._export import export_module
 from gradstream.client._producer import ProducerStream
 from gradstream.client._spec import SpecError
 
@@ -38,4 +39,5 @@ __all__ = [
     "StepResult",
     "Unauthenticated",
     "Unavailable",
+    "export_module",
 ]
