@@ -46,6 +46,7 @@ import torch
 from gradstream.server.engine import Trainer
 from gradstream.server.errors import DataLoss, FailedPrecondition, GradstreamError, NotFound
 from gradstream.server.metrics import Metrics
+from gradstream.server.optim import load_schedule_state, schedule_state
 from gradstream.server.spec import parse_spec
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class Snapshot:
     optimizer_scalars: dict[str, dict[str, Any]]  # non-tensor optimizer state per parameter
     tensors: dict[str, torch.Tensor]  # on the CPU, contiguous, nothing shared
     created: float = field(default_factory=time.time)
+    schedule: list[dict[str, Any]] | None = None  # the lr schedule's progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ def take(trainer: Trainer) -> Snapshot:
         param_groups=groups,
         optimizer_scalars=scalars,
         tensors=tensors,
+        schedule=None if trainer.schedule is None else schedule_state(trainer.schedule),
     )
 
 
@@ -187,6 +190,11 @@ def restore(snapshot: Snapshot, device: torch.device, max_nonfinite_steps: int =
         for key, value in saved_group.items():
             if key in group:
                 group[key] = value
+    if trainer.schedule is not None:
+        try:
+            load_schedule_state(trainer.schedule, snapshot.schedule or [])
+        except ValueError as exc:
+            raise DataLoss(f"{where}: its schedule state does not fit the spec: {exc}") from None
     trainer.step = snapshot.step
     trainer.pending = snapshot.pending
     trainer.nonfinite_streak = snapshot.nonfinite_streak
@@ -226,6 +234,7 @@ def write(model_dir: Path, snapshot: Snapshot, keep: int) -> SavedCheckpoint:
         "producers": snapshot.producers,
         "param_groups": snapshot.param_groups,
         "optimizer_scalars": snapshot.optimizer_scalars,
+        "schedule": snapshot.schedule,
     }
     meta = {
         "format": FORMAT,
@@ -283,6 +292,7 @@ def read(path: Path) -> Snapshot:
             optimizer_scalars=dict(body["optimizer_scalars"]),
             tensors=tensors,
             created=float(body["created"]),
+            schedule=body.get("schedule"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DataLoss(f"{where}: {META} lacks a field ({exc})") from None

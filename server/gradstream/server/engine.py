@@ -23,7 +23,14 @@ from gradstream.server.models import (
     loss_function,
     loss_value,
 )
-from gradstream.server.optim import build_optimizer
+from gradstream.server.optim import (
+    build_optimizer,
+    build_schedule,
+    current_lr,
+    gradient_clip,
+    reset_state,
+    set_lr,
+)
 from gradstream.server.spec import ModelSpec, OptimizerSpec, RMSpropSpec, SGDSpec
 
 
@@ -114,6 +121,7 @@ class ModelInfo:
     parameters: tuple[ParameterInfo, ...]
     autograd_chain: tuple[str, ...]
     nonfinite_streak: int
+    lr: float = 0.0  # what the next step uses: the schedule's current value
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +214,14 @@ class Trainer:
         )
         if self._on_cpu and not self.deferred and _plain_sgd(spec.optimizer):
             self._raw_step = self._plain_sgd_step
+        # Stepped once per applied step, after the optimizer; building it sets step 1's lr.
+        self.schedule = build_schedule(spec.schedule, self.optimizer)
+        if self.schedule is not None:
+            # The schedule wraps optimizer.step to check it ran first: call the wrapper.
+            self._raw_step = self.optimizer.step
+        self._clip = gradient_clip(spec.clip_grad)
+        # Total gradient norm before clipping, of the last applied step (None: no clipping).
+        self.grad_norm: torch.Tensor | None = None
         # found_inf is filled on the device by one fused kernel for all gradients.
         self._found_inf = torch.zeros(1, device=device)
         self._step_bad = torch.zeros(1, device=device)  # deferred path: this step's found_inf
@@ -304,7 +320,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return self._skipped(sequence, loss_number, "gradient is not finite")
         with torch.no_grad():
+            if self._clip is not None:
+                self.grad_norm = self._clip(self._param_list)
             self._raw_step()
+        if self.schedule is not None:
+            self.schedule.step()
         self.step += 1
         self.nonfinite_streak = 0
         self.last_loss = loss_number
@@ -390,6 +410,9 @@ class Trainer:
             grads = [p.grad for p in self._param_list if p.grad is not None]
             if grads:
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, self._step_bad, self._one)
+            if self._clip is not None:  # a non-finite step is skipped whatever clipping did
+                with torch.no_grad():
+                    self.grad_norm = self._clip(self._param_list)
             self._fused_step(self._step_bad)
             pending.append(
                 _Deferred(Outcome.APPLIED, sequence, index, loss.detach(), self._step_bad)
@@ -535,7 +558,7 @@ class Trainer:
             for name, value in values.items():
                 self._params[name].copy_(value)
         if reset_optimizer:
-            self.optimizer.state.clear()
+            reset_state(self.optimizer, self.spec.optimizer, self.module)
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
         self.nonfinite_streak = 0
@@ -555,8 +578,7 @@ class Trainer:
         if lr is not None and not (math.isfinite(lr) and lr >= 0):
             raise InvalidArgument("lr", f"must be a finite number >= 0, got {lr}")
         if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, self.schedule, lr)
         for name in freeze:
             # A frozen parameter must not move, not even by a gradient accumulated before.
             self._params[name].requires_grad_(False)
@@ -583,7 +605,13 @@ class Trainer:
             ),
             autograd_chain=self.autograd_chain(),
             nonfinite_streak=self.nonfinite_streak,
+            lr=self.lr,
         )
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step uses."""
+        return current_lr(self.optimizer)
 
     def autograd_chain(self) -> tuple[str, ...]:
         """The ``grad_fn`` names of the loss on one zero row, breadth first (the seed's grad_fn)."""

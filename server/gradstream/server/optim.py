@@ -7,7 +7,7 @@ a trainer built from a spec updates its parameters exactly as the textbook loop
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -103,13 +103,55 @@ def set_lr(
             scheduler.base_lrs = [lr for _ in optimizer.param_groups]
 
 
+def reset_state(optimizer: torch.optim.Optimizer, spec: OptimizerSpec, module: nn.Module) -> None:
+    """Forget moments and step counts: the state a new optimizer of the spec starts with.
+
+    Not just ``state.clear()``: Adagrad fills its state at construction and needs it.
+    lr and the schedule's position are kept.
+    """
+    fresh = build_optimizer(spec, module)
+    optimizer.state.clear()
+    optimizer.state.update(fresh.state)
+
+
+# What a scheduler changes as it steps; the rest of its state_dict comes from the spec.
+_SCHEDULE_PROGRESS = (
+    "last_epoch",
+    "_step_count",
+    "_is_initial",
+    "_get_lr_called_within_step",
+    "_last_lr",
+    "base_lrs",
+)
+
+
+def schedule_state(schedule: lr_scheduler.LRScheduler) -> list[dict[str, Any]]:
+    """The schedule's progress, each nested scheduler's in turn: plain JSON values."""
+    return [
+        {key: value for key, value in s.state_dict().items() if key in _SCHEDULE_PROGRESS}
+        for s in _nested(schedule)
+    ]
+
+
+def load_schedule_state(schedule: lr_scheduler.LRScheduler, state: list[dict[str, Any]]) -> None:
+    """Put a schedule built from its spec where ``schedule_state`` found it."""
+    schedulers = list(_nested(schedule))
+    if len(state) != len(schedulers):
+        raise ValueError(f"{len(state)} saved schedulers, the spec builds {len(schedulers)}")
+    for scheduler, saved in zip(schedulers, state, strict=True):
+        unknown = set(saved) - set(_SCHEDULE_PROGRESS)
+        if unknown:
+            raise ValueError(f"unknown schedule state {sorted(unknown)}")
+        scheduler.__dict__.update(saved)  # what LRScheduler.load_state_dict does
+
+
 def _nested(schedule: lr_scheduler.LRScheduler) -> Iterable[lr_scheduler.LRScheduler]:
     yield schedule
     for child in getattr(schedule, "_schedulers", ()):
         yield from _nested(child)
 
 
-GradientClip = Callable[[list[torch.Tensor]], torch.Tensor]
+GradientClip = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
 def gradient_clip(spec: ClipGradSpec | None) -> GradientClip | None:
@@ -124,14 +166,14 @@ def gradient_clip(spec: ClipGradSpec | None) -> GradientClip | None:
     if spec.max_norm is not None:
         max_norm, norm_type = spec.max_norm, spec.norm_type
 
-        def by_norm(params: list[torch.Tensor]) -> torch.Tensor:
+        def by_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
             return nn.utils.clip_grad_norm_(params, max_norm, norm_type)
 
         return by_norm
     value = spec.value
     assert value is not None
 
-    def by_value(params: list[torch.Tensor]) -> torch.Tensor:
+    def by_value(params: Sequence[torch.Tensor]) -> torch.Tensor:
         grads = [p.grad for p in params if p.grad is not None]
         norm = nn.utils.get_total_norm(grads, 2.0)
         nn.utils.clip_grad_value_(params, value)

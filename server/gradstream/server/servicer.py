@@ -157,7 +157,7 @@ class TrainerServicer:
 
         info = await self.registry.get(request.name).run(update)
         if lr is not None:
-            self.metrics.learning_rate.labels(request.name).set(lr)
+            self.metrics.learning_rate.labels(request.name).set(info.lr)
         return pb.UpdateModelResponse(model=_info(info))
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
@@ -405,6 +405,8 @@ def _train_job(
         # The only place weights are read from the device for metrics: at most once a message.
         if metrics.sample_due(first_step, trainer.step):
             metrics.sample(trainer)
+        if trainer.step != first_step:
+            metrics.stepped(model, trainer.lr, trainer.grad_norm)
         metrics.record(model, zip(results, rows, strict=False), time.perf_counter() - start)
         return results
 
@@ -433,6 +435,7 @@ def _info(info: ModelInfo) -> pb.ModelInfo:
         ],
         autograd_chain=info.autograd_chain,
         nonfinite_streak=info.nonfinite_streak,
+        lr=info.lr,
     )
 
 
