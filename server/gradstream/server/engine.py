@@ -28,7 +28,6 @@ from gradstream.server.optim import (
     build_schedule,
     current_lr,
     gradient_clip,
-    reset_state,
     set_lr,
 )
 from gradstream.server.spec import ModelSpec, OptimizerSpec, RMSpropSpec, SGDSpec
@@ -558,7 +557,7 @@ class Trainer:
             for name, value in values.items():
                 self._params[name].copy_(value)
         if reset_optimizer:
-            reset_state(self.optimizer, self.spec.optimizer, self.module)
+            self.optimizer.state.clear()
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
         self.nonfinite_streak = 0

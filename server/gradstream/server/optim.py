@@ -103,17 +103,6 @@ def set_lr(
             scheduler.base_lrs = [lr for _ in optimizer.param_groups]
 
 
-def reset_state(optimizer: torch.optim.Optimizer, spec: OptimizerSpec, module: nn.Module) -> None:
-    """Forget moments and step counts: the state a new optimizer of the spec starts with.
-
-    Not just ``state.clear()``: Adagrad fills its state at construction and needs it.
-    lr and the schedule's position are kept.
-    """
-    fresh = build_optimizer(spec, module)
-    optimizer.state.clear()
-    optimizer.state.update(fresh.state)
-
-
 # What a scheduler changes as it steps; the rest of its state_dict comes from the spec.
 _SCHEDULE_PROGRESS = (
     "last_epoch",
