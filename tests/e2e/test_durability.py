@@ -33,6 +33,19 @@ SPEC = {
     "init": {"kind": "seed", "seed": 7},
     "optimizer": {"kind": "sgd", "lr": 0.02, "momentum": 0.9},
 }
+# Adam mid-way through warmup then cosine decay, clipped: every piece of state at once.
+ADAM_SPEC = SPEC | {
+    "optimizer": {"kind": "adam", "lr": 0.01, "amsgrad": True},
+    "schedule": {
+        "kind": "sequential",
+        "schedulers": [
+            {"kind": "linear", "start_factor": 0.1, "total_iters": 20},
+            {"kind": "cosine_annealing", "t_max": 180, "eta_min": 1e-4},
+        ],
+        "milestones": [20],
+    },
+    "clip_grad": {"max_norm": 0.5},
+}
 BATCHES = 200
 LOST = "applied before a reconnect"
 
@@ -109,14 +122,21 @@ def _assert_each_once(results: list[StepResult], n: int) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted() -> ck.Snapshot:
-    """The reference: the same 200 batches through the server's own Trainer, never stopped.
+    """The reference: the same 200 batches through the server's own Trainer, never stopped."""
+    return _uninterrupted(SPEC)
 
-    One torch thread, like the servers under test (``--threads 1``).
-    """
+
+@pytest.fixture(scope="module")
+def uninterrupted_adam() -> ck.Snapshot:
+    return _uninterrupted(ADAM_SPEC)
+
+
+def _uninterrupted(spec: dict[str, Any]) -> ck.Snapshot:
+    """One torch thread, like the servers under test (``--threads 1``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = Trainer("m", parse_spec(SPEC), torch.device("cpu"))
+        trainer = Trainer("m", parse_spec(spec), torch.device("cpu"))
         options = TrainOptions(producer_id="p")
         for i, (x, y) in enumerate(_data(BATCHES, 1)):
             batch = Batch(torch.from_numpy(x), torch.from_numpy(y), sequence=i + 1)
@@ -126,7 +146,9 @@ def uninterrupted() -> ck.Snapshot:
         torch.set_num_threads(threads)
 
 
-def _kill_and_resume(tmp_path: Path, seed: int, reference: ck.Snapshot) -> None:
+def _kill_and_resume(
+    tmp_path: Path, seed: int, reference: ck.Snapshot, spec: dict[str, Any] = SPEC
+) -> None:
     """Three producer streams at once: "p" alone on model "m" (compared bitwise with the
     uninterrupted run), "a" and "b" together on model "shared" (counts and order: the
     interleaving of two producers is free). One SIGKILL mid-stream, one restart.
@@ -176,7 +198,7 @@ def _kill_and_resume(tmp_path: Path, seed: int, reference: ck.Snapshot) -> None:
     ]
     try:
         with Client(target) as client:
-            client.create_model("m", SPEC)
+            client.create_model("m", spec)
             client.create_model("shared", SPEC)
         threads = [threading.Thread(target=produce, args=job) for job in jobs]
         for thread in threads:
@@ -204,6 +226,15 @@ def _kill_and_resume(tmp_path: Path, seed: int, reference: ck.Snapshot) -> None:
     assert have.keys() == want.keys() and any(k.startswith("optim/") for k in want)
     for key, value in want.items():
         assert torch.equal(have[key], value), f"seed {seed}: {key} differs"
+    assert got.param_groups == reference.param_groups  # lr (and initial_lr) to the bit
+    assert got.schedule == reference.schedule
+
+
+def test_sigkill_mid_schedule_with_adam_resumes_bitwise_with_its_lr(
+    tmp_path: Path, uninterrupted_adam: ck.Snapshot
+) -> None:
+    assert uninterrupted_adam.schedule is not None
+    _kill_and_resume(tmp_path, 2, uninterrupted_adam, ADAM_SPEC)
 
 
 def test_sigkill_mid_stream_then_restart_resumes_every_producer_exactly_once(
