@@ -64,6 +64,7 @@ from gradstream.server.config import Settings
 from gradstream.server.engine import Outcome, StepResult, Trainer, TrainOptions
 from gradstream.server.errors import FailedPrecondition
 from gradstream.server.models import DTYPES, _elementwise
+from gradstream.server.optim import load_schedule_state, schedule_state
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.spec import InitSpec, LossSpec, ModelSpec
 
@@ -446,7 +447,12 @@ def train_shard(
         if trainer._gradients_nonfinite():
             trainer.optimizer.zero_grad(set_to_none=True)
             return ShardOutcome(Outcome.SKIPPED_NONFINITE, loss_number, "gradient is not finite")
+        if trainer._clip is not None:  # every rank holds the same summed gradients
+            with torch.no_grad():
+                trainer.grad_norm = trainer._clip(trainer._param_list)
         trainer.optimizer.step()
+        if trainer.schedule is not None:
+            trainer.schedule.step()
         return ShardOutcome(Outcome.APPLIED, loss_number)
     finally:
         metrics.step_duration.observe(time.perf_counter() - start)
@@ -476,6 +482,7 @@ def push_state(trainer: Trainer, group: Collectives) -> None:
             {k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups
         ],
         "optimizer_state": optimizer_state,
+        "schedule": None if trainer.schedule is None else schedule_state(trainer.schedule),
     }
     group.broadcast_object(meta)
     for param in params:
@@ -520,6 +527,8 @@ def pull_state(trainer: Trainer, group: Collectives) -> None:
             trainer.optimizer.state[param] = state
     for current, saved in zip(trainer.optimizer.param_groups, meta["param_groups"], strict=True):
         current.update(saved)
+    if trainer.schedule is not None:
+        load_schedule_state(trainer.schedule, meta["schedule"])
     for param, requires_grad in zip(params, meta["requires_grad"], strict=True):
         param.requires_grad_(requires_grad)
     trainer.pending = meta["pending"]
