@@ -261,15 +261,19 @@ def _check_sample_inputs(data: bytes) -> None:
         ) from None
 
 
+def _expression(text: Any, what: str) -> ast.Expression:
+    """``text`` parsed as one Python expression (nothing runs), or refused."""
+    if not isinstance(text, str) or len(text) > 10_000:
+        raise InvalidArgument(FIELD, f"has a malformed {what}")
+    try:
+        return ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError):
+        raise InvalidArgument(FIELD, f"has a {what} that is not an expression: {text!r}") from None
+
+
 def _check_expression(text: Any) -> None:
     """A shape expression sympify may ``eval``: only symbols, numbers and sympy arithmetic."""
-    if not isinstance(text, str) or len(text) > 10_000:
-        raise InvalidArgument(FIELD, "has a malformed shape expression")
-    try:
-        tree = ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, RecursionError):
-        raise InvalidArgument(FIELD, f"has a shape expression that is not one: {text!r}") from None
-    for node in ast.walk(tree):
+    for node in ast.walk(_expression(text, "shape expression")):
         allowed = isinstance(node, _EXPR_NODES)
         if isinstance(node, ast.Call):
             allowed = isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS
@@ -322,13 +326,7 @@ def _check_guard(text: Any) -> None:
     ``L['x'].size()[0] == L['z'].size()[0]``: the inputs (``L[...]``), their
     ``size()``/``stride()``, numbers and comparisons; nothing else, so nothing else runs.
     """
-    if not isinstance(text, str) or len(text) > 10_000:
-        raise InvalidArgument(FIELD, "has a malformed guard")
-    try:
-        tree = ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, RecursionError):
-        raise InvalidArgument(FIELD, f"has a guard that is not an expression: {text!r}") from None
-    for node in ast.walk(tree):
+    for node in ast.walk(_expression(text, "guard")):
         allowed = isinstance(node, _GUARD_NODES)
         if isinstance(node, ast.Name):
             allowed = node.id == "L"

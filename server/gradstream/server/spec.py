@@ -146,7 +146,20 @@ class LossSpec(_Spec):
     delta: float = Field(default=1.0, gt=0)
 
 
-class SGDSpec(_Spec):
+class _Implementation(_Spec):
+    """The choice of kernel the classes with a fused one offer; the math is the same."""
+
+    foreach: bool | None = None
+    fused: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_implementation(self) -> _Implementation:
+        if self.fused and self.foreach:
+            raise ValueError("fused: fused and foreach cannot both be true")
+        return self
+
+
+class SGDSpec(_Implementation):
     """``torch.optim.SGD`` with every option it has, and torch's defaults."""
 
     kind: Literal["sgd"] = "sgd"
@@ -156,9 +169,7 @@ class SGDSpec(_Spec):
     weight_decay: float = Field(default=0.0, ge=0)
     nesterov: bool = False
     maximize: bool = False
-    foreach: bool | None = None
     differentiable: bool = False
-    fused: bool | None = None
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> SGDSpec:
@@ -167,57 +178,40 @@ class SGDSpec(_Spec):
                 f"nesterov: needs momentum > 0 and dampening == 0, "
                 f"got momentum={self.momentum}, dampening={self.dampening}"
             )
-        _fused_or_foreach(self.fused, self.foreach)
         return self
 
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
-class AdamSpec(_Spec):
+class _AdamOptions(_Implementation):
+    """What ``torch.optim.Adam`` and ``AdamW`` share, with torch's defaults."""
+
+    lr: float = Field(default=1e-3, ge=0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, ge=0)
+    amsgrad: bool = False
+    maximize: bool = False
+    capturable: bool = False
+    differentiable: bool = False
+
+
+class AdamSpec(_AdamOptions):
     """``torch.optim.Adam`` with every option it has, and torch's defaults."""
 
     kind: Literal["adam"]
-    lr: float = Field(default=1e-3, ge=0)
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    amsgrad: bool = False
-    foreach: bool | None = None
-    maximize: bool = False
-    capturable: bool = False
-    differentiable: bool = False
-    fused: bool | None = None
     decoupled_weight_decay: bool = False
 
-    @model_validator(mode="after")
-    def _one_implementation(self) -> AdamSpec:
-        _fused_or_foreach(self.fused, self.foreach)
-        return self
 
-
-class AdamWSpec(_Spec):
+class AdamWSpec(_AdamOptions):
     """``torch.optim.AdamW`` with every option it has, and torch's defaults."""
 
     kind: Literal["adamw"]
-    lr: float = Field(default=1e-3, ge=0)
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, ge=0)
     weight_decay: float = Field(default=1e-2, ge=0)
-    amsgrad: bool = False
-    maximize: bool = False
-    foreach: bool | None = None
-    capturable: bool = False
-    differentiable: bool = False
-    fused: bool | None = None
-
-    @model_validator(mode="after")
-    def _one_implementation(self) -> AdamWSpec:
-        _fused_or_foreach(self.fused, self.foreach)
-        return self
 
 
-class AdagradSpec(_Spec):
+class AdagradSpec(_Implementation):
     """``torch.optim.Adagrad`` with every option it has, and torch's defaults."""
 
     kind: Literal["adagrad"]
@@ -226,15 +220,8 @@ class AdagradSpec(_Spec):
     weight_decay: float = Field(default=0.0, ge=0)
     initial_accumulator_value: float = Field(default=0.0, ge=0)
     eps: float = Field(default=1e-10, ge=0)
-    foreach: bool | None = None
     maximize: bool = False
     differentiable: bool = False
-    fused: bool | None = None
-
-    @model_validator(mode="after")
-    def _one_implementation(self) -> AdagradSpec:
-        _fused_or_foreach(self.fused, self.foreach)
-        return self
 
 
 class RMSpropSpec(_Spec):
@@ -251,11 +238,6 @@ class RMSpropSpec(_Spec):
     foreach: bool | None = None
     maximize: bool = False
     differentiable: bool = False
-
-
-def _fused_or_foreach(fused: bool | None, foreach: bool | None) -> None:
-    if fused and foreach:
-        raise ValueError("fused: fused and foreach cannot both be true")
 
 
 def _kind_or(default: str) -> Callable[[Any], str]:
