@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.errors import InvalidArgument
 from gradstream.server.optim import (
     build_optimizer,
@@ -20,6 +19,7 @@ from gradstream.server.optim import (
     set_lr,
 )
 from gradstream.server.spec import ModelSpec, SGDSpec, parse_spec
+from gradstream.wire import spec_from_proto, spec_to_proto
 
 LINEAR = {"kind": "linear", "in_features": 3, "out_features": 2}
 
