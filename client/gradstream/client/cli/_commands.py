@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import platform
+import re
 import signal
 import sys
 import threading
@@ -27,6 +28,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_TARGET = "127.0.0.1:50051"
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".npz", ".npy")
+_MESSAGE_INDEX = re.compile(r"^batches\[\d+\]\.")
 # After Ctrl-C: how long to wait for results of batches already sent.
 DRAIN_SECONDS = 5.0
 
@@ -528,10 +530,13 @@ def train(  # noqa: PLR0917 (click passes every flag)
                         tally.add(result)
                         if result.outcome == "REJECTED":
                             where = run.rows(result.sequence)
-                            tally.rejected.append(f"{where}: {result.reason}")
+                            # The server counts batches within its message, from 0: not a
+                            # position the user knows; the file rows replace it.
+                            reason = _MESSAGE_INDEX.sub("", result.reason)
+                            tally.rejected.append(f"{where}: {reason}")
                             if not skip_rejected:
                                 raise DataError(
-                                    f"{source.name} {where}: rejected: {result.reason} "
+                                    f"{source.name} {where}: rejected: {reason} "
                                     "(--skip-rejected goes on past such batches)"
                                 )
                         run.done(result.sequence)

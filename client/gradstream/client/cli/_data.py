@@ -109,7 +109,8 @@ class Source:
             inputs, targets = _npy(self.x_path), _npy(self.y_path)
             if len(inputs) != len(targets):
                 raise DataError(
-                    f"--x {self.x_path} has {len(inputs)} rows, --y {self.y_path} has {len(targets)}"
+                    f"--x {self.x_path} has {len(inputs)} rows, "
+                    f"--y {self.y_path} has {len(targets)}"
                 )
             self.arrays = (
                 inputs,
