@@ -154,10 +154,7 @@ def serve(unknown: tuple[str, ...] = (), **given: Any) -> int:
     try:
         from gradstream.server.config import Settings
     except ImportError:
-        raise DataError(
-            "gradstream serve needs the server extra: pip install 'gradstream[server]' "
-            "(from a checkout: pip install '.[server]')"
-        ) from None
+        raise DataError(_NEEDS_SERVER.format(missing="pydantic-settings")) from None
     from pydantic import ValidationError
 
     # A server shares its cores with gRPC threads and often with its producers: OpenMP's
@@ -176,10 +173,7 @@ def serve(unknown: tuple[str, ...] = (), **given: Any) -> int:
     try:
         from gradstream.server.app import run
     except ImportError as exc:
-        raise DataError(
-            f"gradstream serve needs the server extra ({exc.name} is missing): "
-            "pip install 'gradstream[server]'"
-        ) from None
+        raise DataError(_NEEDS_SERVER.format(missing=exc.name)) from None
     from gradstream.server.app import StartupRefused
 
     try:
@@ -197,6 +191,12 @@ def _exit_now(message: str, code: int) -> None:
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)
+
+
+_NEEDS_SERVER = (
+    "gradstream serve needs the server extra: pip install 'gradstream[server]' "
+    "(from a checkout: pip install '.[server]'); {missing} is missing"
+)
 
 
 def _bind_error(exc: Exception, settings: Any) -> str:
