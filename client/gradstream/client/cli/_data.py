@@ -195,7 +195,7 @@ def _as_targets(
         row = bad + 1 if rows is None else int(rows[bad])
         named = f", column {column}" if column else ""
         raise DataError(
-            f"{where} row {row}{named}: label {float(values[bad])!r} is not an integer class "
+            f"{where} row {row}{named}: label {np.format_float_positional(values[bad], trim='-')} is not an integer class "
             "index (--labels wants 0, 1, ..., C-1; --y-columns picks the target column)"
         )
     return values.astype(np.int64)
