@@ -56,7 +56,7 @@ class Terminal:
     def screen(self) -> str:
         """What the pane shows now."""
         return subprocess.run(
-            [*self.tmux, "capture-pane", "-p", "-t", self.session],
+            [*self.tmux, "capture-pane", "-p", "-J", "-t", self.session],
             capture_output=True,
             text=True,
             check=True,

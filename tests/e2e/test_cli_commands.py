@@ -134,7 +134,9 @@ def test_missing_or_unknown_files_exit_2_naming_them(tmp_path: Path) -> None:
 
 def test_spec_errors_exit_1_from_the_client_and_from_the_server(served: BackgroundServer) -> None:
     target = ("--target", served.target)
-    unknown_key = gradstream("create", "s", "--spec", '{"architecture": {"kynd": 1}}', *target, check=False)
+    unknown_key = gradstream(
+        "create", "s", "--spec", '{"architecture": {"kynd": 1}}', *target, check=False
+    )
     assert "kynd" in one_line_error(unknown_key, 1)
     bad_value = {**SPEC, "optimizer": {"kind": "sgd", "lr": -1.0}}
     server_side = gradstream("create", "s", "--spec", json.dumps(bad_value), *target, check=False)
@@ -144,7 +146,10 @@ def test_spec_errors_exit_1_from_the_client_and_from_the_server(served: Backgrou
 
 
 def test_broken_pipe_is_quiet(served: BackgroundServer) -> None:
-    wide = {**SPEC, "architecture": {"kind": "mlp", "in_features": 64, "hidden": [2048], "out_features": 1}}
+    wide = {
+        **SPEC,
+        "architecture": {"kind": "mlp", "in_features": 64, "hidden": [2048], "out_features": 1},
+    }
     target = ("--target", served.target)
     gradstream("create", "wide", "--spec", json.dumps(wide), *target)
     try:
@@ -165,7 +170,9 @@ def test_broken_pipe_is_quiet(served: BackgroundServer) -> None:
 def test_a_wrong_target_gets_a_hint(served: BackgroundServer, tmp_path: Path) -> None:
     health = gradstream("models", "--target", f"127.0.0.1:{served.server.health_port}", check=False)
     assert "the health port is not the API port" in one_line_error(health, 1)
-    metrics = gradstream("models", "--target", f"127.0.0.1:{served.server.metrics_port}", check=False)
+    metrics = gradstream(
+        "models", "--target", f"127.0.0.1:{served.server.metrics_port}", check=False
+    )
     assert "the metrics port is not the API port" in one_line_error(metrics, 1)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

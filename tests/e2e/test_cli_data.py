@@ -88,9 +88,7 @@ def assert_bitwise(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> N
 
 
 def write_csv(path: Path, rows: np.ndarray, header: str | None, delimiter: str = ",") -> None:
-    np.savetxt(
-        path, rows, delimiter=delimiter, fmt="%.9g", header=header or "", comments=""
-    )
+    np.savetxt(path, rows, delimiter=delimiter, fmt="%.9g", header=header or "", comments="")
 
 
 def test_label_in_any_column_by_name_or_number(
@@ -100,12 +98,25 @@ def test_label_in_any_column_by_name_or_number(
     want = textbook(x, y, batches(ROWS, 8))
     first = tmp_path / "first.csv"
     write_csv(first, np.hstack([y, x]), "target,a,b,c")
-    assert_bitwise(trained(served, "by-name", str(first), "--y-columns", "target", "--batch-size", "8"), want)
-    assert_bitwise(trained(served, "by-number", str(first), "--y-columns", "1", "--batch-size", "8"), want)
+    assert_bitwise(
+        trained(served, "by-name", str(first), "--y-columns", "target", "--batch-size", "8"), want
+    )
+    assert_bitwise(
+        trained(served, "by-number", str(first), "--y-columns", "1", "--batch-size", "8"), want
+    )
     middle = tmp_path / "middle.csv"
     write_csv(middle, np.hstack([x[:, :1], y, x[:, 1:]]), None)  # no header
     assert_bitwise(
-        trained(served, "headerless", str(middle), "--y-columns", "2", "--no-header", "--batch-size", "8"),
+        trained(
+            served,
+            "headerless",
+            str(middle),
+            "--y-columns",
+            "2",
+            "--no-header",
+            "--batch-size",
+            "8",
+        ),
         want,
     )
 
@@ -116,11 +127,11 @@ def test_semicolons_quotes_stdin_npy_and_parquet(
     x, y = table
     want = textbook(x, y, batches(ROWS, 16))
     quoted = tmp_path / "quoted.csv"
-    lines = ['"a";"b";"c";"y"'] + [
-        ";".join(f'"{v:.9g}"' for v in row) for row in np.hstack([x, y])
-    ]
+    lines = ['"a";"b";"c";"y"'] + [";".join(f'"{v:.9g}"' for v in row) for row in np.hstack([x, y])]
     quoted.write_text("\n".join(lines) + "\n")
-    assert_bitwise(trained(served, "semi", str(quoted), "--delimiter", ";", "--batch-size", "16"), want)
+    assert_bitwise(
+        trained(served, "semi", str(quoted), "--delimiter", ";", "--batch-size", "16"), want
+    )
 
     target = ("--target", served.target)
     gradstream("create", "stdin", "--spec", json.dumps(SPEC), *target)
@@ -151,10 +162,23 @@ def test_shuffle_with_a_seed_is_the_loop_on_that_permutation(
 ) -> None:
     x, y = table
     rng = np.random.default_rng(11)
-    order = [part for _ in range(3) for part in np.array_split(rng.permutation(ROWS), range(8, ROWS, 8))]
+    order = [
+        part for _ in range(3) for part in np.array_split(rng.permutation(ROWS), range(8, ROWS, 8))
+    ]
     data = tmp_path / "d.npz"
     np.savez(data, x=x, y=y)
-    got = trained(served, "shuffled", str(data), "--shuffle", "--seed", "11", "--epochs", "3", "--batch-size", "8")
+    got = trained(
+        served,
+        "shuffled",
+        str(data),
+        "--shuffle",
+        "--seed",
+        "11",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+    )
     assert_bitwise(got, textbook(x, y, order))
     in_order = textbook(x, y, batches(ROWS, 8) * 3)
     assert not np.array_equal(got["weight"], in_order["weight"])  # it did shuffle
@@ -166,18 +190,23 @@ def test_data_errors_name_the_file_row_and_column(served: BackgroundServer, tmp_
     try:
         text_labels = tmp_path / "text.csv"
         text_labels.write_text("0.5,1.0,cat\n0.1,0.2,dog\n")  # no header: row 1 is data
-        line = one_line_error(gradstream("train", "cls", str(text_labels), "--labels", *target, check=False), 1)
+        line = one_line_error(
+            gradstream("train", "cls", str(text_labels), "--labels", *target, check=False), 1
+        )
         assert "text.csv row 1, column 3: 'cat' is not a number" in line
         fraction = tmp_path / "fraction.csv"
         fraction.write_text("a,b,y\n1,2,0\n3,4,0.7\n")
-        line = one_line_error(gradstream("train", "cls", str(fraction), "--labels", *target, check=False), 1)
+        line = one_line_error(
+            gradstream("train", "cls", str(fraction), "--labels", *target, check=False), 1
+        )
         assert "fraction.csv row 3, column y: label 0.7 is not an integer" in line
         ragged = tmp_path / "ragged.csv"
         ragged.write_text("a,b,y\n1,2,0\n3,4\n")
         line = one_line_error(gradstream("train", "cls", str(ragged), *target, check=False), 1)
         assert "ragged.csv row 3: 2 columns, row 1 has 3" in line
         unknown = one_line_error(
-            gradstream("train", "cls", str(fraction), "--y-columns", "label", *target, check=False), 1
+            gradstream("train", "cls", str(fraction), "--y-columns", "label", *target, check=False),
+            1,
         )
         assert "--y-columns 'label': no such column (columns: a, b, y)" in unknown
         with Client(served.target) as client:

@@ -18,7 +18,7 @@ from gradstream.client._errors import GradstreamError
 from gradstream.client._spec import SpecError
 from gradstream.client.cli._commands import cli
 from gradstream.client.cli._data import DataError
-from gradstream.client.cli._target import explain
+from gradstream.client.cli._target import ConnectionBroke, explain
 
 __all__ = ["cli", "main"]
 
@@ -47,7 +47,7 @@ def run(args: list[str]) -> int:
     except click.ClickException as exc:  # a file named on the command line is unreadable
         _error(exc.format_message())
         return EXIT_USAGE
-    except (DataError, SpecError) as exc:
+    except (DataError, SpecError, ConnectionBroke) as exc:
         _error(str(exc))
         return EXIT_FAILURE
     except GradstreamError as exc:

@@ -17,12 +17,14 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import click
+import grpc
 import numpy as np
 
 from gradstream.client._client import Client
+from gradstream.client._errors import GradstreamError
 from gradstream.client.cli._data import STDIN, DataError, Source, TableOptions
 from gradstream.client.cli._progress import ProgressLine, Tally
-from gradstream.client.cli._target import check_target, remember
+from gradstream.client.cli._target import ConnectionBroke, check_target, remember
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -549,6 +551,10 @@ def train(  # noqa: PLR0917 (click passes every flag)
         interrupted, finished = stop.requested, True
     except KeyboardInterrupt:
         interrupted = finished = True
+    except GradstreamError as exc:
+        if exc.code == grpc.StatusCode.UNAVAILABLE and tally.acknowledged:
+            raise ConnectionBroke(exc, f"{tally.acknowledged} batches") from None
+        raise
     finally:
         progress.close(tally, shown=finished)
     for line in tally.rejected[:10]:

@@ -10,6 +10,16 @@ from gradstream.client._errors import GradstreamError
 _current = {"target": "", "tls": False}
 
 
+class ConnectionBroke(Exception):
+    """The server went away in the middle of a command that had been working."""
+
+    def __init__(self, exc: GradstreamError, done: str) -> None:
+        super().__init__(
+            f"{exc}; the connection to {_current['target']} broke after {done}: did the "
+            "server stop? (with --producer-id a run reconnects, and a re-run resumes)"
+        )
+
+
 def check_target(target: str) -> str:
     """``target`` if it names a port; an error otherwise (gRPC would silently pick 443)."""
     if target.startswith(("unix:", "unix-abstract:")):
