@@ -83,8 +83,8 @@ def batches(n: int, size: int) -> list[np.ndarray]:
 
 def assert_bitwise(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
     assert set(got) == set(want)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
 def write_csv(path: Path, rows: np.ndarray, header: str | None, delimiter: str = ",") -> None:

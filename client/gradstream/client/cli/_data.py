@@ -195,8 +195,8 @@ def _as_targets(
         row = bad + 1 if rows is None else int(rows[bad])
         named = f", column {column}" if column else ""
         raise DataError(
-            f"{where} row {row}{named}: label {np.format_float_positional(values[bad], trim='-')} is not an integer class "
-            "index (--labels wants 0, 1, ..., C-1; --y-columns picks the target column)"
+            f"{where} row {row}{named}: label {np.format_float_positional(values[bad], trim='-')} "
+            "is not an integer class index (--labels wants 0, 1, ..., C-1; --y-columns picks the target column)"
         )
     return values.astype(np.int64)
 
@@ -326,7 +326,7 @@ def _chunk(  # noqa: PLR0917
 
 def _parquet_chunks(source: Source, size: int) -> Iterator[Chunk]:
     try:
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow.parquet as pq
     except ImportError:
         raise DataError(
             f"{source.path}: reading parquet needs pyarrow: pip install 'gradstream[data]'"
