@@ -196,7 +196,8 @@ def _as_targets(
         named = f", column {column}" if column else ""
         raise DataError(
             f"{where} row {row}{named}: label {np.format_float_positional(values[bad], trim='-')} "
-            "is not an integer class index (--labels wants 0, 1, ..., C-1; --y-columns picks the target column)"
+            "is not an integer class index (--labels wants 0, 1, ..., C-1; "
+            "--y-columns picks the target column)"
         )
     return values.astype(np.int64)
 
