@@ -56,7 +56,7 @@ test: install tools
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy client server tests benchmarks
+	$(BIN)/mypy client server tests benchmarks examples
 
 format: install
 	$(BIN)/ruff format .
