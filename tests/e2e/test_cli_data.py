@@ -7,6 +7,8 @@ way on the same rows in the same order.
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 from gradstream.client import Client
 from gradstream.server.app import BackgroundServer
 from tests.conftest import server_settings
-from tests.e2e._cli import gradstream, one_line_error
+from tests.e2e._cli import GRADSTREAM, gradstream, one_line_error
 
 SPEC = {
     "architecture": {"kind": "linear", "in_features": 3, "out_features": 1},
@@ -258,3 +260,29 @@ def test_a_short_run_reports_the_last_loss_and_a_rerun_with_a_producer_id_resume
             assert client.get_model("short").step == 3
     finally:
         gradstream("delete", "short", *target)
+
+
+def test_a_table_is_streamed_not_read_whole_first(served: BackgroundServer) -> None:
+    """Batches train while stdin is still open: the CLI never waits for the end of the data."""
+    target = ("--target", served.target)
+    gradstream("create", "streamed", "--spec", json.dumps(SPEC), *target)
+    command = [*GRADSTREAM, "train", "streamed", "-", "--batch-size", "4", "--quiet", *target]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdin is not None
+        process.stdin.write("a,b,c,y\n" + "0.5,0.25,1,2\n" * 12)
+        process.stdin.flush()
+        with Client(served.target) as client:
+            deadline = time.monotonic() + 60
+            while client.get_model("streamed").step == 0:
+                assert time.monotonic() < deadline, "nothing trained while stdin was open"
+                time.sleep(0.1)
+        process.stdin.write("0.5,0.25,1,2\n" * 4)
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0
+        assert process.stdout is not None
+        out = process.stdout.read()
+        assert "trained 4 batches, step 4" in out
+    finally:
+        process.kill()
+        gradstream("delete", "streamed", *target)

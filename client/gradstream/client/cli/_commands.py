@@ -700,22 +700,23 @@ class _Watch:
         self.progress.set_status("")
 
     def _run(self) -> None:
-        seen = self.tally.acknowledged
         if self._stop.wait(1.0):
             return
+        seen, attempts_then = self.tally.acknowledged, 0
         while not self._stop.is_set():
             attempts = int(getattr(self.results, "reconnects", 0))
-            if attempts:
+            if self.tally.acknowledged != seen:  # results flow: past reconnects are over
+                seen, attempts_then = self.tally.acknowledged, attempts
+            if attempts > attempts_then:
                 self.progress.set_status(
                     f"reconnecting to {self.target} (attempt {attempts}, "
                     f"giving up after {self.timeout:g} s)"
                 )
-            elif self.tally.acknowledged == seen:
+            elif self.tally.acknowledged == 0:
                 self.progress.set_status(f"waiting for the server at {self.target} ...")
             else:
                 self.progress.set_status("")
             self.progress.update(self.tally, force=True)
-            seen = self.tally.acknowledged
             self._stop.wait(0.5)
 
 
