@@ -4,6 +4,7 @@ models, train, predict, params, demo, bench."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -35,7 +36,20 @@ _MESSAGE_INDEX = re.compile(r"^batches\[\d+\]\.")
 DRAIN_SECONDS = 5.0
 
 
-@click.group(context_settings=CONTEXT, no_args_is_help=True)
+class _Commands(click.Group):
+    """The commands; ``serve`` is built when asked for, so that importing the CLI (the
+    client) never imports the server's settings."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "serve"])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "serve":
+            return _serve_command()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings=CONTEXT, no_args_is_help=True)
 @click.version_option(package_name="gradstream", prog_name="gradstream")
 def cli() -> None:
     """Train PyTorch models resident on a GPU from streamed batches.
@@ -146,8 +160,14 @@ def _settings_options(command: F) -> F:
     return command
 
 
-@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
-@_settings_options
+@functools.cache
+def _serve_command() -> click.Command:
+    command = click.command("serve", context_settings={**CONTEXT, "ignore_unknown_options": True})(
+        _settings_options(serve)
+    )
+    return command
+
+
 def serve(unknown: tuple[str, ...] = (), **given: Any) -> int:
     """Run the training server (every flag is also a GRADSTREAM_* variable).
 
