@@ -7,6 +7,7 @@ way on the same rows in the same order.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -225,6 +226,7 @@ def test_rejected_batches_name_their_rows_and_can_be_skipped(
     try:
         rows = ["a,b,label"] + [f"{i / 10},{-i / 10},{i % 3}" for i in range(40)]
         rows[23] = "2.2,-2.2,7"  # file row 24: a label out of range
+        rows[40] = "4.0,-4.0,9"  # and in the last batch, which travels in a stream of its own
         data = tmp_path / "labels.csv"
         data.write_text("\n".join(rows) + "\n")
         args = ("train", "rej", str(data), "--labels", "--batch-size", "10", *target)
@@ -234,8 +236,14 @@ def test_rejected_batches_name_their_rows_and_can_be_skipped(
         assert "--skip-rejected" in stopped
         went_on = gradstream(*args, "--skip-rejected", "--quiet")
         assert "labels.csv rows 22-31 (batch 3): y: label 7 is out of range" in went_on.stderr
+        assert "labels.csv rows 32-41 (batch 4): y: label 9 is out of range" in went_on.stderr
         assert "trained 4 batches" in went_on.stdout
-        assert "1 rejected" in went_on.stdout
+        assert "2 rejected" in went_on.stdout
+        shuffled = gradstream(*args, "--skip-rejected", "--shuffle", "--quiet")
+        assert re.search(
+            r"labels.csv rows (\d+, )+\.\.\. \(10 shuffled rows\) \(batch \d\): y: label 7",
+            shuffled.stderr,
+        )
     finally:
         gradstream("delete", "rej", *target)
 

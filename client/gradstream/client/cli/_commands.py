@@ -537,7 +537,9 @@ def train(  # noqa: PLR0917 (click passes every flag)
     try:
         with stop, connect(conn, timeout=None) as client:
 
-            def stream(batches: Iterator[tuple[Any, ...]], every: int) -> None:
+            def stream(batches: Iterator[tuple[Any, ...]], every: int, offset: int) -> None:
+                """Train on ``batches``; a plain stream numbers its batches from 1, so
+                ``offset`` makes its numbers the run's (a producer's carry their own)."""
                 results = client.train(
                     name,
                     batches,
@@ -550,8 +552,9 @@ def train(  # noqa: PLR0917 (click passes every flag)
                 with watch:
                     for result in results:
                         tally.add(result)
+                        number = result.sequence + (0 if producer_id else offset)
                         if result.outcome == "REJECTED":
-                            where = run.rows(result.sequence)
+                            where = run.rows(number)
                             # The server counts batches within its message, from 0: not a
                             # position the user knows; the file rows replace it.
                             reason = _MESSAGE_INDEX.sub("", result.reason)
@@ -561,13 +564,14 @@ def train(  # noqa: PLR0917 (click passes every flag)
                                     f"{source.name} {where}: rejected: {reason} "
                                     "(--skip-rejected goes on past such batches)"
                                 )
-                        run.done(result.sequence)
+                        run.done(number)
                         progress.update(tally)
 
             # The last batch goes in a stream of its own so that its loss is reported.
-            stream(run.batches(producer_id is not None, hold_last=True), report_every)
+            stream(run.batches(producer_id is not None, hold_last=True), report_every, 0)
             if run.last is not None and not stop.requested:
-                stream(iter([run.last]), 1)
+                tally.sent += 1
+                stream(iter([run.last]), 1, tally.sent - 1)
         interrupted, finished = stop.requested, True
     except KeyboardInterrupt:
         interrupted = finished = True
@@ -594,7 +598,7 @@ class _TrainRun:
         self.tally = Tally()
         self.stopping = False
         self.last: tuple[Any, ...] | None = None
-        self._rows: dict[int, tuple[int, int]] = {}
+        self._rows: dict[int, str] = {}
         self._lock = threading.Lock()
 
     def total(self) -> int | None:
@@ -613,8 +617,8 @@ class _TrainRun:
     def rows(self, sequence: int) -> str:
         """The file rows of batch ``sequence``, as a message names them."""
         with self._lock:
-            first, last = self._rows.get(sequence, (0, 0))
-        return f"rows {first}-{last} (batch {sequence})" if first else f"batch {sequence}"
+            span = self._rows.get(sequence)
+        return f"{span} (batch {sequence})" if span else f"batch {sequence}"
 
     def done(self, sequence: int) -> None:
         """Forget the rows of an answered batch."""
@@ -633,7 +637,7 @@ class _TrainRun:
                     raise DataError(f"{self.source.name}: no targets to train on")
                 sequence += 1
                 with self._lock:
-                    self._rows[sequence] = (int(rows.min()), int(rows.max()))
+                    self._rows[sequence] = _row_span(rows)
                 item: tuple[Any, ...] = (chunk_x, chunk_y, chunk_w)
                 if sequenced:
                     item = (*item, sequence)
@@ -645,8 +649,7 @@ class _TrainRun:
                 held = item
         if held is not None:
             if hold_last:
-                self.last = held
-                self.tally.sent += 1  # sent by the second stream
+                self.last = held  # the caller sends it
             else:
                 self.tally.sent += 1
                 yield held
@@ -666,6 +669,15 @@ class _TrainRun:
                 None if w is None else w[picked],
                 picked + 1,
             )
+
+
+def _row_span(rows: Any) -> str:
+    """File rows as a message names them: "rows 17-32", or some of them when shuffled."""
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first + 1 == len(rows) and (np.diff(rows) == 1).all():
+        return f"rows {first}-{last}"
+    shown = ", ".join(str(int(r)) for r in rows[:4])
+    return f"rows {shown}{', ...' if len(rows) > 4 else ''} ({len(rows)} shuffled rows)"
 
 
 class _Interrupt:
