@@ -212,6 +212,10 @@ def test_data_errors_name_the_file_row_and_column(served: BackgroundServer, tmp_
             1,
         )
         assert "--y-columns 'label': no such column (columns: a, b, y)" in unknown
+        names = tmp_path / "names.npz"
+        np.savez(names, x=np.ones((2, 2), np.float32), y=np.array(["cat", "dog"]))
+        line = one_line_error(gradstream("train", "cls", str(names), *target, check=False), 1)
+        assert "names.npz y: dtype <U3 is not numeric" in line
         with Client(served.target) as client:
             assert client.get_model("cls").step == 0  # nothing was trained by the bad files
     finally:

@@ -66,6 +66,12 @@ def run(args: list[str]) -> int:
     except (KeyboardInterrupt, click.Abort):
         sys.stderr.write("\n")
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        # A bug of the CLI or the SDK: one line still, the traceback with GRADSTREAM_DEBUG=1.
+        if os.environ.get("GRADSTREAM_DEBUG"):
+            raise
+        _error(f"unexpected {type(exc).__name__}: {exc} (GRADSTREAM_DEBUG=1 shows where)")
+        return EXIT_FAILURE
 
 
 def _error(message: str, where: str = "gradstream") -> None:

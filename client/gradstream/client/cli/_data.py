@@ -125,9 +125,11 @@ class Source:
                 with np.load(self.path) as data:
                     if "x" not in data:
                         raise DataError(f"{self.path}: no array named 'x' (has {sorted(data)})")
-                    x = data["x"]
+                    x = _numeric(data["x"], f"{self.path} x")
                     y = data["y"] if self.options.targets and "y" in data else None
+                    y = None if y is None else _numeric(y, f"{self.path} y")
                     w: Array | None = data.get("sample_weight")
+                    w = None if w is None else _numeric(w, f"{self.path} sample_weight")
             except (OSError, ValueError) as exc:
                 if isinstance(exc, DataError):
                     raise
@@ -170,6 +172,15 @@ def _npy(path: Path) -> Array:
         array: Array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+    return _numeric(array, str(path))
+
+
+def _numeric(array: Array, where: str) -> Array:
+    """``array`` if it holds numbers; class names and other text are refused by name."""
+    if array.dtype.kind not in "biuf":
+        raise DataError(
+            f"{where}: dtype {array.dtype} is not numeric (class labels must be integers 0..C-1)"
+        )
     return array
 
 
