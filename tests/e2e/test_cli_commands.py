@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from tests.conftest import server_settings
 from tests.e2e._cli import GRADSTREAM, gradstream, one_line_error
 from tests.integration._security import make_pki

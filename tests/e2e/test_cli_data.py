@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gradstream.client import Client
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from tests.conftest import server_settings
 from tests.e2e._cli import GRADSTREAM, gradstream, one_line_error
 

@@ -15,7 +15,7 @@ import pytest
 
 from gradstream.client import Client
 from gradstream.client._local import LocalServer
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from tests.conftest import server_settings
 from tests.e2e._cli import gradstream, terminal
 

@@ -37,7 +37,7 @@ def test_make_dist_builds_a_wheel_that_installs_into_a_fresh_venv(tmp_path: Path
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import gradstream.client.cli, gradstream.server.app, gradstream.v1.trainer_pb2 as pb;"
+            "import gradstream.client.cli, gradstream.server.main, gradstream.v1.trainer_pb2 as pb;"
             "print(gradstream.client.cli.__file__); print(pb.__file__)",
         ],
         capture_output=True,

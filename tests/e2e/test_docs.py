@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from gradstream.server.tokens import TokenStore
 from tests.conftest import ROOT, require_tool, server_settings
 from tests.e2e._cli import gradstream

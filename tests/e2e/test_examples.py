@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from tests.conftest import ROOT, require_tool, server_settings
 
 EXAMPLES = ROOT / "examples"

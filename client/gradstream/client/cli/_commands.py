@@ -193,10 +193,10 @@ def serve(unknown: tuple[str, ...] = (), **given: Any) -> int:
         value = values.get(field, os.environ.get(f"GRADSTREAM_{field.upper()}"))
         raise click.BadParameter(f"{value!r}: {first['msg']}", param_hint=f"'{flag}'") from None
     try:
-        from gradstream.server.app import run
+        from gradstream.server.main import run
     except ImportError as exc:
         raise DataError(_NEEDS_SERVER.format(missing=exc.name)) from None
-    from gradstream.server.app import StartupRefused
+    from gradstream.server.listening import StartupRefused
 
     try:
         run(settings)
