@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -118,3 +119,24 @@ def test_demo_prints_the_notebooks_trajectory() -> None:
     assert any(line.startswith("epoch 25: w = 1.966,") for line in out)
     assert out[-1] == "Prediction after training: f(5) = 10.000"
     assert any("MseLossBackward0" in line for line in out)
+
+
+def test_server_logs_each_lifecycle_event_at_info(tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    checkpoints = tmp_path / "ckpt"
+    with LocalServer(
+        "--checkpoint-dir", str(checkpoints), "--metrics-port", "-1", log=log
+    ) as server:
+        target = ("--target", server.target)
+        gradstream("create", "logged", "--spec", json.dumps(SPEC), *target)
+        data = tmp_path / "d.csv"
+        data.write_text("1,2,3\n4,5,nan\n")  # the second batch is rejected (NaN)
+        gradstream("train", "logged", str(data), "--batch-size", "1", "--skip-rejected", *target)
+        gradstream("checkpoint", "logged", *target)
+        gradstream("delete", "logged", *target)
+    text = log.read_text()
+    assert "metrics off" in text
+    assert "INFO gradstream.server: model created name=logged architecture=linear" in text
+    assert "train stream ended model=logged producer=- batches=1 rejected=1" in text
+    assert "checkpoint written model=logged checkpoint=" in text
+    assert re.search(r"model deleted name=logged step=\d+ models=0", text), text
