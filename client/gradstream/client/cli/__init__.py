@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import click
 
 from gradstream.client._errors import GradstreamError
-from gradstream.client._spec import SpecError
 from gradstream.client.cli._commands import cli
 from gradstream.client.cli._data import DataError
 from gradstream.client.cli._target import ConnectionBroke, explain
+from gradstream.wire import SpecError
 
 __all__ = ["cli", "main"]
 

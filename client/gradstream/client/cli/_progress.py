@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from gradstream.client._client import StepResult
+from gradstream.client._models import StepResult
 
 _APPLIED = ("APPLIED", "ACCUMULATED")
 
