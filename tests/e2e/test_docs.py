@@ -44,8 +44,11 @@ PAGES = sorted(
 )
 BLOCKS: dict[str, list[str]] = {
     "README.md": ["make", "run", "dist", "run", "run", "run", "run", "flags", "spec", "text"],
-    "docs/architecture.md": ["text"],
-    "docs/deploy.md": ["docker", "kubectl", "yaml", "kubectl", "kubectl", "kubectl", "docker"],
+    "docs/architecture.md": ["text", "text"],
+    "docs/deploy.md": [
+        *("docker", "docker", "text", "docker", "docker", "docker"),
+        *("kubectl", "yaml", "kubectl", "kubectl", "kubectl", "docker"),
+    ],
     "docs/durability.md": ["fragment"],
     "docs/observability.md": ["prometheus"],
     "docs/performance.md": ["flags"],
