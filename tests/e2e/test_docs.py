@@ -54,7 +54,7 @@ BLOCKS: dict[str, list[str]] = {
     "docs/performance.md": ["flags"],
     "docs/scaling.md": ["flags", "flags"],
     "docs/security.md": ["tokens", "run", "run", "run", "kubectl", "yaml"],
-    "docs/semantics.md": ["fragment"],
+    "docs/semantics.md": ["text"],  # pseudo-code with elisions (`lr=..., ...`)
 }
 FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
