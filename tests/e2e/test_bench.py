@@ -61,3 +61,20 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
         assert 0 < serve[part]["latency_p50_s"] <= serve[part]["latency_p99_s"]
     p99 = serve["ratios"]["predict_p99_training_vs_idle"]["median"]
     assert p99 == serve["predict_training"]["latency_p99_s"] / serve["predict"]["latency_p99_s"]
+
+
+def test_ingest_split_prints_each_part_per_batch() -> None:
+    script = Path(__file__).parents[2] / "benchmarks" / "ingest_split.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "small", "large", "--seconds", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("torch threads")
+    for name, line in zip(("small", "large"), lines[1:], strict=True):
+        assert line.startswith(name), line
+        for part in ("parse", "decode", "train", "reply", "total"):
+            assert f"{part} " in line, line
