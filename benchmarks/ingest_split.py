@@ -20,8 +20,6 @@ import time
 import torch
 
 from gradstream.bench.scenarios import SCENARIOS, Scenario
-from gradstream.client._tensor import wire_array
-from gradstream.client._wire import MessageBuilder, encode_batch
 from gradstream.server.app import intra_op_threads
 from gradstream.server.config import Settings
 from gradstream.server.engine import TrainerFactory, TrainOptions
@@ -30,6 +28,8 @@ from gradstream.server.session import decode, train_message
 from gradstream.server.spec import ModelSpec
 from gradstream.server.wire import parse_train_request
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire.tensor import wire_array
+from gradstream.wire.train import MessageBuilder, encode_batch
 
 
 def message_bytes(scenario: Scenario) -> bytes:
