@@ -16,8 +16,9 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
-        check=True,
+        check=False,
     )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert "--quick: smoke test only" in result.stdout
     for scenario in ("small", "medium", "large", "fan-in", "models", "serve"):
         assert scenario in result.stdout
