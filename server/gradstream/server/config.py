@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     max_model_parameters: int = Field(
         100_000_000, gt=0, description="parameter elements of one model"
     )
+    max_program_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="bytes of one torch.export archive (architecture exported), packed or unpacked",
+    )
     keepalive_time: float = Field(
         60.0, gt=0, description="seconds of silence before the server pings a client"
     )
