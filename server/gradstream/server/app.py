@@ -173,6 +173,8 @@ class Server:
             max_batch_rows=settings.max_batch_rows,
             max_batch_bytes=settings.max_batch_bytes,
             max_model_parameters=settings.max_model_parameters,
+            max_model_layers=settings.max_model_layers,
+            max_activation_bytes=settings.max_activation_bytes,
         )
         self.checkpointer = Checkpointer(
             settings.checkpoint_dir,
@@ -263,7 +265,7 @@ class Server:
             tls = s.metrics_tls and s.tls_cert is not None and s.tls_key is not None
             self._metrics_http, _ = start_http_server(
                 s.metrics_port,
-                addr=s.host,
+                addr=s.metrics_host,
                 registry=self.metrics.registry,
                 certfile=str(s.tls_cert) if tls else None,
                 keyfile=str(s.tls_key) if tls else None,

@@ -7,6 +7,7 @@ steps are serialized without locks.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -25,6 +26,9 @@ from gradstream.server.models import (
     loss_value,
 )
 from gradstream.server.spec import ModelSpec, OptimizerSpec
+
+# Nodes of the loss's autograd graph that GetModel lists at most.
+MAX_CHAIN_NODES = 1024
 
 
 def _engine_backward() -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -157,6 +161,7 @@ class Trainer:
         *,
         max_batch_rows: int = 0,
         max_batch_bytes: int = 0,
+        max_activation_bytes: int = 0,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -173,7 +178,7 @@ class Trainer:
         if self.deferred and optimizer_spec.fused is None:
             optimizer_spec = optimizer_spec.model_copy(update={"fused": True})
         self.optimizer = build_optimizer(optimizer_spec, self.module)
-        self.checker = BatchChecker(spec, max_batch_rows, max_batch_bytes)
+        self.checker = BatchChecker(spec, max_batch_rows, max_batch_bytes, max_activation_bytes)
         self.step = 0
         self.pending = 0  # batches whose gradients are accumulated towards the next step
         self.nonfinite_streak = 0
@@ -517,8 +522,11 @@ class Trainer:
                 raise InvalidArgument(
                     f"parameters[{name}]", f"has dtype {value.dtype}, expected float"
                 )
-            if not bool(torch.isfinite(value).all()):
-                raise InvalidArgument(f"parameters[{name}]", "contains a non-finite value")
+            # Checked in the parameter's dtype: 1e300 is finite in float64, not in float32.
+            if not bool(torch.isfinite(value.to(param.dtype)).all()):
+                raise InvalidArgument(
+                    f"parameters[{name}]", f"contains a non-finite value as {param.dtype}"
+                )
         with torch.no_grad():
             for name, value in values.items():
                 self._params[name].copy_(value)
@@ -590,9 +598,10 @@ class Trainer:
         loss = loss_value(self.spec.loss, self.module(x), y, None)
         names: list[str] = []
         seen: set[int] = set()
-        frontier = [loss.grad_fn]
-        while frontier:
-            node = frontier.pop(0)
+        frontier = collections.deque([loss.grad_fn])
+        # Bounded: a plug-in's graph can be as deep as it likes; the chain is for reading.
+        while frontier and len(names) < MAX_CHAIN_NODES:
+            node = frontier.popleft()
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))

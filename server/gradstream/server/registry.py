@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import torch
 
@@ -13,7 +14,7 @@ from gradstream.server.engine import ModelInfo, Trainer
 from gradstream.server.errors import AlreadyExists, DataLoss, NotFound, ResourceExhausted
 from gradstream.server.metrics import Metrics
 from gradstream.server.models import architectures
-from gradstream.server.spec import ModelSpec, check_model_name
+from gradstream.server.spec import ModelSpec, check_depth, check_model_name
 from gradstream.server.worker import ModelWorker
 
 
@@ -51,6 +52,8 @@ class ModelRegistry:
         max_batch_rows: int = 0,
         max_batch_bytes: int = 0,
         max_model_parameters: int = 0,
+        max_model_layers: int = 0,
+        max_activation_bytes: int = 0,
     ) -> None:
         self.device = device
         self.metrics = metrics
@@ -60,8 +63,12 @@ class ModelRegistry:
         self.max_batch_rows = max_batch_rows
         self.max_batch_bytes = max_batch_bytes
         self.max_model_parameters = max_model_parameters
+        self.max_model_layers = max_model_layers
+        self.max_activation_bytes = max_activation_bytes
         self._workers: dict[str, ModelWorker] = {}
         self._creating: set[str] = set()
+        # Names whose deletion (worker, then checkpoint directory) is under way.
+        self._deleting: dict[str, asyncio.Event] = {}
         self._lost: dict[str, str] = {}  # models whose checkpoints did not restore -> why
 
     def get(self, name: str) -> ModelWorker:
@@ -80,6 +87,11 @@ class ModelRegistry:
     async def create(self, name: str, spec: ModelSpec) -> ModelInfo:
         """Build the model off the event loop and start its worker."""
         check_model_name(name)
+        check_depth(spec, self.max_model_layers)
+        # A name being deleted is free once its files are gone, not before: a model
+        # created earlier would write its checkpoints into the directory being removed.
+        while (deleting := self._deleting.get(name)) is not None:
+            await deleting.wait()
         if name in self._workers or name in self._creating:
             raise AlreadyExists(f"a model named {name!r} exists already")
         if name in self._lost:
@@ -90,15 +102,16 @@ class ModelRegistry:
             raise ResourceExhausted(
                 f"max_models: the server holds {self.max_models} models already"
             )
-        if self.max_model_parameters:
-            count = parameter_count(spec)
-            if count > self.max_model_parameters:
-                raise ResourceExhausted(
-                    f"max_model_parameters: spec.architecture has {count} parameter elements, "
-                    f"the limit is {self.max_model_parameters}"
-                )
         self._creating.add(name)
         try:
+            if self.max_model_parameters:
+                # Off the event loop: a plug-in's meta build is proportional to its size.
+                count = await asyncio.to_thread(parameter_count, spec)
+                if count > self.max_model_parameters:
+                    raise ResourceExhausted(
+                        f"max_model_parameters: spec.architecture has {count} parameter "
+                        f"elements, the limit is {self.max_model_parameters}"
+                    )
             trainer = await asyncio.to_thread(
                 functools.partial(
                     self.trainer_type,
@@ -108,6 +121,7 @@ class ModelRegistry:
                     self.max_nonfinite_steps,
                     max_batch_rows=self.max_batch_rows,
                     max_batch_bytes=self.max_batch_bytes,
+                    max_activation_bytes=self.max_activation_bytes,
                 )
             )
             info = await asyncio.to_thread(trainer.info)
@@ -127,6 +141,18 @@ class ModelRegistry:
     def mark_lost(self, name: str, reason: str) -> None:
         """A model whose checkpoints did not restore: it answers DATA_LOSS until deleted."""
         self._lost[name] = reason
+
+    @contextlib.asynccontextmanager
+    async def deleting(self, name: str) -> AsyncIterator[None]:
+        """Hold ``name`` while a deletion runs: a CreateModel of it waits until the end."""
+        while (other := self._deleting.get(name)) is not None:
+            await other.wait()
+        done = self._deleting[name] = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._deleting[name]
+            done.set()
 
     async def delete(self, name: str) -> None:
         """Stop the model's worker after the jobs queued before, then drop it."""

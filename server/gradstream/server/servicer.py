@@ -33,7 +33,7 @@ from gradstream.server.errors import (
 )
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
-from gradstream.server.shm import map_shared_memory
+from gradstream.server.shm import SharedSegment, open_shared_memory
 from gradstream.server.spec import parse_spec
 from gradstream.server.wire import TrainMessage, WireBatch, WireTensor, parse_train_request
 from gradstream.server.worker import ModelWorker
@@ -59,7 +59,7 @@ class _Stream:
         self.error: GradstreamError | None = None  # ends the stream after the results before it
         self.reader: asyncio.Task[None] | None = None
         self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
-        self.segment: memoryview | None = None  # the producer's shared memory, mapped read-only
+        self.segment: SharedSegment | None = None  # the producer's shared memory, read-only
 
 
 class TrainerServicer:
@@ -141,8 +141,9 @@ class TrainerServicer:
             worker: ModelWorker | None = self.registry.get(request.name)
         except DataLoss:  # restored from no checkpoint: nothing runs, only files to remove
             worker = None
-        await self.registry.delete(request.name)
-        await self.checkpointer.forget(request.name, worker)
+        async with self.registry.deleting(request.name):  # until the directory is gone
+            await self.registry.delete(request.name)
+            await self.checkpointer.forget(request.name, worker)
         return pb.DeleteModelResponse()
 
     async def UpdateModel(
@@ -185,9 +186,7 @@ class TrainerServicer:
                     decode_array(request.sample_weight, "sample_weight"), x.shape[0]
                 )
         else:
-            vector = decode(request.grad_output, "grad_output")
-            if not vector.is_floating_point() or not bool(torch.isfinite(vector).all()):
-                raise InvalidArgument("grad_output", "must be finite floating point values")
+            vector = checker.grad_output(decode_array(request.grad_output, "grad_output"))
 
         def gradients(trainer: Trainer) -> tuple[dict[str, torch.Tensor], float | None]:
             grads, loss = trainer.gradients(x, y, weight, vector)
@@ -241,7 +240,7 @@ class TrainerServicer:
         producer = first.open.producer_id
         durable_sent = self.checkpointer.durable_sequence(worker.trainer.name, producer)
         if first.open.shared_memory:
-            stream.segment = map_shared_memory(first.open.shared_memory, context.peer())
+            stream.segment = open_shared_memory(first.open.shared_memory, context.peer())
 
         def opened(trainer: Trainer) -> pb.StreamState:
             return pb.StreamState(
@@ -280,7 +279,7 @@ class TrainerServicer:
             finally:
                 stream.cancelled = True
                 reader.cancel()
-                stream.segment = None  # unmapped once the last batch viewing it is gone
+                stream.segment = None  # closed once the last job reading it is gone
         finally:
             self._streams.discard(stream)
             self._streams_closed.set()
@@ -339,7 +338,7 @@ def _reading_ended(
 
 
 def _validate(
-    checker: BatchChecker, batch: WireBatch, index: int, segment: memoryview | None
+    checker: BatchChecker, batch: WireBatch, index: int, segment: SharedSegment | None
 ) -> Batch | Rejected:
     field = f"batches[{index}]"
     try:
@@ -350,13 +349,14 @@ def _validate(
             None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
             batch.sequence,
             field,
+            quote=segment is None,  # a segment's bytes are never echoed back
         )
     except (InvalidArgument, ResourceExhausted) as exc:  # this batch alone; the stream goes on
         return Rejected(str(exc), batch.sequence)
 
 
 def _checks(
-    batches: list[WireBatch], segment: memoryview | None
+    batches: list[WireBatch], segment: SharedSegment | None
 ) -> Callable[[Trainer], list[Batch | Rejected]]:
     """Decode and check a message's batches; one that fails keeps its place as REJECTED.
 
