@@ -94,7 +94,9 @@ def test_save_checkpoint_reports_the_producer_table_and_delete_removes_the_files
         saved = client.save_checkpoint("m")
         assert (saved.step, saved.producer_sequences) == (4, {"p": 4})
         client.save_checkpoint("m")
-        assert len(list((tmp_path / "m").glob("ckpt-*"))) == 2  # checkpoint_keep
+        # checkpoint_keep of the requested ones; the server's own (the first) stays.
+        assert len(list((tmp_path / "m").glob("ckpt-*-requested"))) == 2
+        assert (tmp_path / "m" / "ckpt-0000000001").is_dir()
         client.delete_model("m")
         assert not (tmp_path / "m").exists()
 

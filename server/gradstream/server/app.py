@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from gradstream.server.checkpoint import Checkpointer
+from gradstream.server.checkpoint import Checkpointer, check_directory
 from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument
 from gradstream.server.interceptors import (
@@ -176,6 +176,13 @@ class Server:
             max_model_layers=settings.max_model_layers,
             max_activation_bytes=settings.max_activation_bytes,
         )
+        if settings.checkpoint_dir is not None:
+            try:
+                check_directory(settings.checkpoint_dir)
+            except OSError as exc:
+                raise StartupRefused(
+                    f"checkpoint_dir: cannot write to {settings.checkpoint_dir}: {exc}"
+                ) from None
         self.checkpointer = Checkpointer(
             settings.checkpoint_dir,
             self.metrics,

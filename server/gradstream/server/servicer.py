@@ -97,7 +97,7 @@ class TrainerServicer:
     async def SaveCheckpoint(
         self, request: pb.SaveCheckpointRequest, context: Context
     ) -> pb.SaveCheckpointResponse:
-        saved = await self.checkpointer.save(self.registry.get(request.name))
+        saved = await self.checkpointer.save(self.registry.get(request.name), requested=True)
         return pb.SaveCheckpointResponse(
             checkpoint=saved.name, step=saved.step, producer_sequences=saved.producers
         )
@@ -115,8 +115,11 @@ class TrainerServicer:
             # checkpoint restores it at step 0 and producers re-send from their start.
             try:
                 await self.checkpointer.save(self.registry.get(request.name))
-            except GradstreamError as exc:
-                log.warning("first checkpoint of %r failed: %s", request.name, exc.message)
+            except GradstreamError:  # not durable: not created (the error names why)
+                async with self.registry.deleting(request.name):
+                    await self.registry.delete(request.name)
+                    await self.checkpointer.forget(request.name)
+                raise
         return pb.CreateModelResponse(model=_info(info))
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
