@@ -6,6 +6,7 @@ that its health port answers within a second.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
@@ -59,10 +60,8 @@ def segment() -> Iterator[Path]:
         yield path
     finally:
         if path.is_fifo():  # a server stuck opening it is let go before it is removed
-            try:
+            with contextlib.suppress(OSError):
                 os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
         path.unlink(missing_ok=True)
 
 
@@ -117,7 +116,7 @@ def test_a_segment_truncated_under_a_stream_rejects_the_batch_without_a_crash(
         truncated.wait(10)
         yield pb.TrainRequest(batches=[_labels_batch(4)])
 
-    responses = stub.Train(requests(), timeout=30)
+    responses = iter(stub.Train(requests(), timeout=30))
     assert next(responses).HasField("opened")
     os.truncate(segment, 0)  # offsets inside the size the server saw at open
     truncated.set()
@@ -171,7 +170,12 @@ def test_labels_rewritten_after_the_check_are_not_what_is_trained(
     labels out of range meanwhile. What trains is what was checked."""
     pid = _pid(local)
     slow = {
-        "architecture": {"kind": "mlp", "in_features": 8, "out_features": 3, "hidden": [1024, 1024]},
+        "architecture": {
+            "kind": "mlp",
+            "in_features": 8,
+            "out_features": 3,
+            "hidden": [1024, 1024],
+        },
         "loss": {"kind": "cross_entropy"},
     }
     client.create_model("rewritten", slow)
@@ -185,7 +189,7 @@ def test_labels_rewritten_after_the_check_are_not_what_is_trained(
         yield pb.TrainRequest(batches=[_labels_batch(rows, sequence=1)])
         sent.set()
 
-    responses = stub.Train(requests(), timeout=60)
+    responses = iter(stub.Train(requests(), timeout=60))
     assert next(responses).HasField("opened")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # Keeps the model's worker busy (a second or so) while the batch waits behind it.
@@ -208,8 +212,8 @@ def test_a_very_deep_network_is_refused_quickly_and_health_stays_prompt(
     local: LocalServer, client: Client, stub: pb_grpc.TrainerServiceStub
 ) -> None:
     pid = _pid(local)
-    deep = {"architecture": {"kind": "mlp", "in_features": 1, "out_features": 1}}
-    deep["architecture"]["hidden"] = [1] * 20_000  # type: ignore[index]
+    hidden = [1] * 20_000
+    deep = {"architecture": {"kind": "mlp", "in_features": 1, "out_features": 1, "hidden": hidden}}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         created = pool.submit(client.create_model, "deep", deep)
         _healthy(local, pid)
