@@ -103,8 +103,8 @@ class BatchChecker:
         ``quote=False`` keeps the values themselves out of error messages (for bytes
         read from a segment, which must not be echoed back).
         """
-        self._check_bytes(x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes), field)
         inputs = self._inputs(x, f"{field}.x", quote)
+        self._check_bytes(x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes), field)
         rows = inputs.shape[0]
         return Batch(
             x=torch.from_numpy(inputs),
