@@ -292,9 +292,7 @@ def test_bad_model_name_is_invalid_argument(client: Client) -> None:
         "victim\u200b",  # a zero-width space
     ],
 )
-def test_names_with_control_characters_or_look_alikes_are_refused(
-    client: Client, bad: str
-) -> None:
+def test_names_with_control_characters_or_look_alikes_are_refused(client: Client, bad: str) -> None:
     spec = {"architecture": {"kind": "linear", "in_features": 1, "out_features": 1}}
     with pytest.raises(GradstreamError) as caught:
         client.create_model(bad, spec)
