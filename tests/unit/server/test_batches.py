@@ -8,7 +8,7 @@ import pytest
 from gradstream.server.batches import BatchChecker
 from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument, ResourceExhausted
-from gradstream.server.spec import parse_spec
+from gradstream.server.spec import check_depth, parse_spec
 
 WIDE = parse_spec(
     {"architecture": {"kind": "mlp", "in_features": 1, "out_features": 1, "hidden": [4096]}}
@@ -60,3 +60,12 @@ def test_bytes_of_a_segment_are_not_quoted_in_reasons() -> None:
     with pytest.raises(InvalidArgument) as caught:
         checker.batch(x, np.array([1]), quote=False)
     assert "nan" not in str(caught.value)
+
+
+def test_a_spec_deeper_than_the_layer_limit_is_refused_before_it_is_built() -> None:
+    deep = parse_spec(
+        {"architecture": {"kind": "mlp", "in_features": 1, "out_features": 1, "hidden": [1] * 64}}
+    )
+    check_depth(deep, 65)
+    with pytest.raises(ResourceExhausted, match=r"max_model_layers: .* 65 layers, the limit is 64"):
+        check_depth(deep, 64)
