@@ -555,6 +555,7 @@ class DistributedTrainer(Trainer):
         rank_metrics: RankMetrics,
         max_batch_rows: int = 0,
         max_batch_bytes: int = 0,
+        max_activation_bytes: int = 0,
     ) -> None:
         super().__init__(
             name,
@@ -564,6 +565,7 @@ class DistributedTrainer(Trainer):
             deferred=False,
             max_batch_rows=max_batch_rows,
             max_batch_bytes=max_batch_bytes,
+            max_activation_bytes=max_activation_bytes,
         )
         self._join(group, rank_metrics)
 
@@ -758,7 +760,9 @@ class Follower:
         host = s.host
         if s.metrics_port >= 0:
             http, _ = start_http_server(
-                s.metrics_port and s.metrics_port + offset, addr=host, registry=self.registry
+                s.metrics_port and s.metrics_port + offset,
+                addr=s.metrics_host,
+                registry=self.registry,
             )
             ports["metrics_port"] = http.server_port
             closers.append(http.shutdown)
