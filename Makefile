@@ -39,7 +39,7 @@ test: install tools
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy client server tests benchmarks
+	$(BIN)/mypy client server tests benchmarks tools
 
 format: install
 	$(BIN)/ruff format .
@@ -51,9 +51,9 @@ proto: install
 	  --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
 	  --mypy_grpc_out=$(PROTO_OUT) proto/gradstream/v1/trainer.proto 2>/dev/null
 
-# Regenerate the committed Grafana dashboard (tests/unit/server/test_dashboard.py checks it).
+# Regenerate the committed Grafana dashboard (tests/tools/test_dashboard.py checks it).
 dashboard: install
-	$(BIN)/python -m gradstream.server.dashboard deploy/grafana/dashboards/gradstream.json
+	$(BIN)/python -m tools.dashboard deploy/grafana/dashboards/gradstream.json
 
 bench: install
 	$(BIN)/gradstream bench

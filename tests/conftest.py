@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from gradstream.client import Client
-from gradstream.server.app import BackgroundServer
 from gradstream.server.config import Settings
+from gradstream.server.main import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[1]
 _names = itertools.count()

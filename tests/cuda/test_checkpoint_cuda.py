@@ -12,7 +12,7 @@ import torch
 
 from gradstream.server import checkpoint as ck
 from gradstream.server.batches import Batch
-from gradstream.server.engine import Rejected, Trainer, TrainOptions
+from gradstream.server.engine import Trainer, TrainerFactory, TrainOptions
 from gradstream.server.spec import parse_spec
 
 pytestmark = [
@@ -27,7 +27,7 @@ SPEC = {
 }
 
 
-def _batches(trainer: Trainer, n: int) -> list[Batch | Rejected]:
+def _batches(trainer: Trainer, n: int) -> list[Batch]:
     g = torch.Generator().manual_seed(0)
     return [
         trainer.stage(
@@ -46,7 +46,7 @@ def test_checkpoint_mid_accumulation_on_cuda_restores_bitwise(tmp_path: Path) ->
     first.train_batches(batches[:11], TrainOptions(producer_id="p"))
     assert first.pending == 1
     ck.write(tmp_path / "m", ck.take(first), keep=1)
-    resumed = ck.restore(ck.newest(tmp_path / "m")[1], device)
+    resumed = ck.restore(ck.newest(tmp_path / "m")[1], TrainerFactory(device))
     assert all(p.device.type == "cuda" for p in resumed.module.parameters())
     resumed.train_batches(_batches(resumed, 21), TrainOptions(producer_id="p"))
     assert resumed.step == reference.step and resumed.producers == {"p": 21}

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from gradstream.client import Client
-from gradstream.server.app import BackgroundServer
 from gradstream.server.batches import Batch
 from gradstream.server.config import Settings
 from gradstream.server.engine import Outcome, Trainer, TrainOptions
+from gradstream.server.main import BackgroundServer
 from gradstream.server.spec import parse_spec
 
 pytestmark = [

@@ -31,8 +31,8 @@ import yaml
 
 from gradstream.client import Client, NotFound
 from gradstream.client._local import LocalServer
-from gradstream.server.dashboard import dashboard
 from tests.conftest import ROOT, require_tool
+from tools.dashboard import dashboard
 
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"

@@ -17,8 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradstream.client import Client, GradstreamError
 from gradstream.client._local import LocalServer
-from gradstream.server.app import BackgroundServer, Server, StartupRefused
 from gradstream.server.config import Settings
+from gradstream.server.listening import StartupRefused
+from gradstream.server.main import BackgroundServer, build
 from gradstream.server.servicer import TrainerServicer
 from gradstream.server.tokens import RPC_ACTIONS
 from tests.conftest import server_settings
@@ -266,7 +267,7 @@ def test_tokens_also_work_without_tls_on_loopback(pki: Pki) -> None:
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gradstream.example"])
 def test_refuses_to_listen_beyond_loopback_without_tokens(host: str) -> None:
     with pytest.raises(StartupRefused, match="--insecure"):
-        Server(Settings(host=host, port=0, device="cpu"))
+        build(Settings(host=host, port=0, device="cpu"))
 
 
 def test_cli_refuses_0_0_0_0_without_tokens_and_starts_with_insecure() -> None:
@@ -362,4 +363,4 @@ def test_incomplete_security_settings_refuse_to_start(
     settings: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(StartupRefused, match=message):
-        Server(Settings(port=0, device="cpu", **settings))
+        build(Settings(port=0, device="cpu", **settings))

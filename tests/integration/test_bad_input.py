@@ -11,7 +11,7 @@ import pytest
 
 from gradstream.client import BatchRejected, Client, GradstreamError, SpecError
 from gradstream.client._tensor import to_proto
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 
 SPEC = {

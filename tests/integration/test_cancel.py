@@ -20,8 +20,8 @@ import pytest
 
 from gradstream.client import Client
 from gradstream.client._tensor import to_proto
-from gradstream.server.app import BackgroundServer
 from gradstream.server.engine import Trainer
+from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 

@@ -20,8 +20,9 @@ from gradstream.client import (
     ResourceExhausted,
     Unavailable,
 )
-from gradstream.server.app import BackgroundServer, StartupRefused
 from gradstream.server.config import Settings
+from gradstream.server.listening import StartupRefused
+from gradstream.server.main import BackgroundServer
 from tests.conftest import SmallVolume
 
 SPEC = {
@@ -117,6 +118,21 @@ def test_save_checkpoint_without_a_directory_is_a_failed_precondition(
     client.create_model(name, SPEC)
     with pytest.raises(FailedPrecondition, match="--checkpoint-dir"):
         client.save_checkpoint(name)
+
+
+def test_batch_limits_hold_after_a_restart(tmp_path: Path) -> None:
+    """A restored model is built like a new one: max_batch_rows and max_batch_bytes still apply."""
+    settings = _settings(tmp_path, max_batch_rows=8, max_batch_bytes=1000)
+    x, y = np.ones((9, 2), np.float32), np.ones((9, 1), np.float32)
+    for life in ("created", "restored"):
+        with BackgroundServer(settings) as server, Client(server.target) as client:
+            if life == "created":
+                client.create_model("m", SPEC)
+            results = list(client.train("m", [(x, y), (x[:8], y[:8])], skip_rejected=True))
+            assert [r.outcome for r in results] == ["REJECTED", "APPLIED"], life
+            assert "max_batch_rows: has 9 rows, the limit is 8" in results[0].reason
+            with pytest.raises(ResourceExhausted, match="max_batch_rows"):
+                client.predict("m", x)
 
 
 def test_a_checkpoint_copied_into_another_directory_restores_under_that_name(

@@ -8,7 +8,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 
 
 def _status(port: int, service: str = "") -> str:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from gradstream.client._spec import spec_to_proto
 from gradstream.client._tensor import to_proto
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gradstream.client import Client, ProducerStream, Unavailable
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from tests.conftest import server_settings
 
 SPEC = {

@@ -16,7 +16,7 @@ from gradstream.client import (
     InvalidArgument,
     NotFound,
 )
-from gradstream.server.app import BackgroundServer
+from gradstream.server.main import BackgroundServer
 from tests.conftest import server_settings
 
 LINEAR = {

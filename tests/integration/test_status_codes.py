@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gradstream.client import Client, FailedPrecondition, GradstreamError
-from gradstream.server.app import BackgroundServer
 from gradstream.server.engine import Trainer
+from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 from tests.conftest import server_settings

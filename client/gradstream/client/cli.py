@@ -211,8 +211,8 @@ def _serve(args: argparse.Namespace) -> int:
     # large-batch steps/s on 2 cores). It is read when torch loads, so set it before.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _tune_allocator()
-    from gradstream.server.app import run
     from gradstream.server.config import Settings
+    from gradstream.server.main import run
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     run(Settings(**given))

@@ -1,17 +1,12 @@
-"""Wiring and lifecycle: start -> serve until a signal -> drain -> stop."""
+"""The server's lifecycle: start -> serve until asked to stop -> drain -> stop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import os
-import signal
-import threading
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,7 +18,6 @@ from prometheus_client import start_http_server
 
 from gradstream.server.checkpoint import Checkpointer, check_directory
 from gradstream.server.config import Settings
-from gradstream.server.errors import InvalidArgument
 from gradstream.server.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
@@ -31,6 +25,7 @@ from gradstream.server.interceptors import (
     MetricsInterceptor,
     StreamLimitInterceptor,
 )
+from gradstream.server.listening import StartupRefused
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.servicer import TrainerServicer, add_to_server
@@ -49,8 +44,7 @@ def intra_op_threads(settings: Settings) -> int:
     torch's default (at least 1).
 
     Every Train message is received on the one event-loop thread while the model's worker
-    steps: with torch's default the two fought for the cores, and on 2 cores medium
-    batches ran at half the plain loop's speed (docs/performance.md).
+    steps: with torch's default the two fight for the cores (docs/performance.md).
     """
     return settings.threads or max(1, TORCH_DEFAULT_THREADS - 1)
 
@@ -58,124 +52,29 @@ def intra_op_threads(settings: Settings) -> int:
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU; ``cuda:N`` must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InvalidArgument(
-            "device", f"{name!r} is not a device (auto, cpu, cuda, cuda:N)"
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidArgument("device", f"{name!r} asked for, but CUDA is not available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InvalidArgument(
-                "device", f"{name!r}: only {torch.cuda.device_count()} CUDA devices here"
-            )
-    elif device.type != "cpu":
-        raise InvalidArgument("device", f"{name!r} is not supported (auto, cpu, cuda, cuda:N)")
-    return device
-
-
-class StartupRefused(ValueError):
-    """The settings would expose the server unsafely, or name unreadable credentials."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine reaches: 127.0.0.0/8, ::1, localhost."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
-
-
-def load_tokens(settings: Settings) -> TokenStore | None:
-    """The token store, or None where auth is off; refuses unsafe exposure.
-
-    Auth is on whenever a tokens file is given. Without one the server only listens
-    on loopback, unless ``insecure`` says the operator wants an open port.
-    """
-    if settings.tokens_file is not None:
-        try:
-            return TokenStore.load(settings.tokens_file)
-        except OSError as exc:
-            raise StartupRefused(
-                f"tokens_file: cannot read {settings.tokens_file}: {exc}"
-            ) from None
-    if not is_loopback(settings.host) and not settings.insecure:
-        raise StartupRefused(
-            f"refusing to listen on {settings.host} without tokens: anyone who reaches the "
-            "port could change or delete models. Give --tokens-file (see docs/security.md), "
-            "or --insecure to run without authentication."
-        )
-    return None
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise StartupRefused(f"{what}: cannot read {path}: {exc}") from None
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS for the gRPC port, or None for plaintext; a CA turns on mutual TLS."""
-    if settings.tls_cert is None and settings.tls_key is None:
-        if settings.metrics_tls:
-            raise StartupRefused("metrics_tls needs tls_cert and tls_key")
-        if settings.tls_ca is not None:
-            raise StartupRefused("tls_ca needs tls_cert and tls_key (the server's own TLS)")
-        return None
-    if settings.tls_cert is None or settings.tls_key is None:
-        raise StartupRefused("tls_cert and tls_key go together")
-    ca = None if settings.tls_ca is None else _read(settings.tls_ca, "tls_ca")
-    return grpc.ssl_server_credentials(
-        [(_read(settings.tls_key, "tls_key"), _read(settings.tls_cert, "tls_cert"))],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
-    )
-
-
 class Server:
-    """One gradstream server: the gRPC port, the plaintext health port and the metrics port."""
+    """One gradstream server: the gRPC port, the plaintext health port and the metrics port.
 
-    # What holds the models: distributed.py swaps in one that replicates them on every rank.
-    registry_type: Callable[..., ModelRegistry] = ModelRegistry
+    It receives its parts, built by ``main.build``: the registry (whose factory decides how
+    models train, in one process or on every rank), the metrics, and the listening policy.
+    Lifecycle: ``start`` -> ``main_loop`` (until ``request_stop``) -> ``stop``.
+    """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        *,
+        tokens: TokenStore | None,
+        credentials: grpc.ServerCredentials | None,
+    ) -> None:
         self.settings = settings
-        self.tokens = load_tokens(settings)
-        self.credentials = server_credentials(settings)
-        self.device = resolve_device(settings.device)
-        torch.set_num_threads(intra_op_threads(settings))
-        # The first optimizer imports torch._dynamo, seconds of work: do it before serving,
-        # not inside the first CreateModel.
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)])
-        # No metrics port: nothing is recorded, so "metrics off" costs nothing.
-        self.metrics = Metrics(
-            enabled=settings.metrics_port >= 0,
-            every=settings.metrics_every,
-            max_elements=settings.metrics_max_elements,
-            device=self.device,
-        )
-        self.registry = self.registry_type(
-            self.device,
-            self.metrics,
-            max_models=settings.max_models,
-            queue_depth=settings.queue_depth,
-            max_nonfinite_steps=settings.max_nonfinite_steps,
-            max_batch_rows=settings.max_batch_rows,
-            max_batch_bytes=settings.max_batch_bytes,
-            max_model_parameters=settings.max_model_parameters,
-            max_model_layers=settings.max_model_layers,
-            max_activation_bytes=settings.max_activation_bytes,
-        )
+        self.tokens = tokens
+        self.credentials = credentials
+        self.device = registry.factory.device
+        self.metrics = metrics
+        self.registry = registry
         if settings.checkpoint_dir is not None:
             try:
                 check_directory(settings.checkpoint_dir)
@@ -305,10 +204,14 @@ class Server:
         """Ask ``serve`` to drain and stop (signal-safe)."""
         self._stopping.set()
 
-    async def serve(self) -> None:
-        """Start, wait for ``request_stop``, then stop."""
-        await self.start()
+    async def main_loop(self) -> None:
+        """Serve until ``request_stop``."""
         await self._stopping.wait()
+
+    async def serve(self) -> None:
+        """Start, serve until ``request_stop``, then stop."""
+        await self.start()
+        await self.main_loop()
         await self.stop()
 
     async def stop(self) -> None:
@@ -347,87 +250,3 @@ class Server:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         log.info("gradstream stopped")
-
-
-def run(settings: Settings, make_server: Callable[[Settings], Server] | None = None) -> None:
-    """Run a server in this process until SIGINT or SIGTERM (under torchrun: one rank of it)."""
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if make_server is None:
-        from gradstream.server import distributed
-
-        if distributed.requested(settings):
-            distributed.run(settings, run)
-            return
-
-    async def main() -> None:
-        server = (make_server or Server)(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.request_stop)
-        await server.serve()
-
-    asyncio.run(main())
-
-
-class BackgroundServer:
-    """A server on its own event loop in a daemon thread: for notebooks and tests.
-
-    >>> with BackgroundServer(Settings(port=0)) as server:
-    ...     Client(f"127.0.0.1:{server.port}")
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.server = Server(settings)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="gradstream-server", daemon=True)
-
-    @property
-    def port(self) -> int:
-        """The bound gRPC port."""
-        return self.server.port
-
-    @property
-    def target(self) -> str:
-        """host:port to connect to."""
-        return f"{self.server.settings.host}:{self.server.port}"
-
-    def start(self, timeout: float = 30.0) -> BackgroundServer:
-        """Start and wait until the ports are bound."""
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError(f"server did not start within {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Drain and stop; returns when the thread has ended."""
-        if self._loop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self.server.request_stop)
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            try:
-                await self.server.start()
-            except BaseException as exc:
-                self._error = exc
-                raise
-            finally:
-                self._started.set()
-            await self.server._stopping.wait()
-            await self.server.stop()
-
-        with contextlib.suppress(BaseException):
-            asyncio.run(main())
-
-    def __enter__(self) -> BackgroundServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

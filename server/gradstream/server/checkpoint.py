@@ -52,7 +52,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from gradstream.server.engine import Trainer
+from gradstream.server.engine import Trainer, TrainerFactory, TrainerState
 from gradstream.server.errors import (
     DataLoss,
     FailedPrecondition,
@@ -80,7 +80,7 @@ _CHECKPOINT = re.compile(r"ckpt-(\d{10})(-requested)?")
 REQUESTED = "-requested"  # suffix of the checkpoints clients asked for
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _LEFTOVER_PREFIXES = (".tmp-", ".trash-")
-_Scalar = int | float | bool | str | None
+_STATE_PREFIXES = ("param", "grad", "optim")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,20 +113,8 @@ class SavedCheckpoint:
 
 def take(trainer: Trainer) -> Snapshot:
     """Copy a trainer's state to the CPU; run it on the model's worker (between jobs)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    named = list(trainer.module.named_parameters())
-    for name, param in named:
-        tensors[f"param/{name}"] = _cpu_copy(param)
-        if trainer.pending and param.grad is not None:
-            tensors[f"grad/{name}"] = _cpu_copy(param.grad)
-        for key, value in trainer.optimizer.state.get(param, {}).items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{name}/{key}"] = _cpu_copy(value)
-            elif isinstance(value, _Scalar):
-                scalars.setdefault(name, {})[key] = value
-            else:
-                raise TypeError(f"optimizer state {name}.{key} is a {type(value).__name__}")
+    state = trainer.state_dict()
+    tensors = {key: _cpu_copy(value) for key, value in state["tensors"].items()}
     spec = trainer.spec.model_dump()
     for name, value in spec["init"].pop("tensors").items():
         tensors[f"init/{name}"] = torch.from_numpy(np.array(value, copy=True))
@@ -134,19 +122,15 @@ def take(trainer: Trainer) -> Snapshot:
     tensors["rng/cpu"] = torch.get_rng_state()
     if trainer.device.type == "cuda":
         tensors["rng/cuda"] = torch.cuda.get_rng_state(trainer.device)
-    groups = [
-        {k: v for k, v in group.items() if k != "params" and isinstance(v, _Scalar)}
-        for group in trainer.optimizer.param_groups
-    ]
     return Snapshot(
         name=trainer.name,
         spec=json.loads(json.dumps(spec)),  # tuples -> lists: what a reload gives
-        step=trainer.step,
-        pending=trainer.pending,
-        nonfinite_streak=trainer.nonfinite_streak,
-        producers=dict(trainer.producers),
-        param_groups=groups,
-        optimizer_scalars=scalars,
+        step=state["step"],
+        pending=state["pending"],
+        nonfinite_streak=state["nonfinite_streak"],
+        producers=state["producers"],
+        param_groups=state["param_groups"],
+        optimizer_scalars=state["optimizer_scalars"],
         tensors=tensors,
     )
 
@@ -155,8 +139,8 @@ def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True).contiguous()
 
 
-def restore(snapshot: Snapshot, device: torch.device, max_nonfinite_steps: int = 0) -> Trainer:
-    """Build the trainer a snapshot describes, on ``device``, in the state it was saved in."""
+def restore(snapshot: Snapshot, factory: TrainerFactory) -> Trainer:
+    """Build, with ``factory``, the trainer a snapshot describes, in the state it was saved in."""
     where = f"checkpoint of model {snapshot.name!r}"
     tensors = snapshot.tensors
     spec_data = json.loads(json.dumps(snapshot.spec))
@@ -169,52 +153,26 @@ def restore(snapshot: Snapshot, device: torch.device, max_nonfinite_steps: int =
         spec = parse_spec(spec_data)
     except GradstreamError as exc:
         raise DataLoss(f"{where}: its spec no longer validates: {exc}") from None
-    trainer = Trainer(snapshot.name, spec, device, max_nonfinite_steps)
-    params = dict(trainer.module.named_parameters())
-    saved = {k.removeprefix("param/") for k in tensors if k.startswith("param/")}
-    if saved != set(params):
-        raise DataLoss(
-            f"{where}: it holds parameters {sorted(saved)}, the spec builds {sorted(params)}"
-        )
-    for name, param in params.items():
-        for prefix in ("param/", "grad/"):
-            value = tensors.get(prefix + name)
-            if value is not None and (value.shape != param.shape or value.dtype != param.dtype):
-                raise DataLoss(
-                    f"{where}: {prefix}{name} is {value.dtype} {list(value.shape)}, "
-                    f"the model has {param.dtype} {list(param.shape)}"
-                )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[f"param/{name}"])
-    if snapshot.pending:
-        for name, param in params.items():
-            grad = tensors.get(f"grad/{name}")
-            param.grad = None if grad is None else grad.to(device, copy=True)
-    for name, param in params.items():
-        state: dict[str, Any] = dict(snapshot.optimizer_scalars.get(name, {}))
-        prefix = f"optim/{name}/"
-        for key, value in tensors.items():
-            if key.startswith(prefix):
-                state[key.removeprefix(prefix)] = value.to(device, copy=True)
-        if state:
-            trainer.optimizer.state[param] = state
-    for group, saved_group in zip(
-        trainer.optimizer.param_groups, snapshot.param_groups, strict=False
-    ):
-        for key, value in saved_group.items():
-            if key in group:
-                group[key] = value
-    trainer.step = snapshot.step
-    trainer.pending = snapshot.pending
-    trainer.nonfinite_streak = snapshot.nonfinite_streak
-    trainer.producers = dict(snapshot.producers)
+    state = TrainerState(
+        tensors={k: v for k, v in tensors.items() if k.split("/", 1)[0] in _STATE_PREFIXES},
+        step=snapshot.step,
+        pending=snapshot.pending,
+        nonfinite_streak=snapshot.nonfinite_streak,
+        producers=dict(snapshot.producers),
+        frozen=list(spec.frozen),
+        param_groups=snapshot.param_groups,
+        optimizer_scalars=snapshot.optimizer_scalars,
+    )
+    try:
+        trainer = factory.build(snapshot.name, spec, state)
+    except ValueError as exc:
+        raise DataLoss(f"{where}: {exc}") from None
     # One RNG per process: the state of the last model restored wins. No built-in
     # architecture draws random numbers while training; dropout in a plug-in does.
     if "rng/cpu" in tensors:
         torch.set_rng_state(tensors["rng/cpu"])
-    if "rng/cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+    if "rng/cuda" in tensors and factory.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng/cuda"], factory.device)
     return trainer
 
 
@@ -630,9 +588,7 @@ class Checkpointer:
             for bad, reason in skipped:
                 self.metrics.checkpoint_restore_fallbacks.labels(name).inc()
                 log.error("skipping checkpoint %s of model %r: %s", bad.name, name, reason)
-            trainer = await asyncio.to_thread(
-                restore, snapshot, registry.device, registry.max_nonfinite_steps
-            )
+            trainer = await asyncio.to_thread(restore, snapshot, registry.factory)
         except GradstreamError as exc:  # DATA_LOSS, or a spec this server cannot build
             log.error("model %r not restored: %s", name, exc.message)
             registry.mark_lost(name, exc.message)

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, Protocol, TypedDict
 
 import torch
 
@@ -34,9 +35,9 @@ MAX_CHAIN_NODES = 1024
 def _engine_backward() -> Callable[[torch.Tensor, torch.Tensor], None]:
     """``torch.autograd.backward(loss, seed)`` for a scalar loss, minus its argument handling.
 
-    The wrapper normalizes and re-checks its arguments in Python on every call (~35 us a
-    step of an mlp 64-64 on batches of 256 here; a trainer 10-25 % faster without it);
-    the engine call it ends in is made directly, with the arguments it would pass. The
+    The wrapper normalizes and re-checks its arguments in Python on every call, a cost
+    of the same order as a small model's step (docs/performance.md); the engine call it
+    ends in is made directly, with the arguments it would pass. The
     engine does not check the seed against the loss, so callers pass what the Trainer
     builds: a scalar loss and a scalar seed of its dtype. Falls back to the public call if
     a torch release moves the engine or changes the call (tried once, here, on a probe).
@@ -119,14 +120,6 @@ class ModelInfo:
     nonfinite_streak: int
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A batch refused before it reached the model; it keeps its place in the result order."""
-
-    reason: str
-    sequence: int = 0
-
-
 @dataclass(slots=True)
 class TrainOptions:
     """Per-stream choices: who is producing and how often to read the loss back."""
@@ -145,7 +138,131 @@ class _Deferred:
     index: int  # position in the stream, for report_every
     loss: torch.Tensor | None = None
     bad: torch.Tensor | None = None  # the step's found_inf, on the batch that ends a step
-    reason: str = ""
+
+
+class StepKind(StrEnum):
+    """How a trainer's optimizer step runs: chosen once, by ``step_kind``."""
+
+    PLAIN_SGD = "plain_sgd"  # ``param.add_(grad, alpha=-lr)``: SGD's own CPU arithmetic, inline
+    OPTIMIZER = "optimizer"  # the optimizer's step, without its profiling wrappers
+    DEFERRED = "deferred"  # fused on the device; outcomes read once per request message
+
+
+def step_kind(spec: OptimizerSpec, device: torch.device, deferred: bool | None) -> StepKind:
+    """The one switch between the step's implementations, as ``torch.optim.sgd`` has one.
+
+    ``deferred`` None decides by device: off the CPU, outcomes are read back once per request
+    message instead of once per batch (see ``Trainer.train_batches``); that needs SGD's fused
+    kernel, which can skip a step on the device. On the CPU a read costs nothing and the exact
+    path is kept. Data-parallel ranks pass False: every rank must step the same way.
+    """
+    if deferred is None:
+        deferred = device.type != "cpu" and spec.foreach is not True
+    if deferred and not spec.differentiable:
+        return StepKind.DEFERRED
+    if device.type == "cpu" and _plain_sgd(spec):
+        return StepKind.PLAIN_SGD
+    return StepKind.OPTIMIZER
+
+
+class GradientSource(Protocol):
+    """Where a batch's gradients come from: this process, or every rank's share of the rows."""
+
+    def accumulate(self, trainer: Trainer, batch: Batch) -> float:
+        """Add the batch's gradients to ``.grad`` unless its loss is not finite; return the loss."""
+        ...
+
+    def state_changed(self, trainer: Trainer) -> None:
+        """The trainer's state was set from outside a step (parameters, lr, freezing)."""
+        ...
+
+    def close(self, trainer: Trainer) -> None:
+        """The model is deleted."""
+        ...
+
+
+class LocalGradients:
+    """forward -> loss -> backward on the whole batch, in this process."""
+
+    def accumulate(self, trainer: Trainer, batch: Batch) -> float:
+        """The seed's ``loss_fn(model(x), y).backward()``, with the loss checked first."""
+        x, y, w = batch.x, batch.y, batch.weight
+        if not trainer._on_cpu:
+            x = x.to(trainer.device, non_blocking=True)
+            y = y.to(trainer.device, non_blocking=True)
+            w = None if w is None else w.to(trainer.device, non_blocking=True)
+        loss = trainer._loss(trainer._forward(x), y, w)
+        # The loss is checked before backward so a bad batch adds nothing to the
+        # gradients already accumulated; what is still pending stays pending.
+        loss_number = loss.item()
+        if math.isfinite(loss_number):
+            _backward(loss, trainer._grad_seed)
+        return loss_number
+
+    def state_changed(self, trainer: Trainer) -> None:
+        """Nothing else holds a copy."""
+
+    def close(self, trainer: Trainer) -> None:
+        """Nothing else holds a copy."""
+
+
+class TrainerState(TypedDict):
+    """A trainer's whole state between two steps: what checkpoints save and ranks copy.
+
+    ``tensors`` are the live tensors (detached, not copied), keyed ``param/<name>``,
+    ``grad/<name>`` (only while a step is being accumulated) and ``optim/<name>/<key>``.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    step: int
+    pending: int
+    nonfinite_streak: int
+    producers: dict[str, int]
+    frozen: list[str]
+    param_groups: list[dict[str, Any]]  # optimizer hyperparameters, without the params
+    optimizer_scalars: dict[str, dict[str, Any]]  # non-tensor optimizer state per parameter
+
+
+_Scalar = int | float | bool | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TrainerFactory:
+    """Builds every trainer of a process: new models, restored ones, other ranks' copies.
+
+    The limits and the step implementation are decided here once, so a model keeps them
+    across a restart and every rank of a data-parallel job steps the same way.
+    """
+
+    device: torch.device
+    max_nonfinite_steps: int = 0
+    max_batch_rows: int = 0
+    max_batch_bytes: int = 0
+    max_activation_bytes: int = 0
+    deferred: bool | None = None  # see step_kind; data-parallel ranks: False
+    gradients: Callable[[Trainer], GradientSource] = lambda _: LocalGradients()
+
+    def step_kind(self, spec: ModelSpec) -> StepKind:
+        """How trainers of ``spec`` built here step (nothing is built)."""
+        return step_kind(spec.optimizer, self.device, self.deferred)
+
+    def build(self, name: str, spec: ModelSpec, state: TrainerState | None = None) -> Trainer:
+        """A trainer of ``spec``, in ``state`` when given (a checkpoint, rank 0's copy)."""
+        trainer = Trainer(
+            name,
+            spec,
+            self.device,
+            self.max_nonfinite_steps,
+            self.deferred,
+            max_batch_rows=self.max_batch_rows,
+            max_batch_bytes=self.max_batch_bytes,
+            max_activation_bytes=self.max_activation_bytes,
+        )
+        if state is not None:
+            trainer.load_state_dict(state)
+        # Last: a source that replicates the model copies the state it now has.
+        trainer.source = self.gradients(trainer)
+        return trainer
 
 
 class Trainer:
@@ -168,17 +285,13 @@ class Trainer:
         self.device = device
         self.module = build_module(spec, device)
         self._forward = forward_function(self.module)
-        # Off the CPU, outcomes are read back once per request message instead of once per
-        # batch (see train_batches); that needs SGD's fused kernel, which can skip a step
-        # on the device. On the CPU a read costs nothing and the exact path is kept.
-        if deferred is None:
-            deferred = device.type != "cpu" and spec.optimizer.foreach is not True
-        self.deferred = deferred and not spec.optimizer.differentiable
+        self.kind = step_kind(spec.optimizer, device, deferred)
         optimizer_spec = spec.optimizer
-        if self.deferred and optimizer_spec.fused is None:
+        if self.kind is StepKind.DEFERRED and optimizer_spec.fused is None:
             optimizer_spec = optimizer_spec.model_copy(update={"fused": True})
         self.optimizer = build_optimizer(optimizer_spec, self.module)
         self.checker = BatchChecker(spec, max_batch_rows, max_batch_bytes, max_activation_bytes)
+        self.source: GradientSource = LocalGradients()
         self.step = 0
         self.pending = 0  # batches whose gradients are accumulated towards the next step
         self.nonfinite_streak = 0
@@ -191,14 +304,14 @@ class Trainer:
         dtype = self._param_list[0].dtype if self._param_list else torch.float32
         # backward()'s implicit seed, made once instead of on every step.
         self._grad_seed = torch.ones((), device=device, dtype=dtype)
-        # SGD.step without its profiling and hook wrappers (the same math, bit for bit);
-        # the wrappers' one duty that matters, no_grad, is done by train().
+        # The optimizer's step without its profiling and hook wrappers (the same math, bit
+        # for bit); the wrappers' one duty that matters, no_grad, is done by apply().
         self._raw_step = (
             self.optimizer.step
             if spec.optimizer.differentiable
             else inspect.unwrap(type(self.optimizer).step).__get__(self.optimizer)
         )
-        if self._on_cpu and not self.deferred and _plain_sgd(spec.optimizer):
+        if self.kind is StepKind.PLAIN_SGD:
             self._raw_step = self._plain_sgd_step
         # found_inf is filled on the device by one fused kernel for all gradients.
         self._found_inf = torch.zeros(1, device=device)
@@ -206,11 +319,16 @@ class Trainer:
         self._one = torch.ones((), device=device)
         self.last_loss: float | None = None  # of the last applied step, for metrics
 
-    # -- training ---------------------------------------------------------------------
+    @property
+    def deferred(self) -> bool:
+        """Whether outcomes are read back once per request message (``StepKind.DEFERRED``)."""
+        return self.kind is StepKind.DEFERRED
+
+    # -- training: admit -> gradients (local or sharded) -> finite check -> step -> outcome --
 
     def train_batches(
         self,
-        items: Sequence[Batch | Rejected],
+        items: Sequence[Batch],
         options: TrainOptions,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> tuple[list[StepResult], GradstreamError | None]:
@@ -218,25 +336,17 @@ class Trainer:
 
         Returns the results so far and the error that stopped it, if one did.
         """
-        if self.deferred:
+        if self.kind is StepKind.DEFERRED:
             return self._train_deferred(items, options, cancelled)
         results: list[StepResult] = []
         for item in items:
             if cancelled():
                 break
-            if isinstance(item, Rejected):
-                results.append(self._rejected(item, options))
-                continue
             try:
                 results.append(self.train(item, options))
             except GradstreamError as exc:
                 return results, exc
         return results, None
-
-    def _rejected(self, item: Rejected, options: TrainOptions) -> StepResult:
-        options.batches_seen += 1
-        sequence = item.sequence or options.batches_seen
-        return StepResult(sequence, self.step, Outcome.REJECTED, reason=item.reason)
 
     def _is_duplicate(self, batch: Batch, options: TrainOptions) -> bool:
         """A producer re-sent a sequence it was already answered for."""
@@ -266,51 +376,56 @@ class Trainer:
         return sequence, None
 
     def train(self, batch: Batch, options: TrainOptions) -> StepResult:
-        """One batch: ``zero_grad`` -> forward -> loss -> ``backward`` -> ``step`` (every k)."""
+        """One batch: admit, then ``apply``: forward -> loss -> backward -> step (every k)."""
+        if not any(p.requires_grad for p in self._param_list):
+            raise FailedPrecondition(f"model {self.name!r} has no trainable parameters")
         sequence, done = self._admit(batch, options)
         if done is not None:
             return done
-        k = self.spec.accumulate_steps
+        outcome, loss, reason = self.apply(batch)
+        report = options.batches_seen % options.report_every == 0
+        if outcome is Outcome.SKIPPED_NONFINITE:
+            return StepResult(sequence, self.step, outcome, loss, reason)
+        return StepResult(sequence, self.step, outcome, loss if report else None)
+
+    def apply(self, batch: Batch) -> tuple[Outcome, float, str]:
+        """An admitted batch's gradients into the model: the part every rank runs alike.
+
+        Returns the outcome, the loss and, for a skipped batch, why.
+        """
         if self.pending == 0:
             # zero_grad(set_to_none=True), without Optimizer.zero_grad's profiler scaffolding.
             for p in self._param_list:
                 p.grad = None
-        x, y, w = batch.x, batch.y, batch.weight
-        if not self._on_cpu:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            w = None if w is None else w.to(self.device, non_blocking=True)
-        loss = self._loss(self._forward(x), y, w)
-        # The loss is checked before backward so a bad batch adds nothing to the
-        # gradients already accumulated; what is still pending stays pending.
-        loss_number = loss.item()
-        if not math.isfinite(loss_number):
-            return self._skipped(sequence, loss_number, "loss is not finite")
-        _backward(loss, self._grad_seed)
+        loss = self.source.accumulate(self, batch)
+        if not math.isfinite(loss):
+            self.nonfinite_streak += 1
+            return Outcome.SKIPPED_NONFINITE, loss, "loss is not finite"
         self.pending += 1
-        report = options.batches_seen % options.report_every == 0
-        if self.pending < k:
-            return StepResult(
-                sequence, self.step, Outcome.ACCUMULATED, loss_number if report else None
-            )
+        if self.pending < self.spec.accumulate_steps:
+            return Outcome.ACCUMULATED, loss, ""
         self.pending = 0
+        # Where gradient clipping belongs: after the last micro-batch's backward, before the step.
         if self._gradients_nonfinite():
             self.optimizer.zero_grad(set_to_none=True)
-            return self._skipped(sequence, loss_number, "gradient is not finite")
+            self.nonfinite_streak += 1
+            return Outcome.SKIPPED_NONFINITE, loss, "gradient is not finite"
         with torch.no_grad():
             self._raw_step()
+        # Where a learning-rate schedule steps, and a parameter snapshot is published:
+        # once per applied step, on every path (see also _resolve).
         self.step += 1
         self.nonfinite_streak = 0
-        self.last_loss = loss_number
-        return StepResult(sequence, self.step, Outcome.APPLIED, loss_number if report else None)
+        self.last_loss = loss
+        return Outcome.APPLIED, loss, ""
 
     def _plain_sgd_step(self) -> None:
         """SGD.step's arithmetic when momentum, weight decay and maximize are off.
 
         ``param.add_(grad, alpha=-lr)`` per parameter with a gradient, as its single-tensor
         path does on the CPU: the same result, bit for bit, without gathering lists and
-        choosing an implementation on every step (19 -> 12 us for the mlp 64-64 here). lr
-        is read each step: UpdateModel and restore set it in the group.
+        choosing an implementation on every step (docs/performance.md). lr is read each
+        step: UpdateModel and restore set it in the group.
         """
         lr = self.optimizer.param_groups[0]["lr"]
         for p in self._param_list:
@@ -334,7 +449,7 @@ class Trainer:
 
     def _train_deferred(
         self,
-        items: Sequence[Batch | Rejected],
+        items: Sequence[Batch],
         options: TrainOptions,
         cancelled: Callable[[], bool],
     ) -> tuple[list[StepResult], GradstreamError | None]:
@@ -358,9 +473,6 @@ class Trainer:
             options.batches_seen += 1
             index = options.batches_seen
             sequence = item.sequence or index
-            if isinstance(item, Rejected):
-                pending.append(_Deferred(Outcome.REJECTED, sequence, index, reason=item.reason))
-                continue
             if self._is_duplicate(item, options):
                 pending.append(_Deferred(Outcome.DUPLICATE, sequence, index))
                 continue
@@ -407,7 +519,7 @@ class Trainer:
         results = []
         for d in pending:
             if d.loss is None:
-                results.append(StepResult(d.sequence, self.step, d.outcome, reason=d.reason))
+                results.append(StepResult(d.sequence, self.step, d.outcome))
                 continue
             loss = next(values)
             shown = loss if d.index % report_every == 0 else None
@@ -444,6 +556,86 @@ class Trainer:
         # Multiplying by exactly 1.0 leaves every finite gradient bit-for-bit as it was.
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
         return bool(self._found_inf.item())
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> TrainerState:
+        """The state a checkpoint saves and rank 0 copies to the other ranks (not copied here)."""
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, dict[str, Any]] = {}
+        for name, param in self._params.items():
+            tensors[f"param/{name}"] = param.detach()
+            if self.pending and param.grad is not None:
+                tensors[f"grad/{name}"] = param.grad.detach()
+            for key, value in self.optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim/{name}/{key}"] = value.detach()
+                elif isinstance(value, _Scalar):
+                    scalars.setdefault(name, {})[key] = value
+                else:
+                    raise TypeError(f"optimizer state {name}.{key} is a {type(value).__name__}")
+        return TrainerState(
+            tensors=tensors,
+            step=self.step,
+            pending=self.pending,
+            nonfinite_streak=self.nonfinite_streak,
+            producers=dict(self.producers),
+            frozen=[n for n, p in self._params.items() if not p.requires_grad],
+            param_groups=[
+                {k: v for k, v in group.items() if k != "params" and isinstance(v, _Scalar)}
+                for group in self.optimizer.param_groups
+            ],
+            optimizer_scalars=scalars,
+        )
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        """Take ``state`` (copied onto this trainer's device); ValueError if it does not fit."""
+        tensors = state["tensors"]
+        saved = {k.removeprefix("param/") for k in tensors if k.startswith("param/")}
+        if saved != set(self._params):
+            raise ValueError(
+                f"it holds parameters {sorted(saved)}, the spec builds {sorted(self._params)}"
+            )
+        for name, param in self._params.items():
+            for prefix in ("param/", "grad/"):
+                value = tensors.get(prefix + name)
+                if value is not None and (value.shape != param.shape or value.dtype != param.dtype):
+                    raise ValueError(
+                        f"{prefix}{name} is {value.dtype} {list(value.shape)}, "
+                        f"the model has {param.dtype} {list(param.shape)}"
+                    )
+        with torch.no_grad():
+            for name, param in self._params.items():
+                param.copy_(tensors[f"param/{name}"])
+        for name, param in self._params.items():
+            grad = tensors.get(f"grad/{name}") if state["pending"] else None
+            param.grad = None if grad is None else grad.to(self.device, copy=True)
+        self.optimizer.state.clear()
+        for name, param in self._params.items():
+            optimizer_state: dict[str, Any] = dict(state["optimizer_scalars"].get(name, {}))
+            prefix = f"optim/{name}/"
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    optimizer_state[key.removeprefix(prefix)] = value.to(self.device, copy=True)
+            if optimizer_state:
+                self.optimizer.state[param] = optimizer_state
+        for group, saved_group in zip(
+            self.optimizer.param_groups, state["param_groups"], strict=False
+        ):
+            for key, value in saved_group.items():
+                if key in group:
+                    group[key] = value
+        frozen = set(state["frozen"])
+        for name, param in self._params.items():
+            param.requires_grad_(name not in frozen)
+        self.step = state["step"]
+        self.pending = state["pending"]
+        self.nonfinite_streak = state["nonfinite_streak"]
+        self.producers = dict(state["producers"])
+
+    def close(self) -> None:
+        """The model is deleted: whatever else holds a copy of it lets it go."""
+        self.source.close(self)
 
     # -- inspection and inference --------------------------------------------------------
 
@@ -535,6 +727,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
         self.nonfinite_streak = 0
+        self.source.state_changed(self)
 
     def update(self, lr: float | None, freeze: tuple[str, ...], unfreeze: tuple[str, ...]) -> None:
         """Change the learning rate; freeze (``requires_grad_(False)``) or unfreeze parameters."""
@@ -564,6 +757,7 @@ class Trainer:
             self.spec.optimizer if lr is None else self.spec.optimizer.model_copy(update={"lr": lr})
         )
         self.spec = self.spec.model_copy(update={"frozen": frozen, "optimizer": optimizer})
+        self.source.state_changed(self)
 
     def info(self) -> ModelInfo:
         """Spec, step, device, parameter shapes and the loss's autograd chain."""

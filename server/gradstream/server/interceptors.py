@@ -16,7 +16,7 @@ from prometheus_client import Gauge
 
 from gradstream.server.errors import GradstreamError
 from gradstream.server.metrics import GrpcServerMetrics, grpc_type
-from gradstream.server.tokens import RPC_ACTIONS, Action, TokenStore
+from gradstream.server.tokens import CALLER, RPC_ACTIONS, Action, TokenStore
 from gradstream.server.wire import TrainMessage
 
 log = logging.getLogger("gradstream.server")
@@ -55,19 +55,72 @@ def _is_abort(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AbortError)
 
 
-def _same_kind(handler: Any, behaviour: Any, deserializer: Any) -> Any:
-    """A method handler of ``handler``'s kind with another behaviour and deserializer."""
-    make: Any = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return make(
+Call = Callable[[AsyncIterator[Any], Context], AsyncIterator[Any]]
+Around = Callable[[AsyncIterator[Any], Context, Call], AsyncIterator[Any]]
+_MAKERS: dict[tuple[bool, bool], Any] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _adapt(handler: Any, around: Around, deserializer: Any = None) -> Any:
+    """``handler`` with ``around`` wrapped about it, as a handler of the same kind.
+
+    The one place that knows gRPC's four handler kinds: every interceptor sees each call
+    as a stream of requests in and a stream of responses out (one of each for unary), and
+    ``call`` runs the wrapped handler on such a stream. A response-streaming handler that
+    writes through ``context.write`` (grpc.health's Watch) yields nothing here.
+    """
+    streaming_in, streaming_out = bool(handler.request_streaming), bool(handler.response_streaming)
+    inner: Any = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+
+    async def call(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        argument = requests if streaming_in else await anext(requests)
+        if not streaming_out:
+            yield await inner(argument, context)
+            return
+        result = inner(argument, context)
+        if inspect.isasyncgen(result):
+            async for response in result:
+                yield response
+        else:
+            await result
+
+    def requests_of(argument: Any) -> AsyncIterator[Any]:
+        return argument if streaming_in else _one(argument)
+
+    behaviour: Any
+    if not streaming_out:
+
+        async def behaviour(argument: Any, context: Context) -> Any:
+            responses = [r async for r in around(requests_of(argument), context, call)]
+            return responses[-1] if responses else None
+
+    elif inspect.isasyncgenfunction(inner):
+
+        async def behaviour(argument: Any, context: Context) -> AsyncIterator[Any]:
+            async for response in around(requests_of(argument), context, call):
+                yield response
+
+    else:
+
+        async def behaviour(argument: Any, context: Context) -> None:
+            async for response in around(requests_of(argument), context, call):
+                await context.write(response)
+
+    return _MAKERS[(streaming_in, streaming_out)](
         behaviour,
-        request_deserializer=deserializer,
+        request_deserializer=deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+async def _one(request: Any) -> AsyncIterator[Any]:
+    yield request
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -82,34 +135,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                try:
-                    return await inner(request, context)
-                except BaseException as exc:
-                    if _is_abort(exc) or not isinstance(exc, Exception):
-                        raise
-                    await _abort(context, exc, method)
+        async def around(
+            requests: AsyncIterator[Any], context: Context, call: Call
+        ) -> AsyncIterator[Any]:
+            try:
+                async for response in call(requests, context):
+                    yield response
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise
+                await _abort(context, exc, method)
 
-            return _same_kind(handler, unary_unary, handler.request_deserializer)
-        if handler.stream_stream is not None:
-            inner_stream: Any = handler.stream_stream
-
-            async def stream_stream(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                try:
-                    async for response in inner_stream(requests, context):
-                        yield response
-                except BaseException as exc:
-                    if _is_abort(exc) or not isinstance(exc, Exception):
-                        raise
-                    await _abort(context, exc, method)
-
-            return _same_kind(handler, stream_stream, handler.request_deserializer)
-        return handler
+        return _adapt(handler, around)
 
 
 class _MethodSeries:
@@ -183,66 +221,23 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 series.received.inc()
                 yield request
 
-        def arguments(request: Any) -> Any:
-            if handler.request_streaming:
-                return counted(request)
-            series.received.inc()
-            return request
-
-        if not handler.response_streaming:
-            inner = handler.unary_unary or handler.stream_unary
-
-            async def unary_response(request: Any, context: Context) -> Any:
-                start = time.perf_counter()
-                series.started.inc()
-                exc: BaseException | None = None
-                try:
-                    response = await inner(arguments(request), context)
+        async def around(
+            requests: AsyncIterator[Any], context: Context, call: Call
+        ) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            series.started.inc()
+            exc: BaseException | None = None
+            try:
+                async for response in call(counted(requests), context):
                     series.sent.inc()
-                    return response
-                except BaseException as error:
-                    exc = error
-                    raise
-                finally:
-                    series.done(_final_code(context, exc), start)
+                    yield response
+            except BaseException as error:
+                exc = error
+                raise
+            finally:
+                series.done(_final_code(context, exc), start)
 
-            return _same_kind(handler, unary_response, handler.request_deserializer)
-
-        inner_stream = handler.unary_stream or handler.stream_stream
-        if not inspect.isasyncgenfunction(inner_stream):
-            # Writes through context.write (grpc.health's Watch): counted as started/handled only.
-            async def written(request: Any, context: Context) -> None:
-                start = time.perf_counter()
-                series.started.inc()
-                exc: BaseException | None = None
-                try:
-                    await inner_stream(arguments(request), context)
-                except BaseException as error:
-                    exc = error
-                    raise
-                finally:
-                    series.done(_final_code(context, exc), start)
-
-            stream_handler: Any = written
-        else:
-
-            async def streamed(request: Any, context: Context) -> AsyncIterator[Any]:
-                start = time.perf_counter()
-                series.started.inc()
-                exc: BaseException | None = None
-                try:
-                    async for response in inner_stream(arguments(request), context):
-                        series.sent.inc()
-                        yield response
-                except BaseException as error:
-                    exc = error
-                    raise
-                finally:
-                    series.done(_final_code(context, exc), start)
-
-            stream_handler = streamed
-
-        return _same_kind(handler, stream_handler, handler.request_deserializer)
+        return _adapt(handler, around)
 
 
 # -- malformed requests --------------------------------------------------------------------
@@ -293,43 +288,14 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        deserializer = _safe_deserializer(handler.request_deserializer)
-        behaviour: Any
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
 
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await _refuse_malformed(request, context)
-                return await inner(request, context)
+        async def around(
+            requests: AsyncIterator[Any], context: Context, call: Call
+        ) -> AsyncIterator[Any]:
+            async for response in call(_checked(requests, context), context):
+                yield response
 
-        elif handler.unary_stream is not None:
-            inner = handler.unary_stream
-
-            async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await _refuse_malformed(request, context)
-                result = inner(request, context)
-                if inspect.isasyncgen(result):  # a generator; else a coroutine using write()
-                    async for response in result:
-                        await context.write(response)
-                else:
-                    await result
-
-        elif handler.stream_unary is not None:
-            inner = handler.stream_unary
-
-            async def behaviour(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                return await inner(_checked(requests, context), context)
-
-        else:
-            inner = handler.stream_stream
-
-            async def behaviour(
-                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                async for response in inner(_checked(requests, context), context):
-                    yield response
-
-        return _same_kind(handler, behaviour, deserializer)
+        return _adapt(handler, around, _safe_deserializer(handler.request_deserializer))
 
 
 async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -400,7 +366,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if grant is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, denial or "")
             if rpc == "ListModels" or isinstance(request, Malformed):
-                return  # ListModels is filtered; a malformed request is refused further in
+                return  # ListModels is filtered by the servicer; a malformed one refused further in
             assert grant is not None
             model = _model_of(request)
             if not grant.allows(action, model):
@@ -409,35 +375,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     f"this token may not {action.value} model {model!r}",
                 )
 
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
+        async def around(
+            requests: AsyncIterator[Any], context: Context, call: Call
+        ) -> AsyncIterator[Any]:
+            if grant is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, denial or "")
+            first = await anext(requests, None)
+            if first is not None:
+                await check(context, first)
+            CALLER.set(grant)  # this task's: ListModels answers what the caller may read
+            async for response in call(_prepend(first, requests), context):
+                yield response
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await check(context, request)
-                response = await inner(request, context)
-                if rpc == "ListModels" and grant is not None:
-                    visible = [m for m in response.models if grant.allows(Action.READ, m.name)]
-                    del response.models[:]
-                    response.models.extend(visible)
-                return response
-
-            return _same_kind(handler, unary_unary, handler.request_deserializer)
-        if handler.stream_stream is not None:
-            inner_stream: Any = handler.stream_stream
-
-            async def stream_stream(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                if grant is None:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, denial or "")
-                first = await anext(aiter(requests), None)
-                if first is not None:
-                    await check(context, first)
-                async for response in inner_stream(_prepend(first, requests), context):
-                    yield response
-
-            return _same_kind(handler, stream_stream, handler.request_deserializer)
-        return handler
+        return _adapt(handler, around)
 
 
 async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -481,10 +431,9 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             or not handler_call_details.method.startswith(_TRAINER_PREFIX)
         ):
             return handler
-        inner_stream: Any = handler.stream_stream
 
-        async def stream_stream(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        async def around(
+            requests: AsyncIterator[Any], context: Context, call: Call
         ) -> AsyncIterator[Any]:
             if self.active >= self.max_streams:
                 await context.abort(
@@ -493,9 +442,9 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
                 )
             self._set(self.active + 1)
             try:
-                async for response in inner_stream(requests, context):
+                async for response in call(requests, context):
                     yield response
             finally:
                 self._set(self.active - 1)
 
-        return _same_kind(handler, stream_stream, handler.request_deserializer)
+        return _adapt(handler, around)

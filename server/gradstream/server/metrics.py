@@ -381,3 +381,48 @@ def rejected_label(reason: str) -> str:
     """The bounded label for a rejection: the field at fault, without batch indexes."""
     field = _BATCH_INDEX.sub("", reason.split(":", 1)[0]).split(".")[0]
     return field if field in REJECT_REASONS else "other"
+
+
+# Seconds: a data-parallel step, from a small model's on one host to a large one's over NCCL.
+_RANK_STEP_BUCKETS = (
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    1.0,
+    5.0,
+)
+
+
+class RankMetrics:
+    """Step timing of this rank; every rank exports its own (rank 0 beside the server's)."""
+
+    def __init__(self, registry: CollectorRegistry, rank: int, world_size: int) -> None:
+        labels = {"rank": str(rank)}
+        self.step_duration = Histogram(
+            "gradstream_rank_step_duration_seconds",
+            "This rank's time for its part of one step: forward, backward, all-reduce, update.",
+            ["rank"],
+            buckets=_RANK_STEP_BUCKETS,
+            registry=registry,
+        ).labels(**labels)
+        self.allreduce_duration = Histogram(
+            "gradstream_rank_allreduce_duration_seconds",
+            "Time in the gradient all-reduce: mostly waiting for the slowest rank.",
+            ["rank"],
+            buckets=_RANK_STEP_BUCKETS,
+            registry=registry,
+        ).labels(**labels)
+        self.rows = Counter(
+            "gradstream_rank_rows", "Rows this rank trained on.", ["rank"], registry=registry
+        ).labels(**labels)
+        Gauge("gradstream_world_size", "Ranks in the data-parallel job.", registry=registry).set(
+            world_size
+        )

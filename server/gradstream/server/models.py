@@ -212,21 +212,37 @@ Reduction = Literal["mean", "sum", "none"]
 
 
 def loss_value(
-    spec: LossSpec, output: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None
+    spec: LossSpec,
+    output: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    *,
+    denominator: float | None = None,
 ) -> torch.Tensor:
     """The scalar loss; with sample weights ``sum(w * l_i) / sum(w)`` (mean) or ``sum(w * l_i)``.
 
     ``l_i`` is row i's loss, reduced over its own elements the same way (mean or sum),
-    so that unit weights give the unweighted loss.
+    so that unit weights give the unweighted loss. ``denominator`` replaces what a mean
+    divides by (the element count, or ``sum(w)``): a shard's part of a larger batch's loss.
     """
-    if weight is None:
+    if weight is None and denominator is None:
         return _elementwise(spec, output, y, spec.reduction)
-    per_element = _elementwise(spec, output, y, "none")
-    if per_element.ndim > 1:
-        dims = tuple(range(1, per_element.ndim))
-        per_element = per_element.mean(dims) if spec.reduction == "mean" else per_element.sum(dims)
-    total = (weight * per_element).sum()
-    return total / weight.sum() if spec.reduction == "mean" else total
+    if weight is None:
+        total = _elementwise(spec, output, y, "sum")
+    else:
+        per_element = _elementwise(spec, output, y, "none")
+        if per_element.ndim > 1:
+            dims = tuple(range(1, per_element.ndim))
+            per_element = (
+                per_element.mean(dims) if spec.reduction == "mean" else per_element.sum(dims)
+            )
+        total = (weight * per_element).sum()
+    if spec.reduction == "sum":
+        return total
+    if denominator is None:
+        assert weight is not None
+        return total / weight.sum()
+    return total / torch.tensor(denominator, dtype=total.dtype, device=total.device)
 
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]

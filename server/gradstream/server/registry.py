@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import torch
 
-from gradstream.server.engine import ModelInfo, Trainer
+from gradstream.server.engine import ModelInfo, Trainer, TrainerFactory
 from gradstream.server.errors import AlreadyExists, DataLoss, NotFound, ResourceExhausted
 from gradstream.server.metrics import Metrics
 from gradstream.server.models import architectures
@@ -38,33 +37,22 @@ def parameter_count(spec: ModelSpec) -> int:
 class ModelRegistry:
     """Creates, finds and frees models; enforces ``max_models``."""
 
-    # What create() builds: distributed.py swaps in a trainer that replicates itself.
-    trainer_type: Callable[..., Trainer] = Trainer
-
     def __init__(
         self,
-        device: torch.device,
+        factory: TrainerFactory,
         metrics: Metrics,
         max_models: int = 64,
         queue_depth: int = 4,
-        max_nonfinite_steps: int = 0,
         *,
-        max_batch_rows: int = 0,
-        max_batch_bytes: int = 0,
         max_model_parameters: int = 0,
         max_model_layers: int = 0,
-        max_activation_bytes: int = 0,
     ) -> None:
-        self.device = device
+        self.factory = factory  # every trainer, created or restored, is built by it
         self.metrics = metrics
         self.max_models = max_models
         self.queue_depth = queue_depth
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.max_batch_rows = max_batch_rows
-        self.max_batch_bytes = max_batch_bytes
         self.max_model_parameters = max_model_parameters
         self.max_model_layers = max_model_layers
-        self.max_activation_bytes = max_activation_bytes
         self._workers: dict[str, ModelWorker] = {}
         self._creating: set[str] = set()
         # Names whose deletion (worker, then checkpoint directory) is under way.
@@ -112,18 +100,7 @@ class ModelRegistry:
                         f"max_model_parameters: spec.architecture has {count} parameter "
                         f"elements, the limit is {self.max_model_parameters}"
                     )
-            trainer = await asyncio.to_thread(
-                functools.partial(
-                    self.trainer_type,
-                    name,
-                    spec,
-                    self.device,
-                    self.max_nonfinite_steps,
-                    max_batch_rows=self.max_batch_rows,
-                    max_batch_bytes=self.max_batch_bytes,
-                    max_activation_bytes=self.max_activation_bytes,
-                )
-            )
+            trainer = await asyncio.to_thread(self.factory.build, name, spec)
             info = await asyncio.to_thread(trainer.info)
         finally:
             self._creating.discard(name)
@@ -161,6 +138,7 @@ class ModelRegistry:
         worker = self.get(name)
         del self._workers[name]
         await asyncio.to_thread(worker.close)
+        await asyncio.to_thread(worker.trainer.close)
         self.metrics.model_deleted(name)
         self.metrics.models.set(len(self._workers))
 

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import torch
 
 from gradstream.client._spec import spec_from_proto, spec_to_proto
-from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.checkpoint import Checkpointer
-from gradstream.server.codec import decode, decode_array, decode_wire, encode
+from gradstream.server.codec import decode, decode_array, encode
 from gradstream.server.engine import (
     ModelInfo,
     Outcome,
-    Rejected,
     StepResult,
     Trainer,
     TrainOptions,
@@ -28,21 +24,19 @@ from gradstream.server.errors import (
     DataLoss,
     GradstreamError,
     InvalidArgument,
-    ResourceExhausted,
     Unavailable,
 )
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
-from gradstream.server.shm import SharedSegment, open_shared_memory
+from gradstream.server.session import TrainSession
+from gradstream.server.shm import open_shared_memory
 from gradstream.server.spec import parse_spec
-from gradstream.server.wire import TrainMessage, WireBatch, WireTensor, parse_train_request
+from gradstream.server.tokens import may_read
+from gradstream.server.wire import TrainMessage, parse_train_request
 from gradstream.server.worker import ModelWorker
 from gradstream.v1 import trainer_pb2 as pb
 
 log = logging.getLogger("gradstream.server")
-
-# Batches at least this large (on average in a message) are checked on the model's worker.
-WORKER_CHECK_BYTES = 256 * 1024
 
 _OUTCOMES: dict[Outcome, Any] = {
     outcome: pb.Outcome.Value(f"OUTCOME_{outcome.value}") for outcome in Outcome
@@ -50,20 +44,8 @@ _OUTCOMES: dict[Outcome, Any] = {
 Context = grpc.aio.ServicerContext[object, object]
 
 
-class _Stream:
-    """The state one Train stream shares with the jobs it queued."""
-
-    def __init__(self, options: TrainOptions) -> None:
-        self.options = options
-        self.cancelled = False
-        self.error: GradstreamError | None = None  # ends the stream after the results before it
-        self.reader: asyncio.Task[None] | None = None
-        self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
-        self.segment: SharedSegment | None = None  # the producer's shared memory, read-only
-
-
 class TrainerServicer:
-    """Decodes and validates requests, queues the work on the model's worker, encodes replies."""
+    """Translates each RPC between protobuf and the domain: registry, trainers, ``TrainSession``."""
 
     def __init__(
         self, registry: ModelRegistry, metrics: Metrics, checkpointer: Checkpointer | None = None
@@ -72,25 +54,23 @@ class TrainerServicer:
         self.metrics = metrics
         self.checkpointer = checkpointer or Checkpointer(None, metrics)
         self.draining = False
-        self._streams: set[_Stream] = set()
+        self._sessions: set[TrainSession] = set()
         self._streams_closed = asyncio.Event()
 
     def drain(self) -> None:
         """Refuse new streams; open ones finish the steps in flight, then end with UNAVAILABLE."""
         self.draining = True
-        for stream in self._streams:
-            stream.draining = True
-            if stream.reader is not None:
-                stream.reader.cancel()
+        for session in self._sessions:
+            session.drain()
 
     @property
     def open_streams(self) -> int:
         """How many Train streams are open now."""
-        return len(self._streams)
+        return len(self._sessions)
 
     async def wait_streams_closed(self) -> None:
         """Return once no Train stream is open."""
-        while self._streams:
+        while self._sessions:
             self._streams_closed.clear()
             await self._streams_closed.wait()
 
@@ -130,7 +110,7 @@ class TrainerServicer:
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         infos = []
-        for name in self.registry.names():
+        for name in filter(may_read, self.registry.names()):
             try:
                 infos.append(_info(await self.registry.get(name).run(Trainer.info)))
             except GradstreamError:  # deleted while listing
@@ -239,179 +219,32 @@ class TrainerServicer:
         if self.draining:
             raise Unavailable("the server is shutting down; reconnect to it once it is back")
         worker = self.registry.get(first.open.model)
-        stream = _Stream(TrainOptions(first.open.producer_id, max(1, first.open.report_every)))
-        producer = first.open.producer_id
-        durable_sent = self.checkpointer.durable_sequence(worker.trainer.name, producer)
+        segment = None
         if first.open.shared_memory:
-            stream.segment = open_shared_memory(first.open.shared_memory, context.peer())
-
-        def opened(trainer: Trainer) -> pb.StreamState:
-            return pb.StreamState(
-                model=trainer.name,
-                step=trainer.step,
-                last_applied_sequence=trainer.producers.get(producer, 0),
-                last_durable_sequence=durable_sent,
-            )
-
-        self._streams.add(stream)
+            segment = open_shared_memory(first.open.shared_memory, context.peer())
+        options = TrainOptions(first.open.producer_id, max(1, first.open.report_every))
+        session = TrainSession(worker, options, self.metrics, self.checkpointer, segment)
+        self._sessions.add(session)
         try:
-            yield pb.TrainResponse(opened=await worker.run(opened))
-            # Reading runs ahead of the worker so decoding message n+1 overlaps step n;
-            # the worker's bounded queue stops the reader when it is too far ahead.
-            jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None] = asyncio.Queue()
-            reader = asyncio.create_task(self._read(first, requests, worker, stream, jobs))
-            reader.add_done_callback(functools.partial(_reading_ended, stream, jobs))
-            stream.reader = reader
-            if self.draining:  # drain() ran while this stream was opening
-                stream.draining = True
-                reader.cancel()
-            try:
-                while (job := await jobs.get()) is not None:
-                    results = await job
-                    self.checkpointer.after_steps(worker)
-                    durable = self.checkpointer.durable_sequence(worker.trainer.name, producer)
-                    news = durable if durable > durable_sent else 0
-                    if results or news:
-                        durable_sent = max(durable, durable_sent)
-                        yield pb.TrainResponse(
-                            results=[_result(r) for r in results], last_durable_sequence=news
-                        )
-                    if stream.error is not None:
-                        raise stream.error
-                await reader
-            finally:
-                stream.cancelled = True
-                reader.cancel()
-                stream.segment = None  # closed once the last job reading it is gone
-        finally:
-            self._streams.discard(stream)
-            self._streams_closed.set()
-
-    async def _read(
-        self,
-        first: TrainMessage,
-        requests: AsyncIterator[TrainMessage],
-        worker: ModelWorker,
-        stream: _Stream,
-        jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
-    ) -> None:
-        name = worker.trainer.name
-        request: TrainMessage | None = first
-        while request is not None:
-            if request is not first and request.open is not None:
-                raise InvalidArgument(
-                    "open", "only the first TrainRequest of a stream may carry open"
+            opened = await session.open()
+            yield pb.TrainResponse(
+                opened=pb.StreamState(
+                    model=opened.model,
+                    step=opened.step,
+                    last_applied_sequence=opened.last_applied_sequence,
+                    last_durable_sequence=opened.last_durable_sequence,
                 )
-            if request.batches:
-                check = _checks(request.batches, stream.segment)
-                if _mean_batch_bytes(request.batches) < WORKER_CHECK_BYTES:
-                    # Small batches: their checks are mostly Python (holding the GIL),
-                    # and the worker is the busier thread; spare it. Large ones are left
-                    # to the worker, see _checks.
-                    check = _done(check(worker.trainer))
-                job = _train_job(check, stream, self.metrics, name)
-                jobs.put_nowait(await worker.submit(job))
-            request = await anext(requests, None)
-
-
-def _reading_ended(
-    stream: _Stream,
-    jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
-    reader: asyncio.Task[None],
-) -> None:
-    """Queue how the reader ended, then the end marker, behind the jobs it queued.
-
-    A done callback, not the reader's own except/finally: a task cancelled before its
-    first step never runs its body, and drain() can cancel a stream's reader that early;
-    the stream then waited for a marker that never came.
-    """
-    ended: BaseException | None = None
-    if reader.cancelled():
-        # drain() cancelled it: Train reads this failure after the steps queued before.
-        # Otherwise only Train's own exit cancels the reader, and nobody is left to read.
-        if stream.draining:
-            ended = Unavailable("the server is shutting down; reconnect to resume the stream")
-    else:
-        ended = reader.exception()
-    if ended is not None:
-        failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
-        failed.set_exception(ended)
-        jobs.put_nowait(failed)
-    jobs.put_nowait(None)
-
-
-def _validate(
-    checker: BatchChecker, batch: WireBatch, index: int, segment: SharedSegment | None
-) -> Batch | Rejected:
-    field = f"batches[{index}]"
-    try:
-        weight = batch.sample_weight
-        return checker.batch(
-            decode_wire(batch.x, f"{field}.x", segment),
-            decode_wire(batch.y, f"{field}.y", segment),
-            None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
-            batch.sequence,
-            field,
-            quote=segment is None,  # a segment's bytes are never echoed back
-        )
-    except (InvalidArgument, ResourceExhausted) as exc:  # this batch alone; the stream goes on
-        return Rejected(str(exc), batch.sequence)
-
-
-def _checks(
-    batches: list[WireBatch], segment: SharedSegment | None
-) -> Callable[[Trainer], list[Batch | Rejected]]:
-    """Decode and check a message's batches; one that fails keeps its place as REJECTED.
-
-    Run on the model's own thread for large batches: numpy's checks release the GIL, so
-    they overlap the event loop receiving the next message (large batches: the loop was
-    the bottleneck, 12 % of it in these checks).
-    """
-
-    def check(trainer: Trainer) -> list[Batch | Rejected]:
-        return [
-            item if isinstance(item, Rejected) else trainer.stage(item)
-            for item in (_validate(trainer.checker, b, i, segment) for i, b in enumerate(batches))
-        ]
-
-    return check
-
-
-def _done(items: list[Batch | Rejected]) -> Callable[[Trainer], list[Batch | Rejected]]:
-    return lambda _: items
-
-
-def _mean_batch_bytes(batches: list[WireBatch]) -> float:
-    def size(t: WireTensor | None) -> int:
-        return 0 if t is None else t.shared[1] if t.shared is not None else len(t.data)
-
-    total = sum(size(b.x) + size(b.y) + size(b.sample_weight) for b in batches)
-    return total / len(batches)
-
-
-def _train_job(
-    check: Callable[[Trainer], list[Batch | Rejected]],
-    stream: _Stream,
-    metrics: Metrics,
-    model: str,
-) -> Callable[[Trainer], list[StepResult]]:
-    def job(trainer: Trainer) -> list[StepResult]:
-        items = check(trainer)
-        start = time.perf_counter()
-        first_step = trainer.step
-        results, stream.error = trainer.train_batches(
-            items,
-            stream.options,
-            lambda: stream.cancelled,  # nothing commits after a cancel
-        )
-        rows = [0 if isinstance(i, Rejected) else i.x.shape[0] for i in items]
-        # The only place weights are read from the device for metrics: at most once a message.
-        if metrics.sample_due(first_step, trainer.step):
-            metrics.sample(trainer)
-        metrics.record(model, zip(results, rows, strict=False), time.perf_counter() - start)
-        return results
-
-    return job
+            )
+            if self.draining:  # drain() ran while this stream was opening
+                session.drain()
+            async for reply in session.replies(first, requests):
+                yield pb.TrainResponse(
+                    results=[_result(r) for r in reply.results],
+                    last_durable_sequence=reply.last_durable_sequence,
+                )
+        finally:
+            self._sessions.discard(session)
+            self._streams_closed.set()
 
 
 def _result(result: StepResult) -> pb.StepResult:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from fnmatch import fnmatchcase
@@ -69,6 +70,17 @@ class Grant:
         if action not in self.actions and Action.ADMIN not in self.actions:
             return False
         return any(fnmatchcase(model, pattern) for pattern in self.models)
+
+
+# The grant of the RPC being handled, set by the auth interceptor for the handler's task;
+# None where auth is off. The servicer reads it where an answer depends on the caller.
+CALLER: ContextVar[Grant | None] = ContextVar("gradstream_caller", default=None)
+
+
+def may_read(model: str) -> bool:
+    """Whether the caller of the RPC being handled may read ``model`` (always, auth off)."""
+    grant = CALLER.get()
+    return grant is None or grant.allows(Action.READ, model)
 
 
 def digest(token: str) -> bytes:

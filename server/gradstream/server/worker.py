@@ -29,6 +29,7 @@ class ModelWorker:
 
     def __init__(self, trainer: Trainer, queue_depth: int = 8) -> None:
         self.trainer = trainer
+        self.queue_depth = queue_depth
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._slots = asyncio.Semaphore(queue_depth)
         self._closed = False
@@ -61,8 +62,8 @@ class ModelWorker:
 
     def _run(self) -> None:
         # OpenMP's thread count is per thread: a new thread gets the process default, not
-        # what torch.set_num_threads chose on the main thread (seen: 2 OpenMP threads on
-        # every step with --threads 1). Apply torch's setting here, on the thread that steps.
+        # what torch.set_num_threads chose on the main thread, so --threads would not hold
+        # here. Apply torch's setting on the thread that steps.
         torch.set_num_threads(torch.get_num_threads())
         while (item := self._jobs.get()) is not None:
             job, loop, future = item

@@ -14,7 +14,7 @@ import torch
 
 from gradstream.server import checkpoint as ck
 from gradstream.server.batches import Batch
-from gradstream.server.engine import Outcome, Trainer, TrainOptions
+from gradstream.server.engine import Outcome, Trainer, TrainerFactory, TrainOptions
 from gradstream.server.errors import DataLoss
 from gradstream.server.spec import parse_spec
 from tests.conftest import SmallVolume
@@ -68,7 +68,7 @@ def test_restore_mid_accumulation_continues_bitwise_like_the_uninterrupted_run(
     saved = ck.write(tmp_path / "m", ck.take(first), keep=2)
     _, snapshot, skipped = ck.newest(tmp_path / "m")
     assert skipped == [] and saved.producers == {"p": 10}
-    resumed = ck.restore(snapshot, CPU)
+    resumed = ck.restore(snapshot, TrainerFactory(CPU))
     assert (resumed.step, resumed.pending, resumed.producers) == (3, 1, {"p": 10})
     # The batches applied before the checkpoint are not applied again...
     assert _train(resumed, batches[:10]) == [Outcome.DUPLICATE] * 10
@@ -89,7 +89,7 @@ def test_restore_without_optimizer_state_is_seen_to_differ(tmp_path: Path) -> No
     amnesiac = dataclasses.replace(
         snapshot, tensors={k: v for k, v in snapshot.tensors.items() if not k.startswith("optim/")}
     )
-    resumed = ck.restore(amnesiac, CPU)
+    resumed = ck.restore(amnesiac, TrainerFactory(CPU))
     _train(resumed, batches[9:])
     assert resumed.step == reference.step
     ref, got = _state(reference), _state(resumed)

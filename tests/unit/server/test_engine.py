@@ -10,7 +10,7 @@ import torch
 
 from gradstream.server import engine
 from gradstream.server.batches import Batch
-from gradstream.server.engine import Outcome, Rejected, Trainer, TrainOptions
+from gradstream.server.engine import Outcome, Trainer, TrainOptions
 from gradstream.server.spec import parse_spec
 
 CPU = torch.device("cpu")
@@ -114,29 +114,6 @@ def test_deferred_nonfinite_micro_batch_skips_its_whole_accumulated_step() -> No
     ]
     assert state(trainer) == before
     assert trainer.step == 1
-
-
-@pytest.mark.parametrize("deferred", [False, True])
-def test_rejected_and_duplicate_keep_their_place(deferred: bool) -> None:
-    trainer = Trainer("t", spec(), CPU, deferred=deferred)
-    good = batches(2)
-    options = TrainOptions(producer_id="p")
-    items: list[Batch | Rejected] = [
-        Batch(good[0].x, good[0].y, sequence=5),
-        Rejected("batches[1].x: bad", sequence=6),
-        Batch(good[1].x, good[1].y, sequence=5),
-        Batch(good[1].x, good[1].y, sequence=7),
-    ]
-    results, error = trainer.train_batches(items, options)
-    assert error is None
-    assert [(r.outcome, r.sequence) for r in results] == [
-        (Outcome.APPLIED, 5),
-        (Outcome.REJECTED, 6),
-        (Outcome.DUPLICATE, 5),
-        (Outcome.APPLIED, 7),
-    ]
-    assert results[1].reason == "batches[1].x: bad"
-    assert trainer.producers == {"p": 7}
 
 
 @pytest.mark.parametrize("deferred", [False, True])

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradstream.server.distributed import denominator, shard_loss, shard_sizes
+from gradstream.server.collectives import Collectives, Topology
+from gradstream.server.config import Settings
+from gradstream.server.engine import StepKind, TrainerFactory
+from gradstream.server.follower import Follower
+from gradstream.server.main import build
 from gradstream.server.models import loss_value
-from gradstream.server.spec import LossSpec
+from gradstream.server.sharded import denominator, shard_loss, shard_sizes
+from gradstream.server.spec import LossSpec, parse_spec
 
 KINDS = ["mse", "l1", "huber", "cross_entropy", "bce_with_logits"]
 
@@ -95,3 +102,35 @@ def test_denominators() -> None:
     assert denominator(LossSpec(reduction="sum"), y, w) == 1.0
     labels = torch.zeros(4, dtype=torch.int64)
     assert denominator(LossSpec(kind="cross_entropy"), labels, None) == 4.0
+
+
+def test_every_rank_builds_its_trainers_alike() -> None:
+    """Rank 0 and the followers build with one factory: same limits, same step implementation.
+
+    A single process on CUDA defers to the fused step; a rank of a data-parallel job must
+    not, on any rank, or rank 0 and the others would step differently.
+    """
+    settings = Settings(device="cpu", max_batch_rows=8, max_batch_bytes=1000, max_nonfinite_steps=3)
+    spec = parse_spec(
+        {
+            "architecture": {"kind": "linear", "in_features": 2, "out_features": 1},
+            "optimizer": {"lr": 0.1, "momentum": 0.9},
+        }
+    )
+    cpu = torch.device("cpu")
+    group = Collectives(Topology(rank=0, world_size=1, local_rank=0), cpu, timeout=30.0)
+    try:
+        leader = build(settings, group, cpu).registry.factory
+        follower = Follower(settings, group).factory
+    finally:
+        group.close()
+    assert dataclasses.replace(leader, gradients=follower.gradients) == follower
+    assert (follower.max_batch_rows, follower.max_batch_bytes) == (8, 1000)
+    assert follower.max_nonfinite_steps == 3
+    cuda = torch.device("cuda", 0)
+    assert TrainerFactory(cuda).step_kind(spec) is StepKind.DEFERRED
+    for factory in (leader, follower):
+        assert dataclasses.replace(factory, device=cuda).step_kind(spec) is StepKind.OPTIMIZER
+    trainers = [f.build("m", spec) for f in (TrainerFactory(cpu), follower)]
+    assert trainers[0].kind is trainers[1].kind
+    assert trainers[0].optimizer.defaults == trainers[1].optimizer.defaults

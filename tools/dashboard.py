@@ -3,7 +3,7 @@
 ``deploy/grafana/dashboards/gradstream.json`` is this module's output, committed;
 a test fails when the two differ. After editing a panel:
 
-    python -m gradstream.server.dashboard deploy/grafana/dashboards/gradstream.json
+    make dashboard   # python -m tools.dashboard deploy/grafana/dashboards/gradstream.json
 
 Every query uses only Prometheus's PromQL plus two Grafana variables,
 ``$model`` (a regex over model names) and ``$__rate_interval``; the tests run each

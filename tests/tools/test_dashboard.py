@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gradstream.server.dashboard import WIDTH, dashboard, main, render
 from tests.conftest import ROOT
+from tools.dashboard import WIDTH, dashboard, main, render
 
 COMMITTED = ROOT / "deploy" / "grafana" / "dashboards" / "gradstream.json"
 

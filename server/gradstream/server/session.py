@@ -1,0 +1,297 @@
+"""The life of one Train stream: read ahead, decode, queue steps, answer in order, drain.
+
+Threads and queues of one stream (``docs/architecture.md`` draws them):
+
+    event loop, reader task   reads request message n+1 while the worker steps message n;
+                              decodes it (``decode``) here, or on the worker for large batches
+    model worker thread       ``train_message``: the batches of one message, in order
+    event loop, ``replies``   awaits each job in submission order and hands its results on
+
+At most the model's ``queue_depth`` + 1 messages are read and not yet answered (the
+worker's queue full, one message being answered): a client that stops reading its
+responses makes the server stop reading its batches, and HTTP/2 flow control holds the
+client. Without the bound, results and batches of a client that never reads piled up on
+the server without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from gradstream.server.batches import Batch, BatchChecker
+from gradstream.server.checkpoint import Checkpointer
+from gradstream.server.codec import decode_wire
+from gradstream.server.engine import Outcome, StepResult, Trainer, TrainOptions
+from gradstream.server.errors import (
+    GradstreamError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from gradstream.server.metrics import Metrics
+from gradstream.server.shm import SharedSegment
+from gradstream.server.wire import TrainMessage, WireBatch, WireTensor
+from gradstream.server.worker import ModelWorker
+
+# Batches at least this large (on average in a message) are checked on the model's worker.
+WORKER_CHECK_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A batch refused by ``decode``: it is answered REJECTED in its place, never trained."""
+
+    reason: str
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """Where a stream starts: the model's step and this producer's applied and durable marks."""
+
+    model: str
+    step: int
+    last_applied_sequence: int
+    last_durable_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One message's results, and the producer's newly durable sequence (0: no news)."""
+
+    results: list[StepResult]
+    last_durable_sequence: int = 0
+
+
+def decode(
+    checker: BatchChecker, batch: WireBatch, index: int, segment: SharedSegment | None
+) -> Batch | Rejected:
+    """A wire batch as a checked batch, or the rejection that names what is wrong with it."""
+    field = f"batches[{index}]"
+    try:
+        weight = batch.sample_weight
+        return checker.batch(
+            decode_wire(batch.x, f"{field}.x", segment),
+            decode_wire(batch.y, f"{field}.y", segment),
+            None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
+            batch.sequence,
+            field,
+            quote=segment is None,  # a segment's bytes are never echoed back
+        )
+    except (InvalidArgument, ResourceExhausted) as exc:  # this batch alone; the stream goes on
+        return Rejected(str(exc), batch.sequence)
+
+
+def train_message(
+    trainer: Trainer,
+    items: Sequence[Batch | Rejected],
+    options: TrainOptions,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> tuple[list[StepResult], GradstreamError | None]:
+    """One message's batches in order; a rejection is answered in its place, untrained.
+
+    Returns the results so far and the error that stopped the message, if one did.
+    """
+    results: list[StepResult] = []
+    run: list[Batch] = []
+
+    def flush() -> GradstreamError | None:
+        done, error = trainer.train_batches(run, options, cancelled)
+        results.extend(done)
+        run.clear()
+        return error
+
+    for item in items:
+        if not isinstance(item, Rejected):
+            run.append(item)
+            continue
+        if run and (error := flush()) is not None:
+            return results, error
+        if cancelled():
+            return results, None
+        options.batches_seen += 1
+        sequence = item.sequence or options.batches_seen
+        results.append(StepResult(sequence, trainer.step, Outcome.REJECTED, reason=item.reason))
+    return results, flush() if run else None
+
+
+class TrainSession:
+    """One Train stream of one model: its options, its reader, its replies."""
+
+    def __init__(
+        self,
+        worker: ModelWorker,
+        options: TrainOptions,
+        metrics: Metrics,
+        checkpointer: Checkpointer,
+        segment: SharedSegment | None = None,
+    ) -> None:
+        self.worker = worker
+        self.options = options
+        self.metrics = metrics
+        self.checkpointer = checkpointer
+        self.segment = segment  # the producer's shared memory, read-only
+        self.cancelled = False
+        self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
+        self.error: GradstreamError | None = None  # ends the stream after the results before it
+        self._reader: asyncio.Task[None] | None = None
+        # Enough to keep the worker's queue full while one message's results are written.
+        self._in_flight = asyncio.Semaphore(worker.queue_depth + 1)
+        self._durable_sent = checkpointer.durable_sequence(worker.trainer.name, options.producer_id)
+
+    def drain(self) -> None:
+        """Read no more; the steps in flight are answered, then the stream ends UNAVAILABLE."""
+        self.draining = True
+        if self._reader is not None:
+            self._reader.cancel()
+
+    async def open(self) -> Opened:
+        """The stream's starting point, read on the worker after the jobs queued before."""
+        producer, durable = self.options.producer_id, self._durable_sent
+
+        def opened(trainer: Trainer) -> Opened:
+            return Opened(trainer.name, trainer.step, trainer.producers.get(producer, 0), durable)
+
+        return await self.worker.run(opened)
+
+    async def replies(
+        self, first: TrainMessage, requests: AsyncIterator[TrainMessage]
+    ) -> AsyncIterator[Reply]:
+        """Train every batch of the stream; one reply per message, in order."""
+        name, producer = self.worker.trainer.name, self.options.producer_id
+        jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read(first, requests, jobs))
+        reader.add_done_callback(functools.partial(_reading_ended, self, jobs))
+        self._reader = reader
+        if self.draining:  # drain() ran while this stream was opening
+            reader.cancel()
+        try:
+            while (job := await jobs.get()) is not None:
+                try:
+                    results = await job
+                    self.checkpointer.after_steps(self.worker)
+                    durable = self.checkpointer.durable_sequence(name, producer)
+                    news = durable if durable > self._durable_sent else 0
+                    if results or news:
+                        self._durable_sent = max(durable, self._durable_sent)
+                        yield Reply(results, news)
+                finally:
+                    self._in_flight.release()
+                if self.error is not None:
+                    raise self.error
+            await reader
+        finally:
+            self.cancelled = True
+            reader.cancel()
+            self.segment = None  # closed once the last job reading it is gone
+
+    async def _read(
+        self,
+        first: TrainMessage,
+        requests: AsyncIterator[TrainMessage],
+        jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
+    ) -> None:
+        trainer = self.worker.trainer
+        request: TrainMessage | None = first
+        while request is not None:
+            if request is not first and request.open is not None:
+                raise InvalidArgument(
+                    "open", "only the first TrainRequest of a stream may carry open"
+                )
+            if request.batches:
+                check = _checks(request.batches, self.segment)
+                if _mean_batch_bytes(request.batches) < WORKER_CHECK_BYTES:
+                    # Small batches: their checks are mostly Python (holding the GIL),
+                    # and the worker is the busier thread; spare it. Large ones are left
+                    # to the worker, see _checks.
+                    check = _done(check(trainer))
+                await self._in_flight.acquire()
+                try:
+                    future = await self.worker.submit(self._job(check))
+                except BaseException:
+                    self._in_flight.release()
+                    raise
+                jobs.put_nowait(future)
+            request = await anext(requests, None)
+
+    def _job(
+        self, check: Callable[[Trainer], list[Batch | Rejected]]
+    ) -> Callable[[Trainer], list[StepResult]]:
+        metrics, model = self.metrics, self.worker.trainer.name
+
+        def job(trainer: Trainer) -> list[StepResult]:
+            items = check(trainer)
+            start = time.perf_counter()
+            first_step = trainer.step
+            # Nothing commits after a cancel.
+            results, self.error = train_message(
+                trainer, items, self.options, lambda: self.cancelled
+            )
+            rows = [0 if isinstance(i, Rejected) else i.x.shape[0] for i in items]
+            # The only place weights are read from the device for metrics: at most once a message.
+            if metrics.sample_due(first_step, trainer.step):
+                metrics.sample(trainer)
+            metrics.record(model, zip(results, rows, strict=False), time.perf_counter() - start)
+            return results
+
+        return job
+
+
+def _reading_ended(
+    session: TrainSession,
+    jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
+    reader: asyncio.Task[None],
+) -> None:
+    """Queue how the reader ended, then the end marker, behind the jobs it queued.
+
+    A done callback, not the reader's own except/finally: a task cancelled before its
+    first step never runs its body, and drain() can cancel a stream's reader that early;
+    the stream then waited for a marker that never came.
+    """
+    ended: BaseException | None = None
+    if reader.cancelled():
+        # drain() cancelled it: replies() reads this failure after the steps queued before.
+        # Otherwise only replies()' own exit cancels the reader, and nobody is left to read.
+        if session.draining:
+            ended = Unavailable("the server is shutting down; reconnect to resume the stream")
+    else:
+        ended = reader.exception()
+    if ended is not None:
+        failed: asyncio.Future[list[StepResult]] = asyncio.get_running_loop().create_future()
+        failed.set_exception(ended)
+        jobs.put_nowait(failed)
+    jobs.put_nowait(None)
+
+
+def _checks(
+    batches: list[WireBatch], segment: SharedSegment | None
+) -> Callable[[Trainer], list[Batch | Rejected]]:
+    """Decode and check a message's batches; one that fails keeps its place as REJECTED.
+
+    Run on the model's own thread for large batches: numpy's checks release the GIL, so
+    they overlap the event loop receiving the next message (docs/performance.md).
+    """
+
+    def check(trainer: Trainer) -> list[Batch | Rejected]:
+        return [
+            item if isinstance(item, Rejected) else trainer.stage(item)
+            for item in (decode(trainer.checker, b, i, segment) for i, b in enumerate(batches))
+        ]
+
+    return check
+
+
+def _done(items: list[Batch | Rejected]) -> Callable[[Trainer], list[Batch | Rejected]]:
+    return lambda _: items
+
+
+def _mean_batch_bytes(batches: list[WireBatch]) -> float:
+    def size(t: WireTensor | None) -> int:
+        return 0 if t is None else t.shared[1] if t.shared is not None else len(t.data)
+
+    total = sum(size(b.x) + size(b.y) + size(b.sample_weight) for b in batches)
+    return total / len(batches)
