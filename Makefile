@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 BUF := .tools/node_modules/.bin/buf
 PROTO_OUT ?= proto
 
-.PHONY: install demo test lint format proto dashboard tools bench images clean
+.PHONY: install demo test lint format proto dashboard tools bench images image-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,12 +59,20 @@ bench: install
 	$(BIN)/gradstream bench
 
 # Container images (deploy/Dockerfile): the CPU and the CUDA target, tagged VERSION-cpu and
-# VERSION-cuda as the kustomize overlays expect. Needs a Docker engine (BuildKit).
+# VERSION-cuda as the kustomize overlays expect. Docker where its engine answers, else podman
+# (docker format: the OCI format drops the HEALTHCHECK).
 IMAGE ?= gradstream
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+ENGINE_FLAGS = $(if $(filter podman,$(notdir $(ENGINE))),--format docker)
 images:
-	docker build -f deploy/Dockerfile --target cpu -t $(IMAGE):$(VERSION)-cpu .
-	docker build -f deploy/Dockerfile --target cuda -t $(IMAGE):$(VERSION)-cuda .
+	$(ENGINE) build $(ENGINE_FLAGS) -f deploy/Dockerfile --target cpu -t $(IMAGE):$(VERSION)-cpu .
+	$(ENGINE) build $(ENGINE_FLAGS) -f deploy/Dockerfile --target cuda -t $(IMAGE):$(VERSION)-cuda .
+
+# Build the cpu image with podman on a local Debian base and run it as docs/deploy.md says
+# (tests/deploy/test_image.py); installs podman with apt where it can, skips where it cannot.
+image-test: install
+	GRADSTREAM_IMAGE_TEST=1 $(BIN)/python -m pytest -q -rs -s --durations=3 -p no:cacheprovider tests/deploy/test_image.py
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

@@ -272,13 +272,16 @@ def test_tls_component_points_at_the_mounted_secret(tmp_path: Path) -> None:
 
 
 def test_secrets_are_mounted_optional_until_used(overlay: list[Manifest]) -> None:
-    """Tokens and TLS Secrets are mounted read-only and optional; the token path is inside."""
+    """Secrets are mounted read-only; the tokens Secret, which the ConfigMap's tokens file
+    points into, is required (without it the pod waits instead of crash-looping); TLS stays
+    optional until components/tls uses it."""
     volumes = {v["name"]: v for v in pod_spec(overlay)["volumes"]}
     mounts = {m["name"]: m for m in container(overlay)["volumeMounts"]}
     for name, path in (("tokens", "/etc/gradstream/tokens"), ("tls", "/etc/gradstream/tls")):
-        assert volumes[name]["secret"]["optional"] is True
         assert mounts[name]["mountPath"] == path
         assert mounts[name]["readOnly"] is True
+    assert volumes["tokens"]["secret"]["optional"] is False
+    assert volumes["tls"]["secret"]["optional"] is True
     tokens_file = Path(config_data(overlay)["GRADSTREAM_TOKENS_FILE"])
     assert tokens_file.parent == Path("/etc/gradstream/tokens")
 

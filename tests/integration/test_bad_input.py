@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from gradstream.client import BatchRejected, Client, GradstreamError, SpecError
-from gradstream.client._tensor import to_proto
 from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import to_proto
 
 SPEC = {
     "architecture": {"kind": "mlp", "in_features": 2, "hidden": [3], "out_features": 3},

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from gradstream.client import Client
-from gradstream.client._tensor import to_proto
 from gradstream.server.engine import Trainer
 from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+from gradstream.wire import to_proto
 
 MESSAGES = 8
 REPEATS = 20

@@ -22,9 +22,8 @@ from grpc_health.v1 import health_pb2
 
 from gradstream.client import Client
 from gradstream.client._local import LocalServer
-from gradstream.client._spec import spec_to_proto
-from gradstream.client._tensor import to_proto
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import spec_to_proto, to_proto
 
 PER_METHOD = int(os.environ.get("GRADSTREAM_FUZZ_PER_METHOD", "10000"))
 WARMUP = PER_METHOD // 10

@@ -23,11 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradstream.client._spec import spec_to_proto
-from gradstream.client._tensor import to_proto
 from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+from gradstream.wire import spec_to_proto, to_proto
 
 FEATURES, CLASSES = 3, 4
 MIN_CASES = 1000

@@ -5,12 +5,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
-from gradstream.client import Client, ProducerStream, Unavailable
+from gradstream.client import Client, ProducerStream, ResourceExhausted, Unavailable
 from gradstream.server.main import BackgroundServer
+from gradstream.server.wire import _request as read_in_place
+from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import ALIGN
+from gradstream.wire.train import ALIGN_MIN_BYTES
 from tests.conftest import server_settings
 
 SPEC = {
@@ -131,3 +137,120 @@ def test_drain_refuses_new_streams_and_ends_open_ones_with_unavailable(tmp_path:
     finally:
         release.set()
         server.stop()
+
+
+class _Recorder(grpc.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+    """Keeps the bytes of every Train message sent, and the most sent but unanswered."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.answered = 0
+        self.most_in_flight = 0
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        def recorded() -> Iterator[Any]:
+            for request in requests:
+                if isinstance(request, bytes):  # the opener is a message, batches are bytes
+                    self.sent.append(request)
+                    self.most_in_flight = max(self.most_in_flight, len(self.sent) - self.answered)
+                yield request
+
+        return _Answers(continuation(details, recorded()), self)
+
+
+class _Answers:
+    """A Train call whose responses with results are counted as they arrive."""
+
+    def __init__(self, call: Any, recorder: _Recorder) -> None:
+        self._call = call
+        self._recorder = recorder
+
+    def __iter__(self) -> _Answers:
+        return self
+
+    def __next__(self) -> pb.TrainResponse:
+        response: pb.TrainResponse = next(self._call)
+        if response.results:
+            self._recorder.answered += 1
+        return response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+def _recording_client(server: BackgroundServer, max_message_bytes: int) -> tuple[Client, _Recorder]:
+    recorder = _Recorder()
+    options = [("grpc.max_send_message_length", max_message_bytes)]
+    channel = grpc.intercept_channel(grpc.insecure_channel(server.target, options), recorder)
+    return Client(server.target, channel=channel, max_message_bytes=max_message_bytes), recorder
+
+
+def test_the_producer_aligns_every_entry_of_a_message(server: BackgroundServer, name: str) -> None:
+    client, recorder = _recording_client(server, 32 * 1024 * 1024)
+    with client:
+        client.create_model(name, SPEC)
+        rng = np.random.default_rng(1)
+        batches = [
+            (rng.standard_normal((int(rows), 2)).astype(np.float32), np.ones((int(rows), 1)))
+            for rows in rng.integers(130, 400, 24)
+        ]
+        results = list(client.train(name, batches, producer_id="p", batches_per_message=5))
+    assert [r.outcome for r in results] == ["APPLIED"] * 24
+    entries = 0
+    for message in recorder.sent:
+        view = memoryview(message)
+        base = np.frombuffer(view, np.uint8).ctypes.data
+        for batch in read_in_place(view).batches:
+            entries += 1
+            for tensor in (batch.x, batch.y):
+                assert tensor is not None and len(tensor.data) >= ALIGN_MIN_BYTES
+                assert (np.frombuffer(tensor.data, np.uint8).ctypes.data - base) % ALIGN == 0
+    assert entries == 24 and len(recorder.sent) < 24  # several batches shared a message
+
+
+def test_a_batch_over_the_message_limit_is_refused_client_side_by_both_streams_alike(
+    server: BackgroundServer,
+) -> None:
+    limit = 1024 * 1024
+    client, recorder = _recording_client(server, limit)
+    ((x, y),) = _batches(1)
+    big = np.zeros((limit // 8, 2), np.float32)
+    errors = []
+    with client:
+        for producer_id in (None, "p"):
+            name = f"oversized-{producer_id}"
+            client.create_model(name, SPEC)
+            seen = []
+            with pytest.raises(ResourceExhausted) as failure:
+                for result in client.train(
+                    name, [(x, y), (big, big[:, :1]), (x, y)], producer_id=producer_id
+                ):
+                    seen.append(result)
+            errors.append(str(failure.value))
+            # The batch before it went out and was applied; the stream did not fail on the wire.
+            assert [r.outcome for r in seen] == ["APPLIED"]
+            assert client.get_model(name).step == 1
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("RESOURCE_EXHAUSTED: batch 1: about ")
+    assert f"more than max_message_bytes={limit} allows in one message" in errors[0]
+    assert recorder.sent and all(len(m) < limit for m in recorder.sent)
+
+
+@pytest.mark.parametrize("producer_id", [None, "p"])
+def test_at_most_window_messages_are_unanswered(
+    server: BackgroundServer, name: str, producer_id: str | None
+) -> None:
+    client, recorder = _recording_client(server, 32 * 1024 * 1024)
+    with client:
+        client.create_model(name, SPEC)
+        results = list(
+            client.train(
+                name,
+                iter(_batches(60)),
+                producer_id=producer_id,
+                batches_per_message=1,
+                window=2,
+            )
+        )
+    assert len(results) == 60 and len(recorder.sent) == 60
+    assert recorder.most_in_flight == 2

@@ -273,8 +273,8 @@ def test_many_streams_on_one_model_apply_every_batch_once(client: Client, name: 
 
 def test_producer_sequences_answer_duplicates(server: BackgroundServer, name: str) -> None:
     # The wire's exactly-once contract, spoken directly: a re-sent sequence is DUPLICATE.
-    from gradstream.client._tensor import to_proto
     from gradstream.v1 import trainer_pb2 as pb
+    from gradstream.wire import to_proto
 
     with Client(server.target) as client:
         client.create_model(name, LINEAR)

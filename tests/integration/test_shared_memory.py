@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from gradstream.client import Client
-from gradstream.client._tensor import to_proto
+from gradstream.client import Client, ProducerStream
+from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import to_proto
+from tests.conftest import server_settings
 
 SPEC = {
     "architecture": {"kind": "linear", "in_features": 8, "out_features": 1},
@@ -48,6 +51,40 @@ def test_shared_memory_trains_exactly_like_bytes_in_messages(
     assert [r.loss for r in shared] == [r.loss for r in plain]
     a, b = client.parameters(name + "-a"), client.parameters(name + "-b")
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("gradstream-")]
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_a_producer_streams_through_shared_memory_exactly_like_bytes(
+    tmp_path: Path, checkpoints: bool
+) -> None:
+    """The ring's space comes back once batches are durable (or answered, without
+    checkpoints): far more data than the ring holds still goes through."""
+    data = _data(200)
+    settings = server_settings(
+        checkpoint_dir=tmp_path if checkpoints else None,
+        checkpoint_every_steps=0,
+        checkpoint_every_seconds=0,
+    )
+    with BackgroundServer(settings) as server, Client(server.target) as client:
+        client.create_model("a", SPEC)
+        client.create_model("b", SPEC)
+        plain = list(client.train("a", data, batches_per_message=7))
+        shared = client.train(
+            "b",
+            iter(data),
+            producer_id="p",
+            batches_per_message=7,
+            shared_memory=True,
+            window_bytes=64 * 1024,
+        )
+        assert isinstance(shared, ProducerStream)
+        results = list(shared)
+        assert [(r.sequence, r.outcome) for r in results] == [(i, "APPLIED") for i in range(1, 201)]
+        assert [r.loss for r in results] == [r.loss for r in plain]
+        assert shared.durable_sequence == (200 if checkpoints else 0)
+        a, b = client.parameters("a"), client.parameters("b")
+        assert all(a[k].tobytes() == b[k].tobytes() for k in a)
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("gradstream-")]
 
 

@@ -1,6 +1,6 @@
 """The gradstream Python SDK: ``Client`` talks to a gradstream server over gRPC."""
 
-from gradstream.client._client import CheckpointInfo, Client, ModelInfo, ParameterInfo, StepResult
+from gradstream.client._client import Client
 from gradstream.client._errors import (
     AlreadyExists,
     BatchRejected,
@@ -15,8 +15,9 @@ from gradstream.client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from gradstream.client._models import CheckpointInfo, ModelInfo, ParameterInfo, StepResult
 from gradstream.client._producer import ProducerStream
-from gradstream.client._spec import SpecError
+from gradstream.wire import SpecError
 
 __all__ = [
     "AlreadyExists",

@@ -2,88 +2,32 @@
 
 from __future__ import annotations
 
-import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy.typing as npt
 
-from gradstream.client._errors import BatchRejected, ResourceExhausted, from_rpc_error
-from gradstream.client._shm import RingFull, SharedRing
-from gradstream.client._spec import spec_from_proto, spec_to_proto
-from gradstream.client._tensor import from_proto, to_proto, wire_array
-from gradstream.client._wire import MAX_PADDING, MessageBuilder, encode_batch
+from gradstream.client._errors import BatchRejected, from_rpc_error
+from gradstream.client._models import (
+    CheckpointInfo,
+    ModelInfo,
+    StepResult,
+    model_info,
+    step_result,
+)
+from gradstream.client._outbox import BatchLike, Outbox
+from gradstream.client._producer import ProducerStream
+from gradstream.client._shm import SharedRing
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+from gradstream.wire import from_proto, spec_to_proto, to_proto
 
 T = TypeVar("T")
 Array = npt.NDArray[Any]
-# (x, y), (x, y, sample_weight) or, for producers, (x, y, sample_weight_or_None, sequence)
-BatchLike = tuple[Any, Any] | tuple[Any, Any, Any] | tuple[Any, Any, Any, Any]
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_OUTCOME_NAMES = {v: k.removeprefix("OUTCOME_") for k, v in pb.Outcome.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """What happened to one batch: APPLIED, ACCUMULATED, SKIPPED_NONFINITE, DUPLICATE or REJECTED.
-
-    ``loss`` is None on batches that were not reporting points (see ``report_every``).
-    """
-
-    sequence: int
-    step: int
-    loss: float | None
-    outcome: str
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointInfo:
-    """A checkpoint the server wrote: its name, step and every producer's durable sequence."""
-
-    checkpoint: str
-    step: int
-    producer_sequences: dict[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class ParameterInfo:
-    """Shape and frozen state of one parameter."""
-
-    shape: tuple[int, ...]
-    frozen: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """A model as the server describes it."""
-
-    name: str
-    spec: dict[str, Any]
-    step: int
-    pending_batches: int
-    device: str
-    parameters: dict[str, ParameterInfo]
-    autograd_chain: list[str] = field(default_factory=list)
-    nonfinite_streak: int = 0
-
-
-def _model_info(message: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        name=message.name,
-        spec=spec_from_proto(message.spec),
-        step=message.step,
-        pending_batches=message.pending_batches,
-        device=message.device,
-        parameters={p.name: ParameterInfo(tuple(p.shape), p.frozen) for p in message.parameters},
-        autograd_chain=list(message.autograd_chain),
-        nonfinite_streak=message.nonfinite_streak,
-    )
 
 
 class Client:
@@ -171,16 +115,16 @@ class Client:
     def create_model(self, name: str, spec: Mapping[str, Any]) -> ModelInfo:
         """Create a model from a spec dict (the JSON shape of ``gradstream.v1.ModelSpec``)."""
         request = pb.CreateModelRequest(name=name, spec=spec_to_proto(spec))
-        return _model_info(self._call(self._stub.CreateModel, request).model)
+        return model_info(self._call(self._stub.CreateModel, request).model)
 
     def get_model(self, name: str) -> ModelInfo:
         """Spec, step, device, parameter shapes, frozen set and autograd chain of a model."""
-        return _model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name)).model)
+        return model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name)).model)
 
     def list_models(self) -> list[ModelInfo]:
         """Every model on the server."""
         response = self._call(self._stub.ListModels, pb.ListModelsRequest())
-        return [_model_info(m) for m in response.models]
+        return [model_info(m) for m in response.models]
 
     def delete_model(self, name: str) -> None:
         """Free a model."""
@@ -195,7 +139,7 @@ class Client:
     ) -> ModelInfo:
         """Set the learning rate; freeze (``requires_grad_(False)``) or unfreeze parameters."""
         request = pb.UpdateModelRequest(name=name, lr=lr, freeze=freeze, unfreeze=unfreeze)
-        return _model_info(self._call(self._stub.UpdateModel, request).model)
+        return model_info(self._call(self._stub.UpdateModel, request).model)
 
     # -- inference and inspection -------------------------------------------------------
 
@@ -239,7 +183,7 @@ class Client:
         request = pb.SetParametersRequest(name=name, reset_optimizer=reset_optimizer)
         for key, value in params.items():
             to_proto(value, request.parameters[key])
-        return _model_info(self._call(self._stub.SetParameters, request).model)
+        return model_info(self._call(self._stub.SetParameters, request).model)
 
     def save_checkpoint(self, name: str) -> CheckpointInfo:
         """Checkpoint a model now; returns once it is on the server's disk."""
@@ -288,13 +232,9 @@ class Client:
         asks the server for a checkpoint) and re-sent after a reconnect, tried for
         ``reconnect_timeout`` seconds while the server answers UNAVAILABLE. With
         ``wait_durable`` the iterator ends only once every batch is in a checkpoint.
+        The packing, window and shared-memory options mean the same on both paths.
         """
         if producer_id:
-            from gradstream.client._producer import ProducerStream
-
-            if shared_memory:
-                raise ValueError("shared_memory is not supported with producer_id (yet)")
-
             return ProducerStream(
                 self._stub,
                 self._channel,
@@ -306,11 +246,14 @@ class Client:
                 skip_rejected=skip_rejected,
                 batches_per_message=batches_per_message,
                 message_bytes=message_bytes,
+                max_message_bytes=self.max_message_bytes,
+                window=window,
+                window_bytes=window_bytes,
+                shared_memory=shared_memory,
                 max_pending_batches=max_pending_batches,
                 max_pending_bytes=max_pending_bytes,
                 reconnect_timeout=reconnect_timeout,
                 wait_durable=wait_durable,
-                step_result=_step_result,
             )
         return self._train(
             name,
@@ -338,53 +281,43 @@ class Client:
         shared_memory: bool,
     ) -> Iterator[StepResult]:
         ring = SharedRing(window_bytes) if shared_memory else None
+        outbox = Outbox(
+            batches,
+            batches_per_message=batches_per_message,
+            message_bytes=message_bytes,
+            max_message_bytes=self.max_message_bytes,
+            ring=ring,
+        )
         opener = pb.TrainRequest(
             open=pb.TrainOpen(
                 model=name, report_every=report_every, shared_memory=ring.name if ring else ""
             )
         )
-        packer = _Packer(
-            batches,
-            batches_per_message,
-            message_bytes,
-            window,
-            window_bytes,
-            ring,
-            max_message_bytes=self.max_message_bytes,
-        )
-        responses: Any = self._train_call(packer.requests(opener))
+        sending = outbox.sending(opener, window, window_bytes)
+        outbox.start()
+        responses: Any = self._train_call(sending.requests())
         try:
             for response in responses:
                 if response.results:
-                    packer.acked()
+                    sending.acked()
                 for r in response.results:
-                    result = _step_result(r)
+                    result = step_result(r)
                     if result.outcome == "REJECTED" and not skip_rejected:
                         raise BatchRejected(result)
                     yield result
         except grpc.RpcError as exc:
-            packer.raise_producer_error()
+            outbox.raise_error()
             raise from_rpc_error(exc) from None
         finally:
             responses.cancel()
-            packer.stop()
+            outbox.stop()
             if ring is not None:
                 ring.close()
-        packer.raise_producer_error()
+        outbox.raise_error()
 
 
 def _serialize_train(request: pb.TrainRequest | bytes) -> bytes:
     return request if isinstance(request, bytes) else request.SerializeToString()
-
-
-def _step_result(r: pb.StepResult) -> StepResult:
-    return StepResult(
-        sequence=r.sequence,
-        step=r.step,
-        loss=r.loss if r.HasField("loss") else None,
-        outcome=_OUTCOME_NAMES[r.outcome],
-        reason=r.reason,
-    )
 
 
 def _pem(value: str | Path | bytes | None) -> bytes | None:
@@ -437,227 +370,3 @@ class _CallDetails(grpc.ClientCallDetails):
     credentials: Any
     wait_for_ready: bool | None
     compression: Any
-
-
-class _Packer:
-    """Turns the caller's batches into TrainRequests of several batches each.
-
-    A sequence is packed directly. A lazy iterator is drained by a thread that
-    encodes into the message being filled; a message goes out with whatever is
-    ready, so a slow producer gets one batch per message and a fast one full ones.
-    At most ``window`` messages and ``window_bytes`` bytes (but always one message)
-    are unacknowledged at once: that bounds the client's memory and the time a
-    batch waits behind others, while keeping enough in flight to fill the pipe.
-    """
-
-    def __init__(
-        self,
-        batches: Iterable[BatchLike],
-        per_message: int,
-        message_bytes: int,
-        window: int,
-        window_bytes: int,
-        ring: SharedRing | None = None,
-        max_message_bytes: int = 0,
-    ) -> None:
-        self.batches = batches
-        self.ring = ring
-        # What one message may hold, less room for the message's own framing; with the
-        # ring the bytes do not travel in the message at all.
-        self.limit = max(0, max_message_bytes - _MESSAGE_SLACK) if ring is None else 0
-        self.per_message = max(1, per_message)
-        self.message_bytes = message_bytes
-        self.window = max(1, window)
-        self.window_bytes = window_bytes
-        self.error: BaseException | None = None
-        self._in_flight: deque[tuple[int, int]] = deque()  # (size, ring mark), unacknowledged
-        self._in_flight_bytes = 0
-        self._acks = threading.Condition()
-        self._stopped = threading.Event()
-        self._filled = threading.Condition()
-        self._current = MessageBuilder()
-        self._size = 0
-        self._flush = False  # the ring is full: send the message being filled as it is
-        self._done = False
-
-    def stop(self) -> None:
-        """The call is over: stop pulling batches."""
-        self._stopped.set()
-        with self._filled:
-            self._filled.notify_all()
-
-    def acked(self) -> None:
-        """The oldest message was answered: more may go out."""
-        with self._acks:
-            if self._in_flight:
-                size, mark = self._in_flight.popleft()
-                self._in_flight_bytes -= size
-                if self.ring is not None:
-                    self.ring.release(mark)
-            self._acks.notify_all()
-
-    def raise_producer_error(self) -> None:
-        """The caller's iterator failed: that, not the cancelled call, is the error to see."""
-        if self.error is not None:
-            raise self.error
-
-    def requests(self, opener: pb.TrainRequest) -> Iterator[pb.TrainRequest | bytes]:
-        """The request stream: the opener, then serialized messages as credits allow."""
-        yield opener
-        try:
-            yield from self._sent(
-                self._packed() if isinstance(self.batches, Sequence) else self._pumped()
-            )
-        except Exception as exc:  # grpc would only log it; the caller must see it
-            self.error = exc
-
-    def _sent(self, messages: Iterator[tuple[MessageBuilder, int, int]]) -> Iterator[bytes]:
-        for message, size, mark in messages:
-            with self._acks:
-                while self._in_flight and (
-                    len(self._in_flight) >= self.window
-                    or self._in_flight_bytes + size > self.window_bytes
-                ):
-                    if self._stopped.is_set():
-                        return
-                    self._acks.wait(0.1)
-                self._in_flight.append((size, mark))
-                self._in_flight_bytes += size
-            yield message.to_bytes()
-
-    def _full(self, message: MessageBuilder, size: int) -> bool:
-        return message.count >= self.per_message or size >= self.message_bytes
-
-    def _encodable(self, batch: BatchLike, index: int) -> _Encoded:
-        """The batch's arrays as they travel; refuses one that no message could hold."""
-        if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
-            raise TypeError(
-                f"batch {index}: expected (x, y) or (x, y, sample_weight), got {type(batch)}"
-            )
-        encoded = _Encoded([wire_array(v) for v in batch if v is not None])
-        if self.limit and encoded.nbytes > self.limit:
-            # Splitting the batch would turn one optimizer step into several: not ours to do.
-            raise ResourceExhausted(
-                f"batch {index}: about {encoded.nbytes} bytes, more than "
-                f"max_message_bytes={self.limit + _MESSAGE_SLACK} allows in one message; send "
-                "smaller batches (each batch is one optimizer step) or raise max_message_bytes "
-                "on the server and the client"
-            )
-        return encoded
-
-    def _overflows(self, size: int, encoded: _Encoded) -> bool:
-        return bool(self.limit) and size + encoded.nbytes > self.limit
-
-    def _mark(self) -> int:
-        return 0 if self.ring is None else self.ring.mark()
-
-    def _packed(self) -> Iterator[tuple[MessageBuilder, int, int]]:
-        request, size = MessageBuilder(), 0
-        assert isinstance(self.batches, Sequence)
-        for index, batch in enumerate(self.batches):
-            try:
-                parts = self._encodable(batch, index)
-            except Exception:
-                if request.count:  # what came before the bad batch still goes out
-                    yield request, size, self._mark()
-                raise
-            if request.count and self._overflows(size, parts):
-                yield request, size, self._mark()
-                request, size = MessageBuilder(), 0
-            while True:
-                try:
-                    size += _add(request, parts, self.ring)
-                    break
-                except RingFull:
-                    if request.count:  # send what is packed; its ack frees space
-                        yield request, size, self._mark()
-                        request, size = MessageBuilder(), 0
-                    elif self._stopped.is_set():
-                        return
-                    else:
-                        assert self.ring is not None
-                        self.ring.wait(0.1)
-            if self._full(request, size):
-                yield request, size, self._mark()
-                request, size = MessageBuilder(), 0
-        if request.count:
-            yield request, size, self._mark()
-
-    def _pumped(self) -> Iterator[tuple[MessageBuilder, int, int]]:
-        threading.Thread(target=self._pump, name="gradstream-batches", daemon=True).start()
-        while True:
-            with self._filled:
-                while not self._current.count and not self._done:
-                    if self._stopped.is_set():
-                        return
-                    self._filled.wait(0.1)
-                if not self._current.count:
-                    return
-                message, size, mark = self._current, self._size, self._mark()
-                self._current, self._size, self._flush = MessageBuilder(), 0, False
-                self._filled.notify_all()
-            yield message, size, mark
-
-    def _pump(self) -> None:
-        try:
-            for index, batch in enumerate(self.batches):
-                parts = self._encodable(batch, index)
-                while not self._pump_one(parts):
-                    if self._stopped.is_set():
-                        return
-                    assert self.ring is not None
-                    self.ring.wait(0.1)
-        except BaseException as exc:  # re-raised in the caller's thread
-            self.error = exc
-        finally:
-            with self._filled:
-                self._done = True
-                self._filled.notify_all()
-
-    def _pump_one(self, parts: _Encoded) -> bool:
-        """Add one batch to the message being filled; False if the ring has no room yet."""
-        with self._filled:
-            while (
-                self._flush
-                or self._full(self._current, self._size)
-                or (self._current.count and self._overflows(self._size, parts))
-            ):
-                if self._stopped.is_set():
-                    return True
-                self._filled.wait(0.1)
-            try:
-                self._size += _add(self._current, parts, self.ring)
-            except RingFull:
-                self._flush = bool(self._current.count)
-                return False
-            finally:
-                self._filled.notify_all()
-        return True
-
-
-_MESSAGE_SLACK = 1024  # the message's own framing, beyond its batches
-
-
-class _Encoded:
-    """A batch's arrays as they travel, with an upper bound of its encoded size, computed once."""
-
-    __slots__ = ("nbytes", "parts")
-
-    def __init__(self, parts: list[tuple[npt.NDArray[Any], int]]) -> None:
-        self.parts = parts
-        # Its bytes plus framing and alignment padding per tensor.
-        self.nbytes = 24 + sum(a.nbytes + 32 + 11 * a.ndim + MAX_PADDING for a, _ in parts)
-
-
-def _add(message: MessageBuilder, encoded: _Encoded, ring: SharedRing | None) -> int:
-    """Append one batch; its bytes go into the message, or into the ring (RingFull if no room).
-
-    Returns what it adds to the window: the entry's bytes, or the ring space it took.
-    """
-    if ring is None:
-        entry = encode_batch(encoded.parts, start=message.size)
-        message.add(entry)
-        return len(entry)
-    places, used = ring.put([a for a, _ in encoded.parts])  # RingFull before anything is added
-    message.add(encode_batch(encoded.parts, places))
-    return used

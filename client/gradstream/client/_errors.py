@@ -16,12 +16,11 @@ GradstreamError            any failed call; ``.code`` is the grpc.StatusCode
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import grpc
 
-if TYPE_CHECKING:
-    from gradstream.client._client import StepResult
+from gradstream.client._models import StepResult
 
 
 class GradstreamError(Exception):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-_ALIGN = 64  # every array starts on a cache line, so numpy views of it are aligned
+from gradstream.wire import ALIGN
 
 
 class RingFull(Exception):
@@ -68,7 +68,7 @@ class SharedRing:
 
     def put(self, arrays: list[npt.NDArray[Any]]) -> tuple[list[tuple[int, int]], int]:
         """Copy arrays into the ring: their (offset, length) places and the ring bytes used."""
-        sizes = [-(-a.nbytes // _ALIGN) * _ALIGN for a in arrays]
+        sizes = [-(-a.nbytes // ALIGN) * ALIGN for a in arrays]  # each array starts aligned
         start = self.reserve(sum(sizes))
         view = self.segment.buf
         assert view is not None

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gradstream.client._client import Client, StepResult
+from gradstream.client._client import Client
 from gradstream.client._errors import GradstreamError
+from gradstream.client._models import StepResult
 
 DEFAULT_TARGET = os.environ.get("GRADSTREAM_TARGET", "127.0.0.1:50051")
 

@@ -9,11 +9,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from gradstream.client._tensor import TensorFormatError, from_parts, to_proto
 from gradstream.server.errors import InvalidArgument
 from gradstream.server.shm import SharedSegment
 from gradstream.server.wire import WireTensor
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import TensorFormatError, from_parts, to_proto
 
 # Decoded tensors are read-only views of the request's bytes; nothing writes to
 # them in place, so torch's warning about that would only be noise on every batch.

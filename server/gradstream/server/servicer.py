@@ -10,7 +10,6 @@ from typing import Any
 import grpc
 import torch
 
-from gradstream.client._spec import spec_from_proto, spec_to_proto
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.codec import decode, decode_array, encode
 from gradstream.server.engine import (
@@ -35,6 +34,7 @@ from gradstream.server.tokens import may_read
 from gradstream.server.wire import TrainMessage, parse_train_request
 from gradstream.server.worker import ModelWorker
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import spec_from_proto, spec_to_proto
 
 log = logging.getLogger("gradstream.server")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gradstream.client import SpecError
-from gradstream.client._spec import spec_from_proto, spec_to_proto
+from gradstream.wire import spec_from_proto, spec_to_proto
 
 
 def test_round_trip_keeps_every_set_field_and_tensor() -> None:

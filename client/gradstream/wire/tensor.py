@@ -1,4 +1,9 @@
-"""numpy arrays <-> ``gradstream.v1.Tensor``: raw little-endian row-major bytes, no pickle."""
+"""numpy arrays <-> ``gradstream.v1.Tensor``: raw little-endian row-major bytes, no pickle.
+
+The one definition of the tensor format both sides use: which numpy dtype each DataType
+code is, how many dimensions a tensor may have, how many bytes its shape needs, and the
+alignment large data is given in a message or a shared-memory ring.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ _CODES: dict[str, int] = {
     "i4": pb.DATA_TYPE_INT32,
 }
 MAX_DIMS = 8
+# Where the server uses bytes in place (large Train messages, the shared-memory ring) data
+# starts at a multiple of this: unaligned numbers cost numpy a copy to check them.
+ALIGN = 64
 
 
 class TensorFormatError(ValueError):

@@ -9,18 +9,17 @@ import numpy.typing as npt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradstream.client._client import _Encoded
-from gradstream.client._tensor import wire_array
-from gradstream.client._wire import (
-    ALIGN,
+from gradstream.server.wire import _request as read_in_place
+from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import ALIGN, wire_array
+from gradstream.wire.train import (
     ALIGN_MIN_BYTES,
     MessageBuilder,
     encode_batch,
+    entry_bound,
     proto_batch,
     varint,
 )
-from gradstream.server.wire import _request as read_in_place
-from gradstream.v1 import trainer_pb2 as pb
 
 _DTYPES = ["<f4", "<f8", "<f2", "<i8", "<i4", "<u2"]
 
@@ -52,7 +51,7 @@ def test_entries_parse_to_the_protobuf_message(batches: list[Any]) -> None:
     for parts, places, sequence in batches:
         entry = encode_batch(parts, places, sequence, start=message.size)
         # The SDK packs messages by this bound: it must not undercount.
-        assert len(entry) <= _Encoded(parts).nbytes
+        assert len(entry) <= entry_bound(parts)
         message.add(entry)
     expected = pb.TrainRequest(batches=[proto_batch(*b) for b in batches])
     data = message.to_bytes()

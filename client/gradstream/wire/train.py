@@ -1,14 +1,14 @@
 """Train requests written straight to protobuf wire bytes: one copy of each array.
 
 Building ``pb.TrainRequest`` objects costs three copies of every array before gRPC
-takes its own (``tobytes``, the assignment into the message, ``SerializeToString``);
-for 4 MB batches that was most of the SDK's CPU time. Here each batch is encoded once,
-when it is added, as the bytes of one ``batches`` entry of a TrainRequest, and a
-message is the concatenation of its entries (a protobuf message's fields may simply be
-concatenated). Each tensor's data of 1 KiB or more is placed at an aligned offset by a
-``padding`` field that readers ignore; batches of only smaller tensors take protobuf's
-own (faster, for them) encoder. ``tests/unit/client/test_wire.py`` checks the bytes parse
-to what protobuf itself would write, and that the data is aligned.
+takes its own (``tobytes``, the assignment into the message, ``SerializeToString``).
+Here each batch is encoded once, as the bytes of one ``batches`` entry of a TrainRequest,
+and a message is the concatenation of its entries (a protobuf message's fields may simply
+be concatenated). Each tensor's data of ``ALIGN_MIN_BYTES`` or more is placed at an offset
+of the message that is a multiple of ``ALIGN``, by a ``padding`` field that readers ignore;
+batches of only smaller tensors take protobuf's own (faster, for them) encoder.
+``tests/unit/wire/test_train.py`` checks the bytes parse to what protobuf itself would
+write, and that the data is aligned.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire.tensor import ALIGN
 
 # Tags: (field number << 3) | wire type (0 varint, 2 length-delimited).
 _BATCHES = b"\x12"  # TrainRequest.batches = 2
@@ -49,7 +50,6 @@ def _field(tag: int, value: int) -> bytes:
     return bytes((tag,)) + varint(value) if value else b""
 
 
-ALIGN = 64  # data starts at a multiple of this from the message's start
 # Smaller data is not worth up to 65 bytes of padding (and messages of tiny batches go
 # through protobuf's parser, which copies anyway).
 ALIGN_MIN_BYTES = 1024
@@ -75,7 +75,7 @@ def encode_batch(
     of their bytes. ``start`` is where the entry will sit in its message: each tensor's
     data (from ``ALIGN_MIN_BYTES``) is padded to a multiple of ``ALIGN`` from the message's
     start, because the server uses large messages in place and unaligned floats cost it a
-    copy and a slower step (measured: a 65,536 x 16 step 520 -> 800 us).
+    copy and a slower step (docs/performance.md).
     """
     if places is not None or all(a.nbytes < ALIGN_MIN_BYTES for a, _ in parts):
         return _via_protobuf(parts, places, sequence)
@@ -157,8 +157,8 @@ def proto_batch(
 def _via_protobuf(
     parts: Sequence[tuple[Array, int]], places: Sequence[tuple[int, int]] | None, sequence: int
 ) -> bytes:
-    # Nothing to align: protobuf's C encoder is 5x faster than Python for tiny batches,
-    # and its copies of a few bytes cost nothing.
+    # Nothing to align: protobuf's C encoder beats the Python one on tiny batches, and its
+    # copies of a few bytes cost nothing.
     body = proto_batch(parts, places, sequence).SerializeToString()
     return _BATCHES + varint(len(body)) + body
 
@@ -182,3 +182,15 @@ class MessageBuilder:
     def to_bytes(self) -> bytes:
         """The serialized TrainRequest (no copy when it holds a single batch)."""
         return self.entries[0] if len(self.entries) == 1 else b"".join(self.entries)
+
+
+# What a message may need beyond its batches' entries (its own framing).
+MESSAGE_FRAMING = 1024
+
+
+def entry_bound(parts: Sequence[tuple[Array, int]]) -> int:
+    """An upper bound of ``len(encode_batch(parts, ...))``, cheap to compute before encoding.
+
+    The arrays' bytes plus, per tensor, its framing and the most alignment padding it takes.
+    """
+    return 24 + sum(a.nbytes + 32 + 11 * a.ndim + MAX_PADDING for a, _ in parts)

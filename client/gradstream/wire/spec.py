@@ -11,8 +11,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from gradstream.client._tensor import from_proto, to_proto
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire.tensor import from_proto, to_proto
 
 
 class SpecError(ValueError):

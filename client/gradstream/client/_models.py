@@ -1,0 +1,82 @@
+"""What the SDK returns: plain, frozen values built from the server's messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import spec_from_proto
+
+# Outcome names as StepResult.outcome carries them: APPLIED, ACCUMULATED, ...
+OUTCOME_NAMES: dict[int, str] = {v: k.removeprefix("OUTCOME_") for k, v in pb.Outcome.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What happened to one batch: APPLIED, ACCUMULATED, SKIPPED_NONFINITE, DUPLICATE or REJECTED.
+
+    ``loss`` is None on batches that were not reporting points (see ``report_every``).
+    """
+
+    sequence: int
+    step: int
+    loss: float | None
+    outcome: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """A checkpoint the server wrote: its name, step and every producer's durable sequence."""
+
+    checkpoint: str
+    step: int
+    producer_sequences: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterInfo:
+    """Shape and frozen state of one parameter."""
+
+    shape: tuple[int, ...]
+    frozen: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model as the server describes it."""
+
+    name: str
+    spec: dict[str, Any]
+    step: int
+    pending_batches: int
+    device: str
+    parameters: dict[str, ParameterInfo]
+    autograd_chain: list[str] = field(default_factory=list)
+    nonfinite_streak: int = 0
+
+
+def step_result(message: pb.StepResult) -> StepResult:
+    """The SDK's view of one batch's result."""
+    return StepResult(
+        sequence=message.sequence,
+        step=message.step,
+        loss=message.loss if message.HasField("loss") else None,
+        outcome=OUTCOME_NAMES[message.outcome],
+        reason=message.reason,
+    )
+
+
+def model_info(message: pb.ModelInfo) -> ModelInfo:
+    """The SDK's view of a model."""
+    return ModelInfo(
+        name=message.name,
+        spec=spec_from_proto(message.spec),
+        step=message.step,
+        pending_batches=message.pending_batches,
+        device=message.device,
+        parameters={p.name: ParameterInfo(tuple(p.shape), p.frozen) for p in message.parameters},
+        autograd_chain=list(message.autograd_chain),
+        nonfinite_streak=message.nonfinite_streak,
+    )
