@@ -21,9 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradstream.client import Client, ResourceExhausted
 from gradstream.client._local import LocalServer
-from gradstream.client._tensor import to_proto
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+from gradstream.wire import to_proto
 
 CLASSES = {
     "architecture": {"kind": "linear", "in_features": 8, "out_features": 3},
