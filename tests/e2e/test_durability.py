@@ -7,6 +7,7 @@ directory, and reads what they left on disk with the server's own reader.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import threading
 import time
@@ -32,6 +33,19 @@ SPEC = {
     "architecture": {"kind": "mlp", "in_features": 3, "out_features": 2, "hidden": [8]},
     "init": {"kind": "seed", "seed": 7},
     "optimizer": {"kind": "sgd", "lr": 0.02, "momentum": 0.9},
+}
+# Adam mid-way through warmup then cosine decay, clipped: every piece of state at once.
+ADAM_SPEC = SPEC | {
+    "optimizer": {"kind": "adam", "lr": 0.01, "amsgrad": True},
+    "schedule": {
+        "kind": "sequential",
+        "schedulers": [
+            {"kind": "linear", "start_factor": 0.1, "total_iters": 20},
+            {"kind": "cosine_annealing", "t_max": 180, "eta_min": 1e-4},
+        ],
+        "milestones": [20],
+    },
+    "clip_grad": {"max_norm": 0.5},
 }
 BATCHES = 200
 LOST = "applied before a reconnect"
@@ -109,14 +123,21 @@ def _assert_each_once(results: list[StepResult], n: int) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted() -> ck.Snapshot:
-    """The reference: the same 200 batches through the server's own Trainer, never stopped.
+    """The reference: the same 200 batches through the server's own Trainer, never stopped."""
+    return _uninterrupted(SPEC)
 
-    One torch thread, like the servers under test (``--threads 1``).
-    """
+
+@pytest.fixture(scope="module")
+def uninterrupted_adam() -> ck.Snapshot:
+    return _uninterrupted(ADAM_SPEC)
+
+
+def _uninterrupted(spec: dict[str, Any]) -> ck.Snapshot:
+    """One torch thread, like the servers under test (``--threads 1``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = Trainer("m", parse_spec(SPEC), torch.device("cpu"))
+        trainer = Trainer("m", parse_spec(spec), torch.device("cpu"))
         options = TrainOptions(producer_id="p")
         for i, (x, y) in enumerate(_data(BATCHES, 1)):
             batch = Batch(torch.from_numpy(x), torch.from_numpy(y), sequence=i + 1)
@@ -204,6 +225,54 @@ def _kill_and_resume(tmp_path: Path, seed: int, reference: ck.Snapshot) -> None:
     assert have.keys() == want.keys() and any(k.startswith("optim/") for k in want)
     for key, value in want.items():
         assert torch.equal(have[key], value), f"seed {seed}: {key} differs"
+
+
+def test_sigkill_mid_schedule_with_adam_resumes_bitwise_with_its_lr(
+    tmp_path: Path, uninterrupted_adam: ck.Snapshot
+) -> None:
+    """Killed once a checkpoint past the warmup is on disk, the producer re-sends what
+    that checkpoint lacks; the end state is the uninterrupted run's, lr included."""
+    log = tmp_path / "server.log"
+    restarter = _Restarter(_serve(tmp_path, log), tmp_path, log)
+
+    def kill_mid_schedule(result: StepResult) -> None:
+        due = not restarter.fired.is_set() and result.sequence > 30
+        if due and ck.newest(tmp_path / "m")[1].step > 20:
+            restarter.fire(signal.SIGKILL)
+
+    def paced(data: list[Any]) -> Iterator[Any]:
+        """Periodic checkpoints queue behind training on the worker: give them room."""
+        for i, batch in enumerate(data):
+            if i > 30 and not restarter.fired.is_set():
+                time.sleep(0.01)
+            yield batch
+
+    try:
+        with Client(restarter.server.target) as client:
+            client.create_model("m", ADAM_SPEC)
+            stream = client.train("m", paced(_data(BATCHES, 1)), producer_id="p")
+            assert isinstance(stream, ProducerStream)
+            results = _consume(stream, kill_mid_schedule)
+        assert restarter.fired.is_set(), "no checkpoint past the warmup before the end"
+        assert restarter.restarted.wait(60) and restarter.error is None
+        assert stream.reconnects >= 1
+        _assert_each_once(results, BATCHES)
+        with Client(restarter.server.target) as client:
+            model = client.get_model("m")
+            assert model.step == BATCHES
+            assert model.lr == uninterrupted_adam.param_groups[0]["lr"]
+    finally:
+        assert restarter.server.stop() == 0
+    found = re.findall(r"model 'm' restored from \S+ at step (\d+)", log.read_text())
+    assert found and int(found[-1]) > 20, found  # past the warmup, mid-cosine
+    got = _saved_state(tmp_path, "m")
+    assert got.step == BATCHES and got.producers == {"p": BATCHES}
+    want, have = _trained_state(uninterrupted_adam), _trained_state(got)
+    assert have.keys() == want.keys() and any(k.endswith("/exp_avg_sq") for k in want)
+    for key, value in want.items():
+        assert torch.equal(have[key], value), key
+    assert got.param_groups == uninterrupted_adam.param_groups  # lr to the bit
+    assert got.schedule == uninterrupted_adam.schedule
 
 
 def test_sigkill_mid_stream_then_restart_resumes_every_producer_exactly_once(

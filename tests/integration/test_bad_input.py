@@ -172,6 +172,41 @@ def test_message_over_the_size_limit_is_resource_exhausted(
     assert client.predict(trained, GOOD_X).shape == (4, 3)  # still serving
 
 
+# Optimizer, schedule and clipping fields, each on a linear model.
+_BAD_TRAINING_SPECS: list[tuple[dict[str, Any], str]] = [
+    ({"optimizer": {"kind": "nadam"}}, "spec.optimizer.kind: unknown optimizer"),
+    (
+        {"optimizer": {"kind": "adam", "betas": [0.9, 1.0]}},
+        "spec.optimizer.betas.1: Input should be less than 1 (got 1.0)",
+    ),
+    ({"optimizer": {"kind": "adam", "nesterov": True}}, "spec.optimizer.nesterov"),
+    (
+        {"optimizer": {"kind": "rmsprop", "alpha": -0.5}},
+        "spec.optimizer.alpha: Input should be greater than or equal to 0 (got -0.5)",
+    ),
+    (
+        {"schedule": {"kind": "cosine", "t_max": 5}},
+        "spec.schedule.kind: unknown schedule",
+    ),
+    (
+        {"schedule": {"kind": "step", "step_size": -2}},
+        "spec.schedule.step_size: Input should be greater than 0 (got -2)",
+    ),
+    (
+        {
+            "schedule": {
+                "kind": "sequential",
+                "schedulers": [{"kind": "linear"}, {"kind": "exponential", "gamma": 2}],
+                "milestones": [4, 8],
+            }
+        },
+        "spec.schedule.milestones: 2 schedulers need 1 milestones, got [4, 8]",
+    ),
+    ({"clip_grad": {"max_norm": 0}}, "spec.clip_grad.max_norm"),
+    ({"clip_grad": {"max_norm": 1, "value": 1}}, "spec.clip_grad.max_norm: give"),
+]
+
+
 BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     (
         {"architecture": {"kind": "linear", "in_features": 0, "out_features": 1}},
@@ -256,6 +291,10 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
             "init": {"kind": "tensors", "tensors": {"weight": np.array([[1e300]])}},
         },
         "spec.init.tensors: 'weight' must be finite numbers in the model's dtype float32",
+    ),
+    *(
+        ({"architecture": {"kind": "linear", "in_features": 1, "out_features": 1}, **bad}, message)
+        for bad, message in _BAD_TRAINING_SPECS
     ),
 ]
 

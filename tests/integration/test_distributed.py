@@ -42,6 +42,20 @@ SPECS: dict[str, dict[str, Any]] = {
         "optimizer": {"lr": 0.01, "nesterov": True, "momentum": 0.5},
         "dtype": "float64",
     },
+    # Adam, warmup then cosine (on every rank, and pushed on the lr change), clipping
+    "mlp-adam-schedule-clip": {
+        "architecture": {"kind": "mlp", "in_features": 3, "out_features": 2, "hidden": [4]},
+        "optimizer": {"kind": "adam", "lr": 0.01, "eps": 1e-3},
+        "schedule": {
+            "kind": "sequential",
+            "schedulers": [
+                {"kind": "linear", "start_factor": 0.2, "total_iters": 5},
+                {"kind": "cosine_annealing", "t_max": 45},
+            ],
+            "milestones": [5],
+        },
+        "clip_grad": {"max_norm": 0.5},
+    },
 }
 
 

@@ -15,6 +15,13 @@ from gradstream.client import Client
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 LOSSES = ["mse", "l1", "huber", "cross_entropy", "bce_with_logits"]
+OPTIMIZERS: dict[str, Any] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adagrad": torch.optim.Adagrad,
+    "rmsprop": torch.optim.RMSprop,
+}
 
 
 def plain_module(arch: dict[str, Any]) -> nn.Module:
@@ -55,6 +62,127 @@ def plain_loss(
 
 
 @st.composite
+def optimizers(draw: st.DrawFn) -> dict[str, Any]:
+    """Any optimizer with random values of its options (torch's names)."""
+    kind = draw(st.sampled_from(sorted(OPTIMIZERS)))
+    lr = draw(st.sampled_from([0.001, 0.01, 0.05]))
+    decay = draw(st.sampled_from([0.0, 1e-3]))
+    foreach = draw(st.sampled_from([None, True, False]))
+    common = {"kind": kind, "lr": lr, "maximize": draw(st.booleans()), "foreach": foreach}
+    fused = None if foreach or kind == "rmsprop" else draw(st.sampled_from([None, False, True]))
+    if kind != "rmsprop":
+        common["fused"] = fused
+    if kind == "sgd":
+        momentum = draw(st.sampled_from([0.0, 0.5, 0.9]))
+        nesterov = momentum > 0 and draw(st.booleans())
+        return common | {
+            "momentum": momentum,
+            "dampening": 0.0 if nesterov else draw(st.sampled_from([0.0, 0.1])),
+            "weight_decay": decay,
+            "nesterov": nesterov,
+        }
+    if kind in ("adam", "adamw"):
+        options = {
+            "betas": [draw(st.sampled_from([0.8, 0.9])), draw(st.sampled_from([0.99, 0.999]))],
+            "eps": draw(st.sampled_from([1e-8, 1e-6])),
+            "weight_decay": draw(st.sampled_from([0.0, 1e-3, 1e-2])),
+            "amsgrad": draw(st.booleans()),
+        }
+        if kind == "adam":
+            options["decoupled_weight_decay"] = draw(st.booleans())
+        return common | options
+    if kind == "adagrad":
+        return common | {
+            "lr_decay": draw(st.sampled_from([0.0, 0.01])),
+            "weight_decay": decay,
+            "initial_accumulator_value": draw(st.sampled_from([0.0, 0.1])),
+            "eps": draw(st.sampled_from([1e-10, 1e-6])),
+        }
+    return common | {
+        "alpha": draw(st.sampled_from([0.9, 0.99])),
+        "eps": draw(st.sampled_from([1e-8, 1e-6])),
+        "weight_decay": decay,
+        "momentum": draw(st.sampled_from([0.0, 0.5])),
+        "centered": draw(st.booleans()),
+    }
+
+
+@st.composite
+def leaf_schedules(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(
+        st.sampled_from(
+            ["step", "multi_step", "exponential", "cosine_annealing", "linear", "constant"]
+        )
+    )
+    gamma = draw(st.sampled_from([0.5, 0.9]))
+    match kind:
+        case "step":
+            return {"kind": kind, "step_size": draw(st.integers(1, 3)), "gamma": gamma}
+        case "multi_step":
+            milestones = draw(st.lists(st.integers(1, 6), min_size=1, max_size=3, unique=True))
+            return {"kind": kind, "milestones": sorted(milestones), "gamma": gamma}
+        case "exponential":
+            return {"kind": kind, "gamma": gamma}
+        case "cosine_annealing":
+            eta_min = draw(st.sampled_from([0.0, 1e-4]))
+            return {"kind": kind, "t_max": draw(st.integers(1, 5)), "eta_min": eta_min}
+        case "linear":
+            return {
+                "kind": kind,
+                "start_factor": draw(st.sampled_from([0.1, 0.5, 1.0])),
+                "end_factor": draw(st.sampled_from([0.5, 1.0])),
+                "total_iters": draw(st.integers(1, 4)),
+            }
+    return {
+        "kind": kind,
+        "factor": draw(st.sampled_from([0.25, 0.5, 1.0])),
+        "total_iters": draw(st.integers(1, 4)),
+    }
+
+
+@st.composite
+def schedules(draw: st.DrawFn) -> dict[str, Any] | None:
+    """None, one scheduler, warmup then cosine, or any sequence of schedulers."""
+    shape = draw(st.sampled_from(["none", "leaf", "warmup_cosine", "sequential"]))
+    if shape == "none":
+        return None
+    if shape == "leaf":
+        return draw(leaf_schedules())
+    if shape == "warmup_cosine":
+        warmup = draw(st.integers(1, 3))
+        return {
+            "kind": "sequential",
+            "schedulers": [
+                {"kind": "linear", "start_factor": 0.1, "total_iters": warmup},
+                {"kind": "cosine_annealing", "t_max": draw(st.integers(1, 5))},
+            ],
+            "milestones": [warmup],
+        }
+    schedulers = draw(st.lists(leaf_schedules(), min_size=2, max_size=3))
+    milestones = draw(
+        st.lists(
+            st.integers(1, 5),
+            min_size=len(schedulers) - 1,
+            max_size=len(schedulers) - 1,
+            unique=True,
+        )
+    )
+    return {"kind": "sequential", "schedulers": schedulers, "milestones": sorted(milestones)}
+
+
+CLIPS = st.sampled_from(
+    [
+        None,
+        {"max_norm": 0.05, "norm_type": 2.0},
+        {"max_norm": 0.5, "norm_type": 1.0},
+        {"max_norm": 1.0, "norm_type": 3.0},
+        {"value": 0.01},
+        {"value": 0.1},
+    ]
+)
+
+
+@st.composite
 def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     kind = draw(st.sampled_from(["linear", "mlp"]))
     loss_kind = draw(st.sampled_from(LOSSES))
@@ -70,18 +198,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         else [],
         "activation": draw(st.sampled_from(sorted(ACTIVATIONS))),
     }
-    momentum = draw(st.sampled_from([0.0, 0.5, 0.9]))
-    nesterov = momentum > 0 and draw(st.booleans())
-    optimizer = {
-        "kind": "sgd",
-        "lr": draw(st.sampled_from([0.001, 0.01, 0.05])),
-        "momentum": momentum,
-        "dampening": 0.0 if nesterov else draw(st.sampled_from([0.0, 0.1])),
-        "weight_decay": draw(st.sampled_from([0.0, 1e-3])),
-        "nesterov": nesterov,
-        "maximize": draw(st.booleans()),
-        "foreach": draw(st.sampled_from([None, True, False])),
-    }
+    optimizer = draw(optimizers())
     module = plain_module(arch)
     names = [n for n, _ in module.named_parameters()]
     frozen = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names) - 1))
@@ -98,6 +215,12 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "dtype": draw(st.sampled_from(["float32", "float64"])),
         "frozen": frozen,
     }
+    schedule = draw(schedules())
+    if schedule is not None:
+        spec["schedule"] = schedule
+    clip = draw(CLIPS)
+    if clip is not None:
+        spec["clip_grad"] = clip
     return {
         "spec": spec,
         "weighted": draw(st.booleans()),
@@ -128,10 +251,38 @@ def make_batches(
     return batches
 
 
+def plain_schedule(spec: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
+    """The torch scheduler a spec names, written out."""
+    sched = torch.optim.lr_scheduler
+    kind = spec["kind"]
+    if kind == "sequential":
+        children = [plain_schedule(child, optimizer) for child in spec["schedulers"]]
+        return sched.SequentialLR(optimizer, children, milestones=spec["milestones"])
+    if kind == "step":
+        return sched.StepLR(optimizer, step_size=spec["step_size"], gamma=spec["gamma"])
+    if kind == "multi_step":
+        return sched.MultiStepLR(optimizer, milestones=spec["milestones"], gamma=spec["gamma"])
+    if kind == "exponential":
+        return sched.ExponentialLR(optimizer, gamma=spec["gamma"])
+    if kind == "cosine_annealing":
+        return sched.CosineAnnealingLR(
+            optimizer, T_max=spec["t_max"], eta_min=spec.get("eta_min", 0.0)
+        )
+    if kind == "linear":
+        return sched.LinearLR(
+            optimizer,
+            start_factor=spec["start_factor"],
+            end_factor=spec.get("end_factor", 1.0),
+            total_iters=spec["total_iters"],
+        )
+    return sched.ConstantLR(optimizer, factor=spec["factor"], total_iters=spec["total_iters"])
+
+
 def plain_loop(
     spec: dict[str, Any], initial: dict[str, np.ndarray], batches: list[tuple[Any, ...]]
-) -> dict[str, np.ndarray]:
-    """zero_grad(set_to_none=True) -> forward -> loss -> backward (x k) -> step."""
+) -> tuple[dict[str, np.ndarray], float]:
+    """zero_grad(set_to_none=True) -> forward -> loss -> backward (x k) -> clip -> step ->
+    scheduler.step(); returns the parameters and the lr the next step would use."""
     dtype = torch.float32 if spec["dtype"] == "float32" else torch.float64
     module = plain_module(spec["architecture"]).to(dtype)
     with torch.no_grad():
@@ -139,17 +290,12 @@ def plain_loop(
             p.copy_(torch.from_numpy(initial[n].copy()))
     for n, p in module.named_parameters():
         p.requires_grad_(n not in spec["frozen"])
-    opt = spec["optimizer"]
-    optimizer = torch.optim.SGD(
-        module.parameters(),
-        lr=opt["lr"],
-        momentum=opt["momentum"],
-        dampening=opt["dampening"],
-        weight_decay=opt["weight_decay"],
-        nesterov=opt["nesterov"],
-        maximize=opt["maximize"],
-        foreach=opt["foreach"],
-    )
+    options = {k: v for k, v in spec["optimizer"].items() if k != "kind"}
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    optimizer = OPTIMIZERS[spec["optimizer"]["kind"]](module.parameters(), **options)
+    scheduler = plain_schedule(spec["schedule"], optimizer) if "schedule" in spec else None
+    clip = spec.get("clip_grad")
     k = spec["accumulate_steps"]
     for i, batch in enumerate(batches):
         if i % k == 0:
@@ -158,8 +304,15 @@ def plain_loop(
         w = torch.from_numpy(batch[2]) if len(batch) == 3 else None
         plain_loss(spec["loss"], module(x), y, w).backward()
         if i % k == k - 1:
+            if clip is not None and "max_norm" in clip:
+                nn.utils.clip_grad_norm_(module.parameters(), clip["max_norm"], clip["norm_type"])
+            elif clip is not None:
+                nn.utils.clip_grad_value_(module.parameters(), clip["value"])
             optimizer.step()
-    return {n: p.detach().numpy().copy() for n, p in module.named_parameters()}
+            if scheduler is not None:
+                scheduler.step()
+    params = {n: p.detach().numpy().copy() for n, p in module.named_parameters()}
+    return params, optimizer.param_groups[0]["lr"]
 
 
 @settings(
@@ -179,7 +332,8 @@ def test_service_equals_plain_pytorch_loop_bitwise(client: Client, case: dict[st
             "APPLIED" if i % k == k - 1 else "ACCUMULATED" for i in range(len(batches))
         ]
         got = client.parameters(name)
-        expected = plain_loop(spec, initial, batches)
+        expected, lr = plain_loop(spec, initial, batches)
+        assert client.get_model(name).lr == lr
         assert got.keys() == expected.keys()
         for n in expected:
             assert got[n].dtype == expected[n].dtype

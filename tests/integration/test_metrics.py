@@ -220,3 +220,28 @@ def test_metrics_bind_to_loopback_even_when_grpc_listens_on_every_interface() ->
     moved = server_settings(metrics_host="::1", metrics_port=0)
     with BackgroundServer(moved) as server:
         assert server.server._metrics_http.server_address[0] == "::1"
+
+
+def test_a_schedules_lr_and_the_pre_clip_norm_are_in_get_model_and_the_gauges(
+    server: BackgroundServer, client: Client, name: str
+) -> None:
+    spec = SEED | {
+        "optimizer": {"kind": "adam", "lr": 0.1},
+        "schedule": {"kind": "step", "step_size": 2, "gamma": 0.5},
+        "clip_grad": {"max_norm": 1e-3},
+    }
+    created = client.create_model(name, spec)
+    model = frozenset({"model": name}.items())
+    assert created.lr == scrape(server)[("gradstream_learning_rate", model)] == 0.1
+    x, y = np.ones((2, 1), np.float32), np.full((2, 1), 3.0, np.float32)
+    list(client.train(name, [(x, y)] * 3))
+    w = float(client.parameters(name)["weight"].item())
+    list(client.train(name, [(x, y)]))
+    samples = scrape(server)
+    assert client.get_model(name).lr == samples[("gradstream_learning_rate", model)] == 0.025
+    # The last step's gradient before clipping: d/dw mean((w*1 - 3)^2) at the w it had.
+    assert abs(samples[("gradstream_grad_norm", model)] - abs(2 * (w - 3))) < 1e-5
+    updated = client.update_model(name, lr=0.3)
+    assert updated.lr == scrape(server)[("gradstream_learning_rate", model)] == 0.3
+    client.delete_model(name)
+    assert ("gradstream_grad_norm", model) not in scrape(server)

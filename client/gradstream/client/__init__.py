@@ -15,6 +15,7 @@ from gradstream.client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from gradstream.client._export import export_module
 from gradstream.client._models import CheckpointInfo, ModelInfo, ParameterInfo, StepResult
 from gradstream.client._producer import ProducerStream
 from gradstream.wire import SpecError
@@ -39,4 +40,5 @@ __all__ = [
     "StepResult",
     "Unauthenticated",
     "Unavailable",
+    "export_module",
 ]

@@ -55,6 +55,7 @@ class ModelInfo:
     parameters: dict[str, ParameterInfo]
     autograd_chain: list[str] = field(default_factory=list)
     nonfinite_streak: int = 0
+    lr: float = 0.0  # what the next step uses: the schedule's current value
 
 
 def step_result(message: pb.StepResult) -> StepResult:
@@ -79,4 +80,5 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         parameters={p.name: ParameterInfo(tuple(p.shape), p.frozen) for p in message.parameters},
         autograd_chain=list(message.autograd_chain),
         nonfinite_streak=message.nonfinite_streak,
+        lr=message.lr,
     )

@@ -61,6 +61,9 @@ def _fill(message: Message, data: Mapping[str, Any], path: str) -> None:
             elif _is_map(fd):  # name -> Tensor
                 for name, array in value.items():
                     to_proto(array, target[name])
+            elif fd.message_type is not None and fd.is_repeated:  # e.g. schedule.schedulers
+                for i, item in enumerate(value):
+                    _fill(target.add(), item, f"{where}[{i}]")
             elif fd.message_type is not None:
                 _fill(target, value, where)
             elif fd.is_repeated:
@@ -80,6 +83,8 @@ def _to_dict(message: Message, path: str) -> dict[str, Any]:
             out[fd.name] = {k: _plain(v) for k, v in value.items()}
         elif _is_map(fd):
             out[fd.name] = {k: from_proto(v, f"{path}.{fd.name}[{k}]") for k, v in value.items()}
+        elif fd.message_type is not None and fd.is_repeated:
+            out[fd.name] = [_to_dict(v, f"{path}.{fd.name}[{i}]") for i, v in enumerate(value)]
         elif fd.message_type is not None:
             out[fd.name] = _to_dict(value, f"{path}.{fd.name}")
         elif fd.is_repeated:

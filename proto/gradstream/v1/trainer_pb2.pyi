@@ -63,7 +63,7 @@ class SharedSlice(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Architecture(_message.Message):
-    __slots__ = ("kind", "in_features", "out_features", "hidden", "activation", "bias", "options")
+    __slots__ = ("kind", "in_features", "out_features", "hidden", "activation", "bias", "options", "embeddings", "dense_features")
     KIND_FIELD_NUMBER: _ClassVar[int]
     IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,8 @@ class Architecture(_message.Message):
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FEATURES_FIELD_NUMBER: _ClassVar[int]
     kind: str
     in_features: int
     out_features: int
@@ -78,7 +80,21 @@ class Architecture(_message.Message):
     activation: str
     bias: bool
     options: _struct_pb2.Struct
-    def __init__(self, kind: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., hidden: _Optional[_Iterable[int]] = ..., activation: _Optional[str] = ..., bias: _Optional[bool] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    dense_features: int
+    def __init__(self, kind: _Optional[str] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., hidden: _Optional[_Iterable[int]] = ..., activation: _Optional[str] = ..., bias: _Optional[bool] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dense_features: _Optional[int] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("input", "num_embeddings", "dim", "mode")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    num_embeddings: int
+    dim: int
+    mode: str
+    def __init__(self, input: _Optional[str] = ..., num_embeddings: _Optional[int] = ..., dim: _Optional[int] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class Init(_message.Message):
     __slots__ = ("kind", "seed", "tensors")
@@ -108,7 +124,7 @@ class Loss(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., reduction: _Optional[str] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class Optimizer(_message.Message):
-    __slots__ = ("kind", "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach", "differentiable", "fused")
+    __slots__ = ("kind", "lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach", "differentiable", "fused", "betas", "eps", "amsgrad", "capturable", "decoupled_weight_decay", "lr_decay", "initial_accumulator_value", "alpha", "centered")
     KIND_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +135,15 @@ class Optimizer(_message.Message):
     FOREACH_FIELD_NUMBER: _ClassVar[int]
     DIFFERENTIABLE_FIELD_NUMBER: _ClassVar[int]
     FUSED_FIELD_NUMBER: _ClassVar[int]
+    BETAS_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    AMSGRAD_FIELD_NUMBER: _ClassVar[int]
+    CAPTURABLE_FIELD_NUMBER: _ClassVar[int]
+    DECOUPLED_WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    LR_DECAY_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_ACCUMULATOR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    CENTERED_FIELD_NUMBER: _ClassVar[int]
     kind: str
     lr: float
     momentum: float
@@ -129,10 +154,55 @@ class Optimizer(_message.Message):
     foreach: bool
     differentiable: bool
     fused: bool
-    def __init__(self, kind: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., weight_decay: _Optional[float] = ..., nesterov: _Optional[bool] = ..., maximize: _Optional[bool] = ..., foreach: _Optional[bool] = ..., differentiable: _Optional[bool] = ..., fused: _Optional[bool] = ...) -> None: ...
+    betas: _containers.RepeatedScalarFieldContainer[float]
+    eps: float
+    amsgrad: bool
+    capturable: bool
+    decoupled_weight_decay: bool
+    lr_decay: float
+    initial_accumulator_value: float
+    alpha: float
+    centered: bool
+    def __init__(self, kind: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., weight_decay: _Optional[float] = ..., nesterov: _Optional[bool] = ..., maximize: _Optional[bool] = ..., foreach: _Optional[bool] = ..., differentiable: _Optional[bool] = ..., fused: _Optional[bool] = ..., betas: _Optional[_Iterable[float]] = ..., eps: _Optional[float] = ..., amsgrad: _Optional[bool] = ..., capturable: _Optional[bool] = ..., decoupled_weight_decay: _Optional[bool] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., alpha: _Optional[float] = ..., centered: _Optional[bool] = ...) -> None: ...
+
+class Schedule(_message.Message):
+    __slots__ = ("kind", "step_size", "gamma", "milestones", "t_max", "eta_min", "start_factor", "end_factor", "total_iters", "factor", "schedulers")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    MILESTONES_FIELD_NUMBER: _ClassVar[int]
+    T_MAX_FIELD_NUMBER: _ClassVar[int]
+    ETA_MIN_FIELD_NUMBER: _ClassVar[int]
+    START_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    END_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ITERS_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    step_size: int
+    gamma: float
+    milestones: _containers.RepeatedScalarFieldContainer[int]
+    t_max: int
+    eta_min: float
+    start_factor: float
+    end_factor: float
+    total_iters: int
+    factor: float
+    schedulers: _containers.RepeatedCompositeFieldContainer[Schedule]
+    def __init__(self, kind: _Optional[str] = ..., step_size: _Optional[int] = ..., gamma: _Optional[float] = ..., milestones: _Optional[_Iterable[int]] = ..., t_max: _Optional[int] = ..., eta_min: _Optional[float] = ..., start_factor: _Optional[float] = ..., end_factor: _Optional[float] = ..., total_iters: _Optional[int] = ..., factor: _Optional[float] = ..., schedulers: _Optional[_Iterable[_Union[Schedule, _Mapping]]] = ...) -> None: ...
+
+class ClipGrad(_message.Message):
+    __slots__ = ("max_norm", "norm_type", "value")
+    MAX_NORM_FIELD_NUMBER: _ClassVar[int]
+    NORM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    max_norm: float
+    norm_type: float
+    value: float
+    def __init__(self, max_norm: _Optional[float] = ..., norm_type: _Optional[float] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("architecture", "init", "loss", "optimizer", "accumulate_steps", "dtype", "frozen")
+    __slots__ = ("architecture", "init", "loss", "optimizer", "accumulate_steps", "dtype", "frozen", "schedule", "clip_grad")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +210,8 @@ class ModelSpec(_message.Message):
     ACCUMULATE_STEPS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_GRAD_FIELD_NUMBER: _ClassVar[int]
     architecture: Architecture
     init: Init
     loss: Loss
@@ -147,7 +219,9 @@ class ModelSpec(_message.Message):
     accumulate_steps: int
     dtype: str
     frozen: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., init: _Optional[_Union[Init, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., accumulate_steps: _Optional[int] = ..., dtype: _Optional[str] = ..., frozen: _Optional[_Iterable[str]] = ...) -> None: ...
+    schedule: Schedule
+    clip_grad: ClipGrad
+    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., init: _Optional[_Union[Init, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., accumulate_steps: _Optional[int] = ..., dtype: _Optional[str] = ..., frozen: _Optional[_Iterable[str]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., clip_grad: _Optional[_Union[ClipGrad, _Mapping]] = ...) -> None: ...
 
 class ParameterInfo(_message.Message):
     __slots__ = ("name", "shape", "frozen")
@@ -160,7 +234,7 @@ class ParameterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "spec", "step", "pending_batches", "device", "parameters", "autograd_chain", "nonfinite_streak")
+    __slots__ = ("name", "spec", "step", "pending_batches", "device", "parameters", "autograd_chain", "nonfinite_streak", "lr")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +243,7 @@ class ModelInfo(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     AUTOGRAD_CHAIN_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_STREAK_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: ModelSpec
     step: int
@@ -177,7 +252,8 @@ class ModelInfo(_message.Message):
     parameters: _containers.RepeatedCompositeFieldContainer[ParameterInfo]
     autograd_chain: _containers.RepeatedScalarFieldContainer[str]
     nonfinite_streak: int
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., step: _Optional[int] = ..., pending_batches: _Optional[int] = ..., device: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., autograd_chain: _Optional[_Iterable[str]] = ..., nonfinite_streak: _Optional[int] = ...) -> None: ...
+    lr: float
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., step: _Optional[int] = ..., pending_batches: _Optional[int] = ..., device: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., autograd_chain: _Optional[_Iterable[str]] = ..., nonfinite_streak: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("name", "spec")

@@ -97,6 +97,7 @@ class Snapshot:
     optimizer_scalars: dict[str, dict[str, Any]]  # non-tensor optimizer state per parameter
     tensors: dict[str, torch.Tensor]  # on the CPU, contiguous, nothing shared
     created: float = field(default_factory=time.time)
+    schedule: list[dict[str, Any]] | None = None  # the lr schedule's progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,7 @@ def take(trainer: Trainer) -> Snapshot:
         param_groups=state["param_groups"],
         optimizer_scalars=state["optimizer_scalars"],
         tensors=tensors,
+        schedule=state["schedule"],
     )
 
 
@@ -162,6 +164,7 @@ def restore(snapshot: Snapshot, factory: TrainerFactory) -> Trainer:
         frozen=list(spec.frozen),
         param_groups=snapshot.param_groups,
         optimizer_scalars=snapshot.optimizer_scalars,
+        schedule=snapshot.schedule,
     )
     try:
         trainer = factory.build(snapshot.name, spec, state)
@@ -263,6 +266,7 @@ def _meta(snapshot: Snapshot, data: bytes) -> bytes:
         "producers": snapshot.producers,
         "param_groups": snapshot.param_groups,
         "optimizer_scalars": snapshot.optimizer_scalars,
+        "schedule": snapshot.schedule,
     }
     meta = {
         "format": FORMAT,
@@ -312,6 +316,7 @@ def read(path: Path) -> Snapshot:
             optimizer_scalars=dict(body["optimizer_scalars"]),
             tensors=tensors,
             created=float(body["created"]),
+            schedule=body.get("schedule"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DataLoss(f"{where}: {META} lacks a field ({exc})") from None

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
         description="memory the forward and backward passes of one batch may need "
         "(rows x the model's per-row cost), checked before the batch runs",
     )
+    max_program_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="bytes of one torch.export archive (architecture exported), packed or unpacked",
+    )
     keepalive_time: float = Field(
         60.0, gt=0, description="seconds of silence before the server pings a client"
     )

@@ -21,12 +21,20 @@ from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.errors import FailedPrecondition, GradstreamError, InvalidArgument
 from gradstream.server.models import (
     build_module,
-    build_optimizer,
     forward_function,
     loss_function,
     loss_value,
 )
-from gradstream.server.spec import ModelSpec, OptimizerSpec
+from gradstream.server.optim import (
+    build_optimizer,
+    build_schedule,
+    current_lr,
+    gradient_clip,
+    load_schedule_state,
+    schedule_state,
+    set_lr,
+)
+from gradstream.server.spec import ModelSpec, OptimizerSpec, RMSpropSpec, SGDSpec
 
 # Nodes of the loss's autograd graph that GetModel lists at most.
 MAX_CHAIN_NODES = 1024
@@ -67,7 +75,8 @@ _backward = _engine_backward()
 def _plain_sgd(spec: OptimizerSpec) -> bool:
     """SGD whose step is ``param -= lr * grad`` and nothing else."""
     return (
-        spec.momentum == 0
+        isinstance(spec, SGDSpec)
+        and spec.momentum == 0
         and spec.weight_decay == 0
         and not spec.maximize
         and not spec.differentiable
@@ -118,6 +127,7 @@ class ModelInfo:
     parameters: tuple[ParameterInfo, ...]
     autograd_chain: tuple[str, ...]
     nonfinite_streak: int
+    lr: float = 0.0  # what the next step uses: the schedule's current value
 
 
 @dataclass(slots=True)
@@ -148,19 +158,23 @@ class StepKind(StrEnum):
     DEFERRED = "deferred"  # fused on the device; outcomes read once per request message
 
 
-def step_kind(spec: OptimizerSpec, device: torch.device, deferred: bool | None) -> StepKind:
+def step_kind(spec: ModelSpec, device: torch.device, deferred: bool | None) -> StepKind:
     """The one switch between the step's implementations, as ``torch.optim.sgd`` has one.
 
     ``deferred`` None decides by device: off the CPU, outcomes are read back once per request
-    message instead of once per batch (see ``Trainer.train_batches``); that needs SGD's fused
-    kernel, which can skip a step on the device. On the CPU a read costs nothing and the exact
-    path is kept. Data-parallel ranks pass False: every rank must step the same way.
+    message instead of once per batch (see ``Trainer.train_batches``); that needs a fused
+    kernel, which can skip a step on the device (RMSprop has none), and no schedule, whose
+    next lr depends on whether the step applied. On the CPU a read costs nothing and the
+    exact path is kept. Data-parallel ranks pass False: every rank must step the same way.
+    A schedule steps the optimizer through its wrapper (``OPTIMIZER``).
     """
+    optimizer = spec.optimizer
     if deferred is None:
-        deferred = device.type != "cpu" and spec.foreach is not True
-    if deferred and not spec.differentiable:
+        deferred = device.type != "cpu" and optimizer.foreach is not True
+    fused = not isinstance(optimizer, RMSpropSpec)
+    if deferred and fused and not optimizer.differentiable and spec.schedule is None:
         return StepKind.DEFERRED
-    if device.type == "cpu" and _plain_sgd(spec):
+    if device.type == "cpu" and _plain_sgd(optimizer) and spec.schedule is None:
         return StepKind.PLAIN_SGD
     return StepKind.OPTIMIZER
 
@@ -221,6 +235,7 @@ class TrainerState(TypedDict):
     frozen: list[str]
     param_groups: list[dict[str, Any]]  # optimizer hyperparameters, without the params
     optimizer_scalars: dict[str, dict[str, Any]]  # non-tensor optimizer state per parameter
+    schedule: list[dict[str, Any]] | None  # the lr schedule's progress (optim.schedule_state)
 
 
 _Scalar = int | float | bool | str | None
@@ -244,7 +259,7 @@ class TrainerFactory:
 
     def step_kind(self, spec: ModelSpec) -> StepKind:
         """How trainers of ``spec`` built here step (nothing is built)."""
-        return step_kind(spec.optimizer, self.device, self.deferred)
+        return step_kind(spec, self.device, self.deferred)
 
     def build(self, name: str, spec: ModelSpec, state: TrainerState | None = None) -> Trainer:
         """A trainer of ``spec``, in ``state`` when given (a checkpoint, rank 0's copy)."""
@@ -285,9 +300,13 @@ class Trainer:
         self.device = device
         self.module = build_module(spec, device)
         self._forward = forward_function(self.module)
-        self.kind = step_kind(spec.optimizer, device, deferred)
+        self.kind = step_kind(spec, device, deferred)
         optimizer_spec = spec.optimizer
-        if self.kind is StepKind.DEFERRED and optimizer_spec.fused is None:
+        if (
+            self.kind is StepKind.DEFERRED
+            and not isinstance(optimizer_spec, RMSpropSpec)
+            and optimizer_spec.fused is None
+        ):
             optimizer_spec = optimizer_spec.model_copy(update={"fused": True})
         self.optimizer = build_optimizer(optimizer_spec, self.module)
         self.checker = BatchChecker(spec, max_batch_rows, max_batch_bytes, max_activation_bytes)
@@ -313,6 +332,14 @@ class Trainer:
         )
         if self.kind is StepKind.PLAIN_SGD:
             self._raw_step = self._plain_sgd_step
+        # Stepped once per applied step, after the optimizer; building it sets step 1's lr.
+        self.schedule = build_schedule(spec.schedule, self.optimizer)
+        if self.schedule is not None:
+            # The schedule wraps optimizer.step to check it ran first: call the wrapper.
+            self._raw_step = self.optimizer.step
+        self._clip = gradient_clip(spec.clip_grad)
+        # Total gradient norm before clipping, of the last applied step (None: no clipping).
+        self.grad_norm: torch.Tensor | None = None
         # found_inf is filled on the device by one fused kernel for all gradients.
         self._found_inf = torch.zeros(1, device=device)
         self._step_bad = torch.zeros(1, device=device)  # deferred path: this step's found_inf
@@ -405,15 +432,19 @@ class Trainer:
         if self.pending < self.spec.accumulate_steps:
             return Outcome.ACCUMULATED, loss, ""
         self.pending = 0
-        # Where gradient clipping belongs: after the last micro-batch's backward, before the step.
         if self._gradients_nonfinite():
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_streak += 1
             return Outcome.SKIPPED_NONFINITE, loss, "gradient is not finite"
         with torch.no_grad():
+            # Clipping: after the last micro-batch's backward, before the step.
+            if self._clip is not None:
+                self.grad_norm = self._clip(self._param_list)
             self._raw_step()
-        # Where a learning-rate schedule steps, and a parameter snapshot is published:
-        # once per applied step, on every path (see also _resolve).
+        # The schedule steps once per applied step, on every path (no schedule is DEFERRED).
+        if self.schedule is not None:
+            self.schedule.step()
+        # Where a parameter snapshot is published (see also _resolve).
         self.step += 1
         self.nonfinite_streak = 0
         self.last_loss = loss
@@ -496,6 +527,9 @@ class Trainer:
             grads = [p.grad for p in self._param_list if p.grad is not None]
             if grads:
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, self._step_bad, self._one)
+            if self._clip is not None:  # a non-finite step is skipped whatever clipping did
+                with torch.no_grad():
+                    self.grad_norm = self._clip(self._param_list)
             self._fused_step(self._step_bad)
             pending.append(
                 _Deferred(Outcome.APPLIED, sequence, index, loss.detach(), self._step_bad)
@@ -505,7 +539,8 @@ class Trainer:
     def _fused_step(self, found_inf: torch.Tensor) -> None:
         # A skipped first step would leave the momentum buffers the fused kernel just
         # created uninitialized, so the very first step is decided on the host.
-        first = not self.optimizer.state and self.spec.optimizer.momentum != 0
+        sgd = self.spec.optimizer
+        first = not self.optimizer.state and isinstance(sgd, SGDSpec) and sgd.momentum != 0
         if first and bool(found_inf.item()):
             return
         self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
@@ -586,6 +621,7 @@ class Trainer:
                 for group in self.optimizer.param_groups
             ],
             optimizer_scalars=scalars,
+            schedule=None if self.schedule is None else schedule_state(self.schedule),
         )
 
     def load_state_dict(self, state: TrainerState) -> None:
@@ -625,6 +661,11 @@ class Trainer:
             for key, value in saved_group.items():
                 if key in group:
                     group[key] = value
+        if self.schedule is not None:
+            try:
+                load_schedule_state(self.schedule, state.get("schedule") or [])
+            except ValueError as exc:
+                raise ValueError(f"its schedule state does not fit the spec: {exc}") from None
         frozen = set(state["frozen"])
         for name, param in self._params.items():
             param.requires_grad_(name not in frozen)
@@ -744,8 +785,7 @@ class Trainer:
         if lr is not None and not (math.isfinite(lr) and lr >= 0):
             raise InvalidArgument("lr", f"must be a finite number >= 0, got {lr}")
         if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, self.schedule, lr)
         for name in freeze:
             # A frozen parameter must not move, not even by a gradient accumulated before.
             self._params[name].requires_grad_(False)
@@ -773,7 +813,13 @@ class Trainer:
             ),
             autograd_chain=self.autograd_chain(),
             nonfinite_streak=self.nonfinite_streak,
+            lr=self.lr,
         )
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step uses."""
+        return current_lr(self.optimizer)
 
     def autograd_chain(self) -> tuple[str, ...]:
         """The ``grad_fn`` names of the loss on one zero row, breadth first (the seed's grad_fn)."""

@@ -225,6 +225,12 @@ class Metrics:
         self.learning_rate = Gauge(
             "gradstream_learning_rate", "Current learning rate.", ["model"], registry=r
         )
+        self.grad_norm = Gauge(
+            "gradstream_grad_norm",
+            "Total gradient norm before clipping, of the last applied step (with clip_grad).",
+            ["model"],
+            registry=r,
+        )
         self.models = Gauge("gradstream_models", "Models resident on the server.", registry=r)
         self.checkpoint_last_success = Gauge(
             "gradstream_checkpoint_last_success_timestamp_seconds",
@@ -283,6 +289,7 @@ class Metrics:
             self.train_samples,
             self.step_duration,
             self.learning_rate,
+            self.grad_norm,
             self.batches_rejected,
             self.steps_skipped,
         ):
@@ -316,6 +323,12 @@ class Metrics:
             self.train_loss.labels(model).set(loss)
         if batches:
             self.step_duration.labels(model).observe(seconds / batches)
+
+    def stepped(self, model: str, lr: float, grad_norm: torch.Tensor | None) -> None:
+        """After a job that applied steps: the lr a schedule moved to, the pre-clip norm."""
+        self.learning_rate.labels(model).set(lr)
+        if grad_norm is not None and self.enabled:
+            self.grad_norm.labels(model).set(float(grad_norm))  # one read a message
 
     def sample_due(self, before: int, after: int) -> bool:
         """Whether a job that took the model from step ``before`` to ``after`` samples.

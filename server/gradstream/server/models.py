@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from gradstream.server.errors import InvalidArgument
-from gradstream.server.spec import ArchitectureSpec, LossSpec, ModelSpec, OptimizerSpec
+from gradstream.server.spec import ArchitectureSpec, LossSpec, ModelSpec
 
 ArchitectureBuilder = Callable[[ArchitectureSpec], nn.Module]
 ENTRY_POINT_GROUP = "gradstream.architectures"
@@ -46,19 +46,83 @@ def _mlp(spec: ArchitectureSpec) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class EmbeddingMLP(nn.Module):
+    """``embedding_mlp``: an ``EmbeddingBag`` per id input, then ``dense``, then an mlp.
+
+    ``forward`` takes the inputs by name: each table's int64 ids as (rows, bag), and
+    ``dense`` as (rows, dense_features) when the spec has dense features.
+    """
+
+    def __init__(self, spec: ArchitectureSpec) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleDict(
+            {
+                e.input: nn.EmbeddingBag(e.num_embeddings, e.dim, mode=e.mode)
+                for e in spec.embeddings
+            }
+        )
+        self.mlp = _mlp(spec)
+        self.dense_features = spec.dense_features
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The mlp of ``cat([table_1(ids_1), ..., table_k(ids_k), dense], dim=1)``."""
+        features = [table(inputs[name]) for name, table in self.embeddings.items()]
+        if self.dense_features:
+            features.append(inputs["dense"])
+        output: torch.Tensor = self.mlp(torch.cat(features, dim=1))
+        return output
+
+    def out_of_range(self, inputs: Mapping[str, torch.Tensor]) -> str | None:
+        """Why a batch's ids do not fit their tables (input, id and range named), or None."""
+        for name, table in self.embeddings.items():
+            assert isinstance(table, nn.EmbeddingBag)
+            ids = inputs[name]
+            if ids.numel() == 0:
+                continue
+            low, high = int(ids.min()), int(ids.max())
+            bad = low if low < 0 else high if high >= table.num_embeddings else None
+            if bad is not None:
+                return (
+                    f"{name}: id {bad} is out of range; the table has ids "
+                    f"0..{table.num_embeddings - 1}"
+                )
+        return None
+
+
+def _embedding_mlp(spec: ArchitectureSpec) -> nn.Module:
+    return EmbeddingMLP(spec)
+
+
+# Built-ins that read named inputs, which Train and Predict do not carry yet.
+NAMED_INPUT_ARCHITECTURES = frozenset({"embedding_mlp"})
+
+
 @functools.cache
 def architectures() -> dict[str, ArchitectureBuilder]:
     """Every known architecture: the built-ins, then installed plug-ins."""
-    found: dict[str, ArchitectureBuilder] = {"linear": _linear, "mlp": _mlp}
+    found: dict[str, ArchitectureBuilder] = {
+        "linear": _linear,
+        "mlp": _mlp,
+        "embedding_mlp": _embedding_mlp,
+    }
     for point in entry_points(group=ENTRY_POINT_GROUP):
         found.setdefault(point.name, point.load())
     return found
 
 
-def build_module(spec: ModelSpec, device: torch.device) -> nn.Module:
-    """The spec's network with its initial parameters, on ``device`` in the spec's dtype."""
+def build_module(spec: ModelSpec, device: torch.device, *, named_inputs: bool = False) -> nn.Module:
+    """The spec's network with its initial parameters, on ``device`` in the spec's dtype.
+
+    An architecture that reads named inputs is built only for a caller that passes them
+    (``named_inputs``); the single-``x`` step pipeline refuses it here, at create.
+    """
     builders = architectures()
     kind = spec.architecture.kind
+    if kind in NAMED_INPUT_ARCHITECTURES and not named_inputs:
+        raise InvalidArgument(
+            "spec.architecture.kind",
+            f"{kind!r} reads named inputs, which this server's Train and Predict do not carry yet",
+        )
     if kind not in builders:
         known = ", ".join(sorted(builders))
         raise InvalidArgument(
@@ -190,22 +254,6 @@ def forward_function(module: nn.Module) -> Forward:
         return x
 
     return forward
-
-
-def build_optimizer(spec: OptimizerSpec, module: nn.Module) -> torch.optim.Optimizer:
-    """SGD over every parameter: frozen ones have no gradient, so SGD leaves them alone."""
-    return torch.optim.SGD(
-        module.parameters(),
-        lr=spec.lr,
-        momentum=spec.momentum,
-        dampening=spec.dampening,
-        weight_decay=spec.weight_decay,
-        nesterov=spec.nesterov,
-        maximize=spec.maximize,
-        foreach=spec.foreach,
-        differentiable=spec.differentiable,
-        fused=spec.fused,
-    )
 
 
 Reduction = Literal["mean", "sum", "none"]

@@ -105,14 +105,14 @@ class ModelRegistry:
         finally:
             self._creating.discard(name)
         self._workers[name] = ModelWorker(trainer, self.queue_depth)
-        self.metrics.model_created(name, spec.optimizer.lr)
+        self.metrics.model_created(name, trainer.lr)
         self.metrics.models.set(len(self._workers))
         return info
 
     def adopt(self, trainer: Trainer) -> None:
         """Make a trainer built elsewhere (restored from a checkpoint) resident."""
         self._workers[trainer.name] = ModelWorker(trainer, self.queue_depth)
-        self.metrics.model_created(trainer.name, trainer.spec.optimizer.lr)
+        self.metrics.model_created(trainer.name, trainer.lr)
         self.metrics.models.set(len(self._workers))
 
     def mark_lost(self, name: str, reason: str) -> None:

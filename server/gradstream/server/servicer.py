@@ -141,7 +141,7 @@ class TrainerServicer:
 
         info = await self.registry.get(request.name).run(update)
         if lr is not None:
-            self.metrics.learning_rate.labels(request.name).set(lr)
+            self.metrics.learning_rate.labels(request.name).set(info.lr)
         return pb.UpdateModelResponse(model=_info(info))
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
@@ -269,6 +269,7 @@ def _info(info: ModelInfo) -> pb.ModelInfo:
         ],
         autograd_chain=info.autograd_chain,
         nonfinite_streak=info.nonfinite_streak,
+        lr=info.lr,
     )
 
 

@@ -235,6 +235,8 @@ class TrainSession:
             # The only place weights are read from the device for metrics: at most once a message.
             if metrics.sample_due(first_step, trainer.step):
                 metrics.sample(trainer)
+            if trainer.step != first_step:
+                metrics.stepped(model, trainer.lr, trainer.grad_norm)
             metrics.record(model, zip(results, rows, strict=False), time.perf_counter() - start)
             return results
 

@@ -78,6 +78,57 @@ def test_restore_mid_accumulation_continues_bitwise_like_the_uninterrupted_run(
     _assert_bitwise_equal(_state(resumed), _state(reference))
 
 
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"kind": "adam", "lr": 0.05, "amsgrad": True, "weight_decay": 0.01},
+        {"kind": "adagrad", "lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+        {"kind": "rmsprop", "lr": 0.01, "momentum": 0.5, "centered": True},
+    ],
+)
+def test_restore_mid_schedule_continues_bitwise_with_its_lr(
+    tmp_path: Path, optimizer: dict[str, object]
+) -> None:
+    spec = parse_spec(
+        SPEC
+        | {
+            "optimizer": optimizer,
+            "accumulate_steps": 2,
+            "schedule": {
+                "kind": "sequential",
+                "schedulers": [
+                    {"kind": "linear", "start_factor": 0.1, "total_iters": 2},
+                    {"kind": "cosine_annealing", "t_max": 4, "eta_min": 0.001},
+                ],
+                "milestones": [2],
+            },
+            "clip_grad": {"max_norm": 0.1},
+        }
+    )
+    batches = _batches(17)
+    reference = Trainer("m", spec, CPU)
+    _train(reference, batches)
+
+    first = Trainer("m", spec, CPU)
+    _train(first, batches[:7])  # 3 steps (into the cosine), one batch pending
+    ck.write(tmp_path / "m", ck.take(first), keep=2)
+    _, snapshot, _ = ck.newest(tmp_path / "m")
+    resumed = ck.restore(snapshot, TrainerFactory(CPU))
+    assert resumed.lr == first.lr != spec.optimizer.lr
+    _train(resumed, batches[7:])
+    assert resumed.step == reference.step == 8
+    assert resumed.lr == reference.lr
+    _assert_bitwise_equal(_state(resumed), _state(reference))
+
+
+def test_a_checkpoint_whose_schedule_state_does_not_fit_is_data_loss(tmp_path: Path) -> None:
+    spec = parse_spec(SPEC | {"schedule": {"kind": "step", "step_size": 2}})
+    first = Trainer("m", spec, CPU)
+    _train(first, _batches(9))
+    with pytest.raises(DataLoss, match="schedule state"):
+        ck.restore(dataclasses.replace(ck.take(first), schedule=None), TrainerFactory(CPU))
+
+
 def test_restore_without_optimizer_state_is_seen_to_differ(tmp_path: Path) -> None:
     """The comparison above can fail: dropping the momentum buffers changes the result."""
     batches = _batches(18)

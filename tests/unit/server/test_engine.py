@@ -143,3 +143,56 @@ def test_the_autograd_chain_walk_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(trainer.autograd_chain()) > 5
     monkeypatch.setattr(engine, "MAX_CHAIN_NODES", 5)
     assert len(trainer.autograd_chain()) == 5
+
+
+def test_the_schedule_steps_once_per_applied_step_and_not_on_skipped_ones() -> None:
+    schedule = {"kind": "step", "step_size": 1, "gamma": 0.5}
+    trainer = Trainer("m", spec(accumulate_steps=3, schedule=schedule), CPU)
+    options = TrainOptions()
+    outcomes = [trainer.train(b, options).outcome for b in batches(6)]
+    assert outcomes.count(Outcome.APPLIED) == 2
+    assert trainer.lr == 0.05 * 0.5**2  # two steps, not six batches
+    # Finite inputs whose loss overflows float32: the step is skipped, lr stays.
+    huge = Batch(torch.full((1, 3), 3e38), torch.zeros(1, 2))
+    for _ in range(3):
+        assert trainer.train(huge, options).outcome is Outcome.SKIPPED_NONFINITE
+    assert trainer.lr == 0.05 * 0.5**2
+    assert trainer.info().lr == trainer.lr
+
+
+def test_update_lr_restarts_the_schedule_from_the_new_value() -> None:
+    trainer = Trainer("m", spec(schedule={"kind": "exponential", "gamma": 0.5}), CPU)
+    options = TrainOptions()
+    for b in batches(2):
+        trainer.train(b, options)
+    trainer.update(0.2, (), ())
+    assert trainer.lr == 0.2 and trainer.spec.optimizer.lr == 0.2
+    trainer.train(batches(1)[0], options)
+    assert trainer.lr == 0.1
+    assert trainer.schedule is not None and trainer.schedule.base_lrs == [0.2]
+
+
+def test_clipping_keeps_the_norm_before_it() -> None:
+    trainer = Trainer("m", spec(clip_grad={"max_norm": 1e-3}), CPU)
+    assert trainer.grad_norm is None
+    trainer.train(batches(1)[0], TrainOptions())
+    assert trainer.grad_norm is not None and float(trainer.grad_norm) > 1e-3
+    grads = [p.grad for p in trainer.module.parameters() if p.grad is not None]
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert float(after) <= 1e-3 * (1 + 1e-5)
+
+
+def test_reset_optimizer_gives_adagrad_the_state_it_starts_with() -> None:
+    optimizer = {"kind": "adagrad", "lr": 0.1, "initial_accumulator_value": 0.5}
+    trainer = Trainer("m", spec(optimizer=optimizer), CPU)
+    fresh = Trainer("f", spec(optimizer=optimizer), CPU)
+    options = TrainOptions()
+    for b in batches(3):
+        trainer.train(b, options)
+    params, _ = fresh.parameters()
+    trainer.set_parameters(params, reset_optimizer=True)
+    for b in batches(3, seed=1):
+        assert trainer.train(b, options).outcome is Outcome.APPLIED
+        fresh.train(b, TrainOptions())
+    for mine, theirs in zip(trainer.module.parameters(), fresh.module.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
