@@ -3,7 +3,7 @@
 (a) the plain in-process PyTorch loop, (b) a raw gRPC byte stream between two
 processes, (c) the service through the SDK with the client in its own process, and (d) the same
 with the local shared-memory path.
-All three run in this one invocation on this one machine, so the ratios compare
+All of them run in this one invocation on this one machine, so the ratios compare
 like with like; absolute numbers depend on the machine.
 """
 
@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: small medium large"
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"any of {', '.join(SCENARIOS)} (default: small medium large)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the loop and the server)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -209,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds of every contender per scenario; the median round is reported",
     )
     args = parser.parse_args(argv)
+    for name in args.scenarios:
+        if name not in SCENARIOS:
+            parser.error(f"scenario {name!r}: choose from {', '.join(SCENARIOS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     chosen = args.scenarios or ["small", "medium", "large"]

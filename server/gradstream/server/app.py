@@ -180,11 +180,11 @@ class Server:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "gradstream serving on %s:%d (health %d, metrics %d, device %s, %s, %s)",
+            "gradstream serving on %s:%d (health %s, metrics %s, device %s, %s, %s)",
             s.host,
             self.port,
-            self.health_port,
-            self.metrics_port,
+            self.health_port if s.health_port >= 0 else "off",
+            self.metrics_port if s.metrics_port >= 0 else "off",
             self.device,
             "plaintext" if self.credentials is None else "mTLS" if s.tls_ca else "TLS",
             "auth off" if self.tokens is None else f"{len(self.tokens.grants)} tokens",

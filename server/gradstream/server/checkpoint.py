@@ -500,7 +500,9 @@ class Checkpointer:
             self.metrics.checkpoint_last_success.labels(name).set(time.time())
             self._durable[name] = saved.producers
             self._saved[name] = (snapshot.step, snapshot.pending, time.monotonic())
-            log.debug("checkpoint %s/%s at step %d", name, saved.name, saved.step)
+            log.info(
+                "checkpoint written model=%s checkpoint=%s step=%d", name, saved.name, saved.step
+            )
             return saved
 
     def after_steps(self, worker: ModelWorker) -> None:
@@ -602,7 +604,7 @@ class Checkpointer:
         self._durable[name] = dict(snapshot.producers)
         self._saved[name] = (snapshot.step, snapshot.pending, time.monotonic())
         self.metrics.checkpoint_last_success.labels(name).set(snapshot.created)
-        log.info("model %r restored from %s at step %d", name, path.name, snapshot.step)
+        log.info("model restored name=%s checkpoint=%s step=%d", name, path.name, snapshot.step)
 
     async def forget(self, name: str, worker: ModelWorker | None = None) -> None:
         """Delete a deleted model's checkpoints, so that a restart does not bring it back."""

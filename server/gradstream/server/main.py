@@ -78,6 +78,10 @@ def run(settings: Settings) -> None:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if requested(settings):
+        # Every rank checks what would stop rank 0 from serving before any joins the group,
+        # so a refusal is each rank's own one line, not a peer's broken-connection error.
+        load_tokens(settings)
+        server_credentials(settings)
         _run_rank(settings)
     else:
         asyncio.run(_serve(build(settings)))

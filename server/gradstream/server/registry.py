@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator
 
@@ -15,6 +16,8 @@ from gradstream.server.metrics import Metrics
 from gradstream.server.models import architectures
 from gradstream.server.spec import ModelSpec, check_depth, check_model_name
 from gradstream.server.worker import ModelWorker
+
+log = logging.getLogger("gradstream.server")
 
 
 def parameter_count(spec: ModelSpec) -> int:
@@ -107,6 +110,13 @@ class ModelRegistry:
         self._workers[name] = ModelWorker(trainer, self.queue_depth)
         self.metrics.model_created(name, trainer.lr)
         self.metrics.models.set(len(self._workers))
+        log.info(
+            "model created name=%s architecture=%s device=%s models=%d",
+            name,
+            spec.architecture.kind,
+            info.device,
+            len(self._workers),
+        )
         return info
 
     def adopt(self, trainer: Trainer) -> None:
@@ -141,6 +151,9 @@ class ModelRegistry:
         await asyncio.to_thread(worker.trainer.close)
         self.metrics.model_deleted(name)
         self.metrics.models.set(len(self._workers))
+        log.info(
+            "model deleted name=%s step=%d models=%d", name, worker.trainer.step, len(self._workers)
+        )
 
     async def close(self) -> None:
         """Stop every worker."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from gradstream.server.metrics import Metrics
 from gradstream.server.shm import SharedSegment
 from gradstream.server.wire import TrainMessage, WireBatch, WireTensor
 from gradstream.server.worker import ModelWorker
+
+log = logging.getLogger("gradstream.server")
 
 # Batches at least this large (on average in a message) are checked on the model's worker.
 WORKER_CHECK_BYTES = 256 * 1024
@@ -169,10 +172,13 @@ class TrainSession:
         self._reader = reader
         if self.draining:  # drain() ran while this stream was opening
             reader.cancel()
+        answered = rejected = 0
         try:
             while (job := await jobs.get()) is not None:
                 try:
                     results = await job
+                    answered += len(results)
+                    rejected += sum(r.outcome == Outcome.REJECTED for r in results)
                     self.checkpointer.after_steps(self.worker)
                     durable = self.checkpointer.durable_sequence(name, producer)
                     news = durable if durable > self._durable_sent else 0
@@ -188,6 +194,14 @@ class TrainSession:
             self.cancelled = True
             reader.cancel()
             self.segment = None  # closed once the last job reading it is gone
+            if rejected:  # a stream that only trained is not worth a line at INFO
+                log.info(
+                    "train stream ended model=%s producer=%s batches=%d rejected=%d",
+                    name,
+                    producer or "-",
+                    answered,
+                    rejected,
+                )
 
     async def _read(
         self,
