@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from gradstream.server.checkpoint import Checkpointer
+from gradstream.server.checkpoint import Checkpointer, check_directory
 from gradstream.server.config import Settings
 from gradstream.server.interceptors import (
     AuthInterceptor,
@@ -25,6 +25,7 @@ from gradstream.server.interceptors import (
     MetricsInterceptor,
     StreamLimitInterceptor,
 )
+from gradstream.server.listening import StartupRefused
 from gradstream.server.metrics import Metrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.servicer import TrainerServicer, add_to_server
@@ -74,6 +75,13 @@ class Server:
         self.device = registry.factory.device
         self.metrics = metrics
         self.registry = registry
+        if settings.checkpoint_dir is not None:
+            try:
+                check_directory(settings.checkpoint_dir)
+            except OSError as exc:
+                raise StartupRefused(
+                    f"checkpoint_dir: cannot write to {settings.checkpoint_dir}: {exc}"
+                ) from None
         self.checkpointer = Checkpointer(
             settings.checkpoint_dir,
             self.metrics,
@@ -163,7 +171,7 @@ class Server:
             tls = s.metrics_tls and s.tls_cert is not None and s.tls_key is not None
             self._metrics_http, _ = start_http_server(
                 s.metrics_port,
-                addr=s.host,
+                addr=s.metrics_host,
                 registry=self.metrics.registry,
                 certfile=str(s.tls_cert) if tls else None,
                 keyfile=str(s.tls_key) if tls else None,

@@ -55,6 +55,7 @@ def build(
             max_nonfinite_steps=settings.max_nonfinite_steps,
             max_batch_rows=settings.max_batch_rows,
             max_batch_bytes=settings.max_batch_bytes,
+            max_activation_bytes=settings.max_activation_bytes,
         )
     else:
         # Beside the server's metrics, on its port.
@@ -66,6 +67,7 @@ def build(
         max_models=settings.max_models,
         queue_depth=settings.queue_depth,
         max_model_parameters=settings.max_model_parameters,
+        max_model_layers=settings.max_model_layers,
     )
     return Server(settings, registry, metrics, tokens=tokens, credentials=credentials)
 

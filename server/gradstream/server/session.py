@@ -34,6 +34,7 @@ from gradstream.server.errors import (
     Unavailable,
 )
 from gradstream.server.metrics import Metrics
+from gradstream.server.shm import SharedSegment
 from gradstream.server.wire import TrainMessage, WireBatch, WireTensor
 from gradstream.server.worker import ModelWorker
 
@@ -70,7 +71,7 @@ class Reply:
 
 
 def decode(
-    checker: BatchChecker, batch: WireBatch, index: int, segment: memoryview | None
+    checker: BatchChecker, batch: WireBatch, index: int, segment: SharedSegment | None
 ) -> Batch | Rejected:
     """A wire batch as a checked batch, or the rejection that names what is wrong with it."""
     field = f"batches[{index}]"
@@ -82,6 +83,7 @@ def decode(
             None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
             batch.sequence,
             field,
+            quote=segment is None,  # a segment's bytes are never echoed back
         )
     except (InvalidArgument, ResourceExhausted) as exc:  # this batch alone; the stream goes on
         return Rejected(str(exc), batch.sequence)
@@ -129,13 +131,13 @@ class TrainSession:
         options: TrainOptions,
         metrics: Metrics,
         checkpointer: Checkpointer,
-        segment: memoryview | None = None,
+        segment: SharedSegment | None = None,
     ) -> None:
         self.worker = worker
         self.options = options
         self.metrics = metrics
         self.checkpointer = checkpointer
-        self.segment = segment  # the producer's shared memory, mapped read-only
+        self.segment = segment  # the producer's shared memory, read-only
         self.cancelled = False
         self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
         self.error: GradstreamError | None = None  # ends the stream after the results before it
@@ -191,7 +193,7 @@ class TrainSession:
         finally:
             self.cancelled = True
             reader.cancel()
-            self.segment = None  # unmapped once the last batch viewing it is gone
+            self.segment = None  # closed once the last job reading it is gone
             if rejected:  # a stream that only trained is not worth a line at INFO
                 log.info(
                     "train stream ended model=%s producer=%s batches=%d rejected=%d",
@@ -282,7 +284,7 @@ def _reading_ended(
 
 
 def _checks(
-    batches: list[WireBatch], segment: memoryview | None
+    batches: list[WireBatch], segment: SharedSegment | None
 ) -> Callable[[Trainer], list[Batch | Rejected]]:
     """Decode and check a message's batches; one that fails keeps its place as REJECTED.
 
