@@ -10,15 +10,23 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_CPU_INDEX ?= $(if $(wildcard /opt/wheels/torch-*),,--index-url https://download.pytorch.org/whl/cpu)
 TORCH_ARGS := $(if $(HAS_GPU),,$(TORCH_CPU_INDEX))
 STAMP := $(VENV)/.installed
+SERVER_STAMP := $(VENV)/.server
+DIST ?= dist
 BUF := .tools/node_modules/.bin/buf
 PROTO_OUT ?= proto
 
-.PHONY: install demo test lint format proto dashboard tools bench images image-test clean
+.PHONY: install demo serve dist test lint format proto dashboard tools bench images image-test clean
 
-$(STAMP): pyproject.toml
+# The server extra alone (torch and the service): enough for `make demo` and `make serve`.
+$(SERVER_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_ARGS) '$(TORCH)'
+	$(BIN)/python -m pip install -q -e '.[server]'
+	touch $@
+
+# Everything the tests and linters use, on top.
+$(STAMP): $(SERVER_STAMP)
 	$(BIN)/python -m pip install -q -e '.[server,dev]'
 	touch $@
 
@@ -30,8 +38,17 @@ $(BUF):
 	@if command -v npm >/dev/null; then npm install --silent --prefix .tools @bufbuild/buf@1.75.0; \
 	else echo "npm not found: buf lint will be skipped"; fi
 
-demo: install
+demo: $(SERVER_STAMP)
 	$(BIN)/gradstream demo
+
+# A server on the default ports (loopback); more flags: make serve ARGS='--checkpoint-dir ckpt'
+serve: $(SERVER_STAMP)
+	$(BIN)/gradstream serve $(ARGS)
+
+# The wheel (client, server, benchmarks, stubs) in $(DIST)/: pip install it, with '[server]' on
+# the server's machine.
+dist: install
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w $(DIST) .
 
 test: install tools
 	$(BIN)/python -m pytest -q
@@ -39,7 +56,7 @@ test: install tools
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy client server tests benchmarks tools
+	$(BIN)/mypy client server tests benchmarks tools examples
 
 format: install
 	$(BIN)/ruff format .
@@ -75,4 +92,4 @@ image-test: install
 	GRADSTREAM_IMAGE_TEST=1 $(BIN)/python -m pytest -q -rs -s --durations=3 -p no:cacheprovider tests/deploy/test_image.py
 
 clean:
-	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache dist

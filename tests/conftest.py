@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +68,36 @@ def client(server: BackgroundServer) -> Iterator[Client]:
 def name() -> str:
     """A model name no other test uses."""
     return f"m{next(_names)}"
+
+
+SmallVolume = Callable[..., Path]
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[SmallVolume]:
+    """Mounts tmpfs volumes of a given size (bytes), to fill a disk without filling the host's.
+
+    Skips where mounting needs privileges this run lacks.
+    """
+    mounted: list[Path] = []
+
+    def mount(size: int, options: str = "") -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        path = tmp_path / f"volume{len(mounted)}"
+        path.mkdir()
+        opts = f"size={size}" + (f",{options}" if options else "")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        with contextlib.suppress(OSError):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)

@@ -27,4 +27,4 @@ def test_ruff_format() -> None:
 
 
 def test_mypy_strict() -> None:
-    _run(str(BIN / "mypy"), "client", "server", "tests", "benchmarks", "tools")
+    _run(str(BIN / "mypy"), "client", "server", "tests", "benchmarks", "tools", "examples")

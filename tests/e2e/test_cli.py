@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,3 +120,56 @@ def test_demo_prints_the_notebooks_trajectory() -> None:
     assert any(line.startswith("epoch 25: w = 1.966,") for line in out)
     assert out[-1] == "Prediction after training: f(5) = 10.000"
     assert any("MseLossBackward0" in line for line in out)
+
+
+def test_server_logs_each_lifecycle_event_at_info(tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    checkpoints = tmp_path / "ckpt"
+    with LocalServer(
+        "--checkpoint-dir", str(checkpoints), "--metrics-port", "-1", log=log
+    ) as server:
+        target = ("--target", server.target)
+        gradstream("create", "logged", "--spec", json.dumps(SPEC), *target)
+        data = tmp_path / "d.csv"
+        data.write_text("1,2,3\n4,5,nan\n")  # the second batch is rejected (NaN)
+        gradstream("train", "logged", str(data), "--batch-size", "1", "--skip-rejected", *target)
+        gradstream("checkpoint", "logged", *target)
+        gradstream("delete", "logged", *target)
+    text = log.read_text()
+    assert "metrics off" in text
+    assert "INFO gradstream.server: model created name=logged architecture=linear" in text
+    assert "train stream ended model=logged producer=- batches=1 rejected=1" in text
+    assert "checkpoint written model=logged checkpoint=" in text
+    assert re.search(r"model deleted name=logged step=\d+ models=0", text), text
+
+
+def test_torchrun_ranks_refuse_an_open_port_with_the_reason_first(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PATH": f"{torchrun.parent}{os.pathsep}{os.environ['PATH']}"}
+    serve = [
+        "gradstream",
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--device",
+        "cpu",
+        "--port",
+        "0",
+        "--health-port",
+        "-1",
+    ]
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", *serve],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if not re.match(r"^[WEI]\d{4} ", line)]
+    refusal = "gradstream serve: refusing to listen on 0.0.0.0 without tokens"
+    assert ours[0].startswith(refusal), result.stderr  # before torchrun's own report
+    assert "Gloo" not in result.stderr
+    assert "Connection closed" not in result.stderr

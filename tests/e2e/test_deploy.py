@@ -29,7 +29,8 @@ def test_overlay_pod_serves_probes_and_stops_in_time(tmp_path: Path, overlay_dir
         pytest.skip("the gpu overlay runs --device cuda; no CUDA device here")
     env = {k: v for k, v in config_data(objects).items() if not k.startswith(SECRET_SETTINGS)}
     # The pod's writable places, here under tmp_path instead of the PVC and emptyDirs.
-    env.update({e["name"]: e["value"] for e in c.get("env", [])})
+    # Downward-API values (valueFrom: the pod IP) mean nothing here: their defaults apply.
+    env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
     env.update(
         HOME=str(tmp_path / "home"),
         XDG_CACHE_HOME=str(tmp_path / "home" / ".cache"),

@@ -42,6 +42,8 @@ BAD_BATCHES: list[tuple[str, pb.Tensor, pb.Tensor, str]] = [
     ("negative dim", _tensor(GOOD_X, shape=[-4, -2]), _tensor(GOOD_Y), "x.shape"),
     ("nan in x", _tensor(np.array([[np.nan, 1]] * 4, np.float32)), _tensor(GOOD_Y), "x"),
     ("inf in x", _tensor(np.array([[np.inf, 1]] * 4, np.float32)), _tensor(GOOD_Y), "x"),
+    # Finite as float64, infinite in the float32 model.
+    ("inf as float32", _tensor(np.array([[1e300, 1]] * 4)), _tensor(GOOD_Y), "x"),
     ("empty batch", _tensor(np.ones((0, 2), np.float32)), _tensor(np.ones(0, np.int64)), "x"),
     ("label out of range", _tensor(GOOD_X), _tensor(np.array([0, 1, 3, 1])), "y"),
     ("negative label", _tensor(GOOD_X), _tensor(np.array([0, -1, 2, 1])), "y"),
@@ -269,6 +271,28 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ),
     ({}, "spec.architecture: Field required"),
     *(
+        (
+            {
+                "architecture": {"kind": "linear", "in_features": 1, "out_features": 1},
+                "optimizer": {option: value},
+            },
+            f"spec.optimizer.{option}: Input should be a finite number",
+        )
+        for option, value in (
+            ("lr", float("inf")),
+            ("momentum", float("inf")),
+            ("dampening", float("nan")),
+            ("weight_decay", float("inf")),
+        )
+    ),
+    (
+        {
+            "architecture": {"kind": "linear", "in_features": 1, "out_features": 1},
+            "init": {"kind": "tensors", "tensors": {"weight": np.array([[1e300]])}},
+        },
+        "spec.init.tensors: 'weight' must be finite numbers in the model's dtype float32",
+    ),
+    *(
         ({"architecture": {"kind": "linear", "in_features": 1, "out_features": 1}, **bad}, message)
         for bad, message in _BAD_TRAINING_SPECS
     ),
@@ -293,6 +317,52 @@ def test_bad_model_name_is_invalid_argument(client: Client) -> None:
         )
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "name" in caught.value.details and "../etc" in caught.value.details
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "victim\n",
+        "victim\r",
+        "victim\x00",
+        "vic\ttim",
+        "vict\u0456m",  # a Cyrillic i
+        "\uff56ictim",  # a fullwidth v
+        "victim\u200b",  # a zero-width space
+    ],
+)
+def test_names_with_control_characters_or_look_alikes_are_refused(client: Client, bad: str) -> None:
+    spec = {"architecture": {"kind": "linear", "in_features": 1, "out_features": 1}}
+    with pytest.raises(GradstreamError) as caught:
+        client.create_model(bad, spec)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert repr(bad) in caught.value.details
+    assert bad not in {m.name for m in client.list_models()}
+
+
+def test_values_finite_only_before_conversion_leave_the_model_as_it_was(
+    server: BackgroundServer, client: Client, trained: str
+) -> None:
+    """1e300 is a finite float64 and an infinite float32: checked in the model's dtype."""
+    before = snapshot(server, client, trained)
+    huge_x = np.array([[1e300, 1.0]] * 4)
+    with pytest.raises(GradstreamError) as caught:
+        client.predict(trained, huge_x)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details.startswith("x: contains a non-finite value")
+    params = client.parameters(trained)
+    poisoned = {k: v.astype(np.float64) for k, v in params.items()}
+    next(iter(poisoned.values())).flat[0] = 1e300
+    with pytest.raises(GradstreamError) as caught:
+        client.set_parameters(trained, poisoned)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "non-finite" in caught.value.details
+    vector = np.full((4, 3), 1e300)
+    with pytest.raises(GradstreamError) as caught:
+        client.gradients(trained, GOOD_X, grad_output=vector)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details.startswith("grad_output: contains a non-finite value")
+    assert snapshot(server, client, trained) == before
 
 
 def test_unknown_spec_key_is_refused_by_the_sdk(client: Client, name: str) -> None:

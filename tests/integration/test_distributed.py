@@ -361,7 +361,7 @@ def test_a_rank_killed_mid_stream_fails_fast_and_a_restart_resumes_exactly(
             assert client.get_model("m").step == count
             got = client.parameters("m")
         log = resumed.log.read_text()
-        restored = re.search(r"model 'm' restored from \S+ at step (\d+)", log)
+        restored = re.search(r"model restored name=m checkpoint=\S+ step=(\d+)", log)
         assert restored, resumed.tail()
         # Rank 1 got the restored state from rank 0, not a fresh model.
         assert f"rank 1 has model 'm' at step {restored[1]}" in log

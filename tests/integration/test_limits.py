@@ -225,6 +225,28 @@ def test_sdk_refuses_a_batch_over_the_message_limit_and_packs_the_rest_below_it(
         assert client.get_model("packed").step == 4001
 
 
+def test_a_batch_whose_activations_would_exceed_the_limit_is_refused_before_it_runs() -> None:
+    """mlp 1 -> [4096] -> 1: 2000 rows are 8 KB on the wire and about 130 MB of
+    activations; the limit here is 100 MB (the default, 2 GiB, stops 1,000,000 rows)."""
+    layers = {"kind": "mlp", "in_features": 1, "out_features": 1, "hidden": [4096]}
+    wide = {"architecture": layers}
+    settings = server_settings(max_activation_bytes=100_000_000)
+    x, y = np.ones((2000, 1), np.float32), np.ones((2000, 1), np.float32)
+    with BackgroundServer(settings) as server, Client(server.target) as client:
+        client.create_model("wide", wide)
+        before = client.parameters("wide")
+        [result] = list(client.train("wide", [(x, y)], skip_rejected=True))
+        assert result.outcome == "REJECTED"
+        assert "max_activation_bytes" in result.reason
+        with pytest.raises(ResourceExhausted, match="max_activation_bytes"):
+            client.predict("wide", x)
+        with pytest.raises(ResourceExhausted, match="max_activation_bytes"):
+            client.gradients("wide", x, y)
+        after = client.parameters("wide")
+        assert all(before[k].tobytes() == after[k].tobytes() for k in before)
+        assert client.predict("wide", x[:100]).shape == (100, 1)  # within it: served
+
+
 def test_embedding_tables_count_toward_the_parameter_limit(limited: BackgroundServer) -> None:
     table = {"input": "user", "num_embeddings": 2**40, "dim": 64}
     spec = {"architecture": {"kind": "embedding_mlp", "embeddings": [table], "out_features": 1}}

@@ -212,6 +212,16 @@ def test_without_a_metrics_port_nothing_is_recorded() -> None:
         )
 
 
+def test_metrics_bind_to_loopback_even_when_grpc_listens_on_every_interface() -> None:
+    """/metrics serves model names and weights without tokens: --host does not move it."""
+    settings = server_settings(host="0.0.0.0", insecure=True, metrics_port=0)
+    with BackgroundServer(settings) as server:
+        assert server.server._metrics_http.server_address[0] == "127.0.0.1"
+    moved = server_settings(metrics_host="::1", metrics_port=0)
+    with BackgroundServer(moved) as server:
+        assert server.server._metrics_http.server_address[0] == "::1"
+
+
 def test_a_schedules_lr_and_the_pre_clip_norm_are_in_get_model_and_the_gauges(
     server: BackgroundServer, client: Client, name: str
 ) -> None:

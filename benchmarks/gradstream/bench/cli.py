@@ -1,15 +1,19 @@
 """``gradstream bench``: run every contender side by side and print the ratios.
 
-(a) the plain in-process PyTorch loop, (b) a raw gRPC byte stream between two
-processes, (c) the service through the SDK with the client in its own process, and (d) the same
-with the local shared-memory path.
-All three run in this one invocation on this one machine, so the ratios compare
-like with like; absolute numbers depend on the machine.
+(a) the plain in-process PyTorch loop, (b) the server's own Trainer step in process, no
+transport (the ceiling), (c) a raw gRPC byte stream between two processes, (d) the service
+through the SDK with the client in its own process, and (e) the same with the local
+shared-memory path. The concurrent scenarios: fan-in (4 producers into one model against
+one), models (2 models, a producer each, against one) and serve (batch-1 predictions while
+another client trains, against each alone). All run in this one invocation on this one
+machine, so the ratios compare like with like; absolute numbers depend on the machine.
+Every ratio is the median of its per-round ratios, with the worst round beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import torch
 
 from gradstream.bench.loop import run_loop
 from gradstream.bench.scenarios import SCENARIOS, Scenario
+from gradstream.client import Client
 from gradstream.client._local import LocalServer
 from gradstream.server.app import intra_op_threads
 from gradstream.server.config import Settings
@@ -74,20 +80,170 @@ def run_raw(scenario: Scenario, seconds: float) -> dict[str, Any]:
     return result
 
 
+def _thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of each thread of ``pid``, with its name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        # "tid (comm) state ...": comm may hold spaces, so split after its closing paren.
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(task.name)] = (comm, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _thread_load(
+    pid: int, before: dict[int, tuple[str, float]], seconds: float
+) -> dict[str, float]:
+    """Cores used by each busy thread of ``pid`` since ``before``: the event loop (the main
+    thread) apart from the rest, named by thread name and id."""
+    after = _thread_cpu(pid)
+    load: dict[str, float] = {}
+    for tid, (comm, cpu) in after.items():
+        used = (cpu - before.get(tid, (comm, 0.0))[1]) / seconds
+        if used >= 0.01:
+            load["event loop" if tid == pid else f"{comm}/{tid}"] = round(used, 3)
+    return dict(sorted(load.items(), key=lambda kv: -kv[1]))
+
+
+def run_trainer(scenario: Scenario, seconds: float, device: str, threads: int) -> dict[str, Any]:
+    """The server's Trainer step in a process of its own, with the server's torch threads."""
+    return _child(
+        "gradstream.bench.trainer",
+        *("--scenario", scenario.name, "--seconds", str(seconds), "--device", device),
+        *("--threads", str(intra_op_threads(Settings(threads=threads)))),
+    )
+
+
+@contextlib.contextmanager
+def _with_models(
+    device: str, threads: int, models: list[str], scenario: Scenario
+) -> Iterator[LocalServer]:
+    """A server of its own with ``models`` of ``scenario`` created."""
+    with LocalServer("--device", device, "--threads", str(threads)) as server:
+        with Client(server.target) as client:
+            for name in models:
+                client.create_model(name, scenario.spec)
+        yield server
+
+
 def run_service(
     scenario: Scenario, seconds: float, device: str, shared: bool = False, threads: int = 0
 ) -> dict[str, Any]:
     """The service through the SDK; the client in a process of its own."""
-    with LocalServer("--device", device, "--threads", str(threads)) as server:
+    model = f"bench-{scenario.name}"
+    with _with_models(device, threads, [model], scenario) as server:
         assert server.process is not None
         flags = ["--shared-memory"] if shared else []
-        result = _child(
-            "gradstream.bench.service_client",
-            *("--target", server.target, "--scenario", scenario.name, "--seconds", str(seconds)),
-            *flags,
-        )
+        args = ["--scenario", scenario.name, "--model", model, "--existing", *flags]
+        (result,) = run_clients(server, [args], seconds)
         result["server_rss_bytes"] = _rss_bytes(server.process.pid)
     return result
+
+
+def run_clients(
+    server: LocalServer, clients: list[list[str]], seconds: float
+) -> list[dict[str, Any]]:
+    """Several ``service_client`` processes at once, measuring over the same window.
+
+    Each one warms up, then all start together (a barrier of files); returns their results
+    in order, the first with the server threads' load over the window.
+    """
+    assert server.process is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        barrier = Path(tmp)
+        procs = [
+            subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "gradstream.bench.service_client"),
+                    *("--target", server.target, "--seconds", str(seconds)),
+                    *("--barrier", str(barrier), "--index", str(i), *args),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i, args in enumerate(clients)
+        ]
+        try:
+            deadline = time.monotonic() + 120
+            while not all((barrier / f"ready-{i}").exists() for i in range(len(procs))):
+                failed = [p.returncode for p in procs if p.poll() not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(f"bench clients did not get ready (exit codes {failed})")
+                time.sleep(0.01)
+            before, start = _thread_cpu(server.process.pid), time.perf_counter()
+            (barrier / "go").touch()
+            outs = [p.communicate(timeout=seconds + 120)[0] for p in procs]
+            elapsed = time.perf_counter() - start
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if any(p.returncode for p in procs):
+            raise RuntimeError(f"bench clients failed: {[p.returncode for p in procs]}")
+    results = [json.loads(out) for out in outs]
+    results[0]["server_threads"] = _thread_load(server.process.pid, before, elapsed)
+    return results
+
+
+def _total(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Producers measured together as one: their rates added up."""
+    total: dict[str, Any] = {
+        key: sum(float(r[key]) for r in runs)
+        for key in ("steps_per_s", "samples_per_s", "bytes_per_s")
+    }
+    total["producers"] = [r["steps_per_s"] for r in runs]
+    total["server_threads"] = runs[0].get("server_threads", {})
+    return total
+
+
+def run_fan_in(seconds: float, device: str, threads: int, producers: int = 4) -> dict[str, Any]:
+    """One producer, then ``producers`` at once, into one model (medium's stream)."""
+    model = "bench-fan-in"
+    with _with_models(device, threads, [model], SCENARIOS["medium"]) as server:
+        args = ["--scenario", "medium", "--model", model, "--existing"]
+        one = _total(run_clients(server, [args], seconds))
+        many = _total(run_clients(server, [args] * producers, seconds))
+    return {"one": one, "many": many}
+
+
+def run_models(seconds: float, device: str, threads: int, models: int = 2) -> dict[str, Any]:
+    """One model with its producer, then ``models`` models each with its own, at once."""
+    names = [f"bench-models-{i}" for i in range(models)]
+    with _with_models(device, threads, names, SCENARIOS["medium"]) as server:
+        args = [["--scenario", "medium", "--model", n, "--existing"] for n in names]
+        one = _total(run_clients(server, args[:1], seconds))
+        many = _total(run_clients(server, args, seconds))
+    return {"one": one, "many": many}
+
+
+def run_serve(seconds: float, device: str, threads: int) -> dict[str, Any]:
+    """Batch-1 predictions idle, training alone, then both at once (medium's model)."""
+    model = "bench-serve"
+    with _with_models(device, threads, [model], SCENARIOS["medium"]) as server:
+        train = ["--scenario", "medium", "--model", model, "--existing"]
+        predict = [*train, "--predict"]
+        (idle,) = run_clients(server, [predict], seconds)
+        (alone,) = run_clients(server, [train], seconds)
+        loaded, under = run_clients(server, [train, predict], seconds)
+    return {"train": alone, "train_predicting": loaded, "predict": idle, "predict_training": under}
+
+
+GROUPS = {"fan-in": run_fan_in, "models": run_models, "serve": run_serve}
+# ratio name -> (numerator, denominator, key, higher is better)
+GROUP_RATIOS: dict[str, dict[str, tuple[str, str, str, bool]]] = {
+    "fan-in": {"many_vs_one": ("many", "one", "steps_per_s", True)},
+    "models": {"many_vs_one": ("many", "one", "steps_per_s", True)},
+    "serve": {
+        "train_predicting_vs_train": ("train_predicting", "train", "steps_per_s", True),
+        "predict_p99_training_vs_idle": ("predict_training", "predict", "latency_p99_s", False),
+    },
+}
 
 
 def run_soak(seconds: float, device: str) -> dict[str, Any]:
@@ -131,16 +287,43 @@ def run_soak(seconds: float, device: str) -> dict[str, Any]:
     return result
 
 
-CONTENDERS = ("loop", "raw", "service", "shm")
+CONTENDERS = ("loop", "trainer", "raw", "service", "shm")
+# ratio name -> (numerator, denominator, key); all higher is better
+RATIOS = {
+    "service_vs_loop": ("service", "loop", "steps_per_s"),
+    "service_vs_trainer": ("service", "trainer", "steps_per_s"),
+    "trainer_vs_loop": ("trainer", "loop", "steps_per_s"),
+    "service_vs_raw": ("service", "raw", "bytes_per_s"),
+    "shm_vs_raw": ("shm", "raw", "bytes_per_s"),
+}
 
 
-def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median steps/s (the lower middle one of an even count)."""
-    return sorted(runs, key=lambda r: float(r["steps_per_s"]))[(len(runs) - 1) // 2]
+def _median(runs: list[dict[str, Any]], key: str = "steps_per_s") -> dict[str, Any]:
+    """The run with the median ``key`` (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: float(r[key]))[(len(runs) - 1) // 2]
 
 
-def _ratio(runs: dict[str, dict[str, Any]], a: str, b: str, key: str) -> float:
-    return float(runs[a][key]) / float(runs[b][key])
+def _summary(values: list[float], higher_is_better: bool = True) -> dict[str, Any]:
+    """A ratio over the rounds: the median round's value, the worst round's and all."""
+    ordered = sorted(values)
+    return {
+        "median": ordered[(len(ordered) - 1) // 2],
+        "worst": ordered[0] if higher_is_better else ordered[-1],
+        "rounds": values,
+    }
+
+
+def _round_ratios(
+    rounds: dict[str, list[dict[str, Any]]], ratios: dict[str, tuple[str, str, str, bool]]
+) -> dict[str, dict[str, Any]]:
+    """Each ratio computed round by round (contenders of one round ran side by side)."""
+    count = len(next(iter(rounds.values())))
+    return {
+        name: _summary(
+            [float(rounds[a][i][key]) / float(rounds[b][i][key]) for i in range(count)], better
+        )
+        for name, (a, b, key, better) in ratios.items()
+    }
 
 
 def _row(scenario: str, contender: str, r: dict[str, Any]) -> str:
@@ -148,8 +331,52 @@ def _row(scenario: str, contender: str, r: dict[str, Any]) -> str:
     cells += f" {r['bytes_per_s'] / 1e6:>9.1f}"
     if "latency_p50_s" in r:
         cells += f" {r['latency_p50_s'] * 1e3:>8.2f} {r['latency_p99_s'] * 1e3:>8.2f}"
+    if "server_rss_bytes" in r:
         cells += f" {r['server_rss_bytes'] / 1e6:>7.0f}"
     return cells
+
+
+def _ratio_text(label: str, r: dict[str, Any], worst: str = "lowest") -> str:
+    text = f"{label} {r['median']:.2f}x"
+    return text + (f" ({worst} {r['worst']:.2f}x)" if len(r["rounds"]) > 1 else "")
+
+
+def _threads_text(load: dict[str, float]) -> str:
+    return ", ".join(f"{name} {cores:.2f}" for name, cores in list(load.items())[:4])
+
+
+def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
+    ratios = r["ratios"]
+    if name == "serve":
+        lines = [
+            _row(name, "train", r["train"]),
+            _row("", "+predict", r["train_predicting"]),
+        ]
+        for label, key in (("predict", "predict"), ("+train", "predict_training")):
+            p = r[key]
+            lines.append(
+                f"{'':<8} {label:<8} {p['predictions_per_s']:>10,.0f} predictions/s, batch 1"
+                f"{'':<12} {p['latency_p50_s'] * 1e3:>8.2f} {p['latency_p99_s'] * 1e3:>8.2f}"
+            )
+        lines.append(
+            f"{'':<8} "
+            + _ratio_text("training with/without predictions", ratios["train_predicting_vs_train"])
+            + "   "
+            + _ratio_text(
+                "predict p99 training/idle", ratios["predict_p99_training_vs_idle"], "highest"
+            )
+        )
+        return lines
+    many = len(r["many"]["producers"])
+    label = "producers" if name == "fan-in" else "models"
+    return [
+        _row(name, f"1 {label[:-1]}", r["one"]),
+        _row("", f"{many} {label}", r["many"]),
+        f"{'':<8} "
+        + _ratio_text(f"{many} {label}/1", ratios["many_vs_one"])
+        + f"   per producer: {', '.join(f'{v:,.0f}' for v in r['many']['producers'])}",
+        f"{'':<8} server threads (cores): {_threads_text(r['many']['server_threads'])}",
+    ]
 
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
@@ -167,16 +394,53 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
                 f"{s['rss_growth'] * 100:+.2f}%"
             )
             continue
-        for i, contender in enumerate(("loop", "raw", "service", "shm")):
+        if name in GROUPS:
+            lines.extend(_group_lines(name, r))
+            continue
+        for i, contender in enumerate(CONTENDERS):
             lines.append(_row(name if i == 0 else "", contender, r[contender]))
+        ratios = r["ratios"]
         lines.append(
-            f"{'':<8} service/loop {r['service_vs_loop']:.2f}x   "
-            f"service/raw {r['service_vs_raw']:.2f}x   shm/raw {r['shm_vs_raw']:.2f}x"
+            f"{'':<8} "
+            + "   ".join(
+                _ratio_text(label, ratios[key])
+                for label, key in (
+                    ("service/loop", "service_vs_loop"),
+                    ("service/trainer", "service_vs_trainer"),
+                    ("trainer/loop", "trainer_vs_loop"),
+                )
+            )
+        )
+        lines.append(
+            f"{'':<8} "
+            + "   ".join(
+                _ratio_text(label, ratios[key])
+                for label, key in (("service/raw", "service_vs_raw"), ("shm/raw", "shm_vs_raw"))
+            )
+        )
+        lines.append(
+            f"{'':<8} server threads (cores): {_threads_text(r['service']['server_threads'])}"
         )
         if len(r["rounds"]["loop"]) > 1:
             spread = "   ".join(f"{c} {min(v):,.0f}-{max(v):,.0f}" for c, v in r["rounds"].items())
             lines.append(f"{'':<8} steps/s over {len(r['rounds']['loop'])} rounds: {spread}")
     return "\n".join(lines)
+
+
+DEFAULT = ("small", "medium", "large", "fan-in", "models", "serve")
+
+
+def _run_group(name: str, repeat: int, seconds: float, device: str, threads: int) -> dict[str, Any]:
+    """A concurrent scenario's rounds: each part's median round and the ratios per round."""
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(repeat):
+        for part, run in GROUPS[name](seconds, device, threads).items():
+            rounds.setdefault(part, []).append(run)
+    chosen = {
+        part: _median(runs, "steps_per_s" if "steps_per_s" in runs[0] else "latency_p99_s")
+        for part, runs in rounds.items()
+    }
+    return {**chosen, "ratios": _round_ratios(rounds, GROUP_RATIOS[name])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: small medium large"
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"any of {', '.join([*SCENARIOS, *GROUPS])} (default: {' '.join(DEFAULT)})",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the loop and the server)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -209,21 +476,29 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds of every contender per scenario; the median round is reported",
     )
     args = parser.parse_args(argv)
+    for name in args.scenarios:
+        if name not in SCENARIOS and name not in GROUPS:
+            parser.error(f"scenario {name!r}: choose from {', '.join([*SCENARIOS, *GROUPS])}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    chosen = args.scenarios or ["small", "medium", "large"]
+    chosen = args.scenarios or list(DEFAULT)
+    repeat = 1 if args.quick else args.repeat
     duration = 0.5 if args.quick else args.duration
     results: dict[str, dict[str, Any]] = {}
     for name in chosen:
         if name == "soak":
             results[name] = {"service": run_soak(20.0 if args.quick else args.seconds, args.device)}
             continue
+        if name in GROUPS:
+            results[name] = _run_group(name, repeat, duration, args.device, args.threads)
+            continue
         scenario = SCENARIOS[name]
         rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in CONTENDERS}
         # Contenders alternate within each round, so a slow spell of the machine does not
         # land on one of them only; each one's median round is reported.
-        for _ in range(1 if args.quick else args.repeat):
+        for _ in range(repeat):
             rounds["loop"].append(run_loop(scenario, duration, args.device))
+            rounds["trainer"].append(run_trainer(scenario, duration, args.device, args.threads))
             rounds["raw"].append(run_raw(scenario, duration))
             rounds["service"].append(
                 run_service(scenario, duration, args.device, threads=args.threads)
@@ -232,11 +507,11 @@ def main(argv: list[str] | None = None) -> int:
                 run_service(scenario, duration, args.device, shared=True, threads=args.threads)
             )
         chosen_runs = {c: _median(runs) for c, runs in rounds.items()}
+        ratios = _round_ratios(rounds, {k: (*v, True) for k, v in RATIOS.items()})
         results[name] = {
             **chosen_runs,
-            "service_vs_loop": _ratio(chosen_runs, "service", "loop", "steps_per_s"),
-            "service_vs_raw": _ratio(chosen_runs, "service", "raw", "bytes_per_s"),
-            "shm_vs_raw": _ratio(chosen_runs, "shm", "raw", "bytes_per_s"),
+            **{key: ratio["median"] for key, ratio in ratios.items()},
+            "ratios": ratios,
             "rounds": {c: [r["steps_per_s"] for r in runs] for c, runs in rounds.items()},
         }
     server_threads = intra_op_threads(Settings(threads=args.threads))

@@ -39,7 +39,10 @@ async def _serve(ready_file: Path) -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    ready_file.write_text(json.dumps({"port": port}))
+    # Written whole, then renamed: the bench polls for the file and reads it at once.
+    partial = ready_file.with_suffix(".partial")
+    partial.write_text(json.dumps({"port": port}))
+    partial.rename(ready_file)
     await server.wait_for_termination()
 
 

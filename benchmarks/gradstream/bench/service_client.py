@@ -1,6 +1,9 @@
 """Contender (c), the client side: the SDK streaming a scenario into a live server.
 
 Runs in its own process; prints steps/s, samples/s, MB/s and acknowledgement latency as JSON.
+With ``--predict`` it sends batch-1 predictions instead and prints their latency. With
+``--barrier DIR`` several of these processes measure over the same window: each writes
+``DIR/ready-<index>`` after its warm-up and starts once ``DIR/go`` exists.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,17 +21,42 @@ import numpy as np
 from gradstream.bench.scenarios import SCENARIOS
 from gradstream.client import Client
 
+BARRIER_TIMEOUT_S = 120.0
 
-def run(target: str, scenario_name: str, seconds: float, shared: bool = False) -> dict[str, Any]:
+
+def wait_barrier(barrier: Path | None, index: int) -> None:
+    """Say this process is warmed up, then wait for the go (bounded)."""
+    if barrier is None:
+        return
+    (barrier / f"ready-{index}").touch()
+    deadline = time.monotonic() + BARRIER_TIMEOUT_S
+    while not (barrier / "go").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no go in {barrier} after {BARRIER_TIMEOUT_S} s")
+        time.sleep(0.005)
+
+
+def run(
+    target: str,
+    scenario_name: str,
+    seconds: float,
+    *,
+    shared: bool = False,
+    model: str | None = None,
+    create: bool = True,
+    barrier: Path | None = None,
+    index: int = 0,
+) -> dict[str, Any]:
     """Warm up, then stream for ``seconds``; latency is batch yielded -> its result received."""
     scenario = SCENARIOS[scenario_name]
     batches = scenario.batches()
     sent: list[float] = []
+    name = model or f"bench-{scenario.name}"
     with Client(target, timeout=None) as client:
-        name = f"bench-{scenario.name}"
-        if name in {m.name for m in client.list_models()}:
-            client.delete_model(name)
-        client.create_model(name, scenario.spec)
+        if create:
+            if name in {m.name for m in client.list_models()}:
+                client.delete_model(name)
+            client.create_model(name, scenario.spec)
 
         def stream(until: float, stamps: list[float] | None) -> Iterator[tuple[Any, Any]]:
             i = 0
@@ -41,6 +70,7 @@ def run(target: str, scenario_name: str, seconds: float, shared: bool = False) -
         warmup = stream(time.perf_counter() + min(0.5, seconds / 4), None)
         for _ in client.train(name, warmup, batches_per_message=per_message, shared_memory=shared):
             pass
+        wait_barrier(barrier, index)
         latencies: list[float] = []
         start = time.perf_counter()
         steps = 0
@@ -54,12 +84,47 @@ def run(target: str, scenario_name: str, seconds: float, shared: bool = False) -
             steps += 1
             assert result.outcome == "APPLIED", result
         elapsed = time.perf_counter() - start
-        client.delete_model(name)
+        if create:
+            client.delete_model(name)
     lat = np.array(latencies) if latencies else np.zeros(1)
     return {
         "steps_per_s": steps / elapsed,
         "samples_per_s": steps * scenario.rows / elapsed,
         "bytes_per_s": steps * scenario.batch_bytes / elapsed,
+        "latency_p50_s": float(np.percentile(lat, 50)),
+        "latency_p99_s": float(np.percentile(lat, 99)),
+    }
+
+
+def run_predict(
+    target: str,
+    scenario_name: str,
+    seconds: float,
+    model: str,
+    *,
+    barrier: Path | None = None,
+    index: int = 0,
+) -> dict[str, Any]:
+    """Batch-1 predictions one after the other for ``seconds``: their latency."""
+    scenario = SCENARIOS[scenario_name]
+    rows = [x[:1] for x, _ in scenario.batches()]
+    with Client(target, timeout=None) as client:
+        warmup_end = time.perf_counter() + min(0.5, seconds / 4)
+        while time.perf_counter() < warmup_end:
+            client.predict(model, rows[0])
+        wait_barrier(barrier, index)
+        latencies: list[float] = []
+        start = time.perf_counter()
+        now = start
+        while now - start < seconds:
+            client.predict(model, rows[len(latencies) % len(rows)])
+            after = time.perf_counter()
+            latencies.append(after - now)
+            now = after
+        elapsed = now - start
+    lat = np.array(latencies)
+    return {
+        "predictions_per_s": len(latencies) / elapsed,
         "latency_p50_s": float(np.percentile(lat, 50)),
         "latency_p99_s": float(np.percentile(lat, 99)),
     }
@@ -72,8 +137,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--shared-memory", action="store_true", help="the local shared-memory path")
+    parser.add_argument("--model", help="model name (default bench-<scenario>)")
+    parser.add_argument(
+        "--existing", action="store_true", help="the model exists: neither create nor delete it"
+    )
+    parser.add_argument("--predict", action="store_true", help="batch-1 predictions, no training")
+    parser.add_argument("--barrier", type=Path, help="start measuring with the other processes")
+    parser.add_argument("--index", type=int, default=0, help="this process's name in --barrier")
     args = parser.parse_args(argv)
-    json.dump(run(args.target, args.scenario, args.seconds, args.shared_memory), sys.stdout)
+    if args.predict:
+        model = args.model or f"bench-{args.scenario}"
+        result = run_predict(
+            args.target, args.scenario, args.seconds, model, barrier=args.barrier, index=args.index
+        )
+    else:
+        result = run(
+            args.target,
+            args.scenario,
+            args.seconds,
+            shared=args.shared_memory,
+            model=args.model,
+            create=not args.existing,
+            barrier=args.barrier,
+            index=args.index,
+        )
+    json.dump(result, sys.stdout)
 
 
 if __name__ == "__main__":

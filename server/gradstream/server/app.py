@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from gradstream.server.checkpoint import Checkpointer
+from gradstream.server.checkpoint import Checkpointer, check_directory
 from gradstream.server.config import Settings
 from gradstream.server.export import CHUNK_BYTES, ExportFormat
 from gradstream.server.interceptors import (
@@ -94,6 +94,13 @@ class Server:
         self.device = registry.factory.device
         self.metrics = metrics
         self.registry = registry
+        if settings.checkpoint_dir is not None:
+            try:
+                check_directory(settings.checkpoint_dir)
+            except OSError as exc:
+                raise StartupRefused(
+                    f"checkpoint_dir: cannot write to {settings.checkpoint_dir}: {exc}"
+                ) from None
         self.checkpointer = Checkpointer(
             settings.checkpoint_dir,
             self.metrics,
@@ -193,7 +200,7 @@ class Server:
             tls = s.metrics_tls and s.tls_cert is not None and s.tls_key is not None
             self._metrics_http, _ = start_http_server(
                 s.metrics_port,
-                addr=s.host,
+                addr=s.metrics_host,
                 registry=self.metrics.registry,
                 certfile=str(s.tls_cert) if tls else None,
                 keyfile=str(s.tls_key) if tls else None,
@@ -202,11 +209,11 @@ class Server:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "gradstream serving on %s:%d (health %d, metrics %d, device %s, %s, %s)",
+            "gradstream serving on %s:%d (health %s, metrics %s, device %s, %s, %s)",
             s.host,
             self.port,
-            self.health_port,
-            self.metrics_port,
+            self.health_port if s.health_port >= 0 else "off",
+            self.metrics_port if s.metrics_port >= 0 else "off",
             self.device,
             "plaintext" if self.credentials is None else "mTLS" if s.tls_ca else "TLS",
             "auth off" if self.tokens is None else f"{len(self.tokens.grants)} tokens",

@@ -14,6 +14,7 @@ import numpy.typing as npt
 import torch
 
 from gradstream.server.errors import InvalidArgument, ResourceExhausted
+from gradstream.server.models import activation_row_bytes
 from gradstream.server.spec import ModelSpec
 
 Array = npt.NDArray[Any]
@@ -40,35 +41,52 @@ class BatchChecker:
     without waiting for the model's worker.
     """
 
-    def __init__(self, spec: ModelSpec, max_rows: int = 0, max_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        max_rows: int = 0,
+        max_bytes: int = 0,
+        max_activation_bytes: int = 0,
+    ) -> None:
         self.in_features = spec.architecture.in_features
         self.out_features = spec.architecture.out_features
         self.classes = spec.loss.kind == "cross_entropy"
         self.dtype = _NUMPY_DTYPES[spec.dtype]
         self.max_rows = max_rows
         self.max_bytes = max_bytes  # tensor bytes of one batch; 0: no limit
+        # The memory one row costs the forward and backward passes; 0: not known.
+        self.row_bytes = activation_row_bytes(spec)
+        self.max_activation_bytes = max_activation_bytes  # 0: no limit
 
-    def inputs(self, x: Array, field: str = "x") -> torch.Tensor:
+    def inputs(self, x: Array, field: str = "x", quote: bool = True) -> torch.Tensor:
         """x as (N, in_features) with N >= 1, finite, in the model's dtype."""
-        return _tensor(self._inputs(x, field), self.dtype)
+        return torch.from_numpy(self._inputs(x, field, quote))
 
-    def targets(self, y: Array, rows: int, field: str = "y") -> torch.Tensor:
+    def targets(self, y: Array, rows: int, field: str = "y", quote: bool = True) -> torch.Tensor:
         """y for ``rows`` rows: class labels in range, or finite values shaped like the output."""
         if self.classes:
-            return torch.from_numpy(self._labels(y, rows, field).astype(np.int64, copy=False))
-        return _tensor(self._values(y, rows, field), self.dtype)
+            return torch.from_numpy(self._labels(y, rows, field, quote))
+        return torch.from_numpy(self._values(y, rows, field, quote))
 
-    def weights(self, w: Array, rows: int, field: str = "sample_weight") -> torch.Tensor:
+    def weights(
+        self, w: Array, rows: int, field: str = "sample_weight", quote: bool = True
+    ) -> torch.Tensor:
         """One finite, non-negative weight per row, not all zero."""
         _floating(w, field)
         if w.shape != (rows,):
             raise InvalidArgument(field, f"has shape {list(w.shape)}, expected ({rows},)")
-        _finite(w, field)
+        w = _converted(w, self.dtype, field, quote)
         if (w < 0).any():
-            raise InvalidArgument(field, f"has a negative weight {float(w.min())}")
+            shown = f" {float(w.min())}" if quote else ""
+            raise InvalidArgument(field, f"has a negative weight{shown}")
         if not (w > 0).any():
             raise InvalidArgument(field, "weights are all zero")
-        return _tensor(w, self.dtype)
+        return torch.from_numpy(w)
+
+    def grad_output(self, v: Array, field: str = "grad_output") -> torch.Tensor:
+        """A vector for a vector-Jacobian product: floating, finite in the model's dtype."""
+        _floating(v, field)
+        return torch.from_numpy(_converted(v, self.dtype, field, quote=True))
 
     def batch(
         self,
@@ -77,15 +95,23 @@ class BatchChecker:
         weight: Array | None = None,
         sequence: int = 0,
         field: str = "batch",
+        *,
+        quote: bool = True,
     ) -> Batch:
-        """A whole training batch, every part checked."""
-        x = self._inputs(x, f"{field}.x")
+        """A whole training batch, every part checked.
+
+        ``quote=False`` keeps the values themselves out of error messages (for bytes
+        read from a segment, which must not be echoed back).
+        """
+        inputs = self._inputs(x, f"{field}.x", quote)
         self._check_bytes(x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes), field)
-        rows = x.shape[0]
+        rows = inputs.shape[0]
         return Batch(
-            x=_tensor(x, self.dtype),
-            y=self.targets(y, rows, f"{field}.y"),
-            weight=None if weight is None else self.weights(weight, rows, f"{field}.sample_weight"),
+            x=torch.from_numpy(inputs),
+            y=self.targets(y, rows, f"{field}.y", quote),
+            weight=None
+            if weight is None
+            else self.weights(weight, rows, f"{field}.sample_weight", quote),
             sequence=sequence,
         )
 
@@ -96,7 +122,7 @@ class BatchChecker:
                 f"{self.max_bytes}"
             )
 
-    def _inputs(self, x: Array, field: str) -> Array:
+    def _inputs(self, x: Array, field: str, quote: bool) -> Array:
         _floating(x, field)
         if x.ndim == 1 and self.in_features == 1:
             x = x.reshape(-1, 1)
@@ -111,10 +137,22 @@ class BatchChecker:
                 f"{field}: max_batch_rows: has {x.shape[0]} rows, the limit is {self.max_rows}"
             )
         self._check_bytes(x.nbytes, field)
-        _finite(x, field)
-        return x
+        self._check_activations(x.shape[0], field)
+        return _converted(x, self.dtype, field, quote)
 
-    def _labels(self, y: Array, rows: int, field: str) -> Array:
+    def _check_activations(self, rows: int, field: str) -> None:
+        # Before any of the batch reaches torch: one legal-sized batch through a wide
+        # layer can ask for more memory than the host has, and the OOM killer ends
+        # every model, not just the request.
+        need = rows * self.row_bytes
+        if self.max_activation_bytes and need > self.max_activation_bytes:
+            raise ResourceExhausted(
+                f"{field}: max_activation_bytes: {rows} rows need about {need} bytes of "
+                f"activations and gradients in this model, the limit is "
+                f"{self.max_activation_bytes}"
+            )
+
+    def _labels(self, y: Array, rows: int, field: str, quote: bool) -> Array:
         if y.dtype.kind != "i":
             raise InvalidArgument(
                 field, f"has dtype {y.dtype.name}, cross_entropy takes int64 class labels"
@@ -123,11 +161,11 @@ class BatchChecker:
             raise InvalidArgument(field, f"has shape {list(y.shape)}, expected ({rows},) labels")
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= self.out_features:
-            bad = low if low < 0 else high
-            raise InvalidArgument(field, f"label {bad} is out of range [0, {self.out_features})")
-        return y
+            bad = f"label {low if low < 0 else high}" if quote else "a label"
+            raise InvalidArgument(field, f"{bad} is out of range [0, {self.out_features})")
+        return y.astype(np.int64, copy=False)
 
-    def _values(self, y: Array, rows: int, field: str) -> Array:
+    def _values(self, y: Array, rows: int, field: str, quote: bool) -> Array:
         _floating(y, field)
         if y.ndim == 1 and self.out_features == 1:
             y = y.reshape(-1, 1)
@@ -135,13 +173,19 @@ class BatchChecker:
             raise InvalidArgument(
                 field, f"has shape {list(y.shape)}, expected ({rows}, {self.out_features})"
             )
-        _finite(y, field)
-        return y
+        return _converted(y, self.dtype, field, quote)
 
 
-def _tensor(array: Array, dtype: np.dtype[Any]) -> torch.Tensor:
-    # Zero-copy when the wire dtype is the model's; one conversion otherwise.
-    return torch.from_numpy(array.astype(dtype, copy=False))
+def _converted(array: Array, dtype: np.dtype[Any], field: str, quote: bool) -> Array:
+    """``array`` in the model's dtype, checked finite after the conversion.
+
+    Zero-copy when the wire dtype is the model's. Checked after, not before: a
+    float64 1e300 is finite, and infinite once in a float32 model.
+    """
+    with np.errstate(over="ignore"):
+        converted = array.astype(dtype, copy=False)
+    _finite(converted, field, quote, "" if converted is array else f" as {dtype.name}")
+    return converted
 
 
 def _floating(a: Array, field: str) -> None:
@@ -149,7 +193,8 @@ def _floating(a: Array, field: str) -> None:
         raise InvalidArgument(field, f"has dtype {a.dtype.name}, expected floating point")
 
 
-def _finite(a: Array, field: str) -> None:
+def _finite(a: Array, field: str, quote: bool = True, converted: str = "") -> None:
     if not np.isfinite(a).all():
         bad = a[~np.isfinite(a)].flat[0]
-        raise InvalidArgument(field, f"contains a non-finite value ({bad})")
+        shown = f" ({bad})" if quote else ""
+        raise InvalidArgument(field, f"contains a non-finite value{shown}{converted}")

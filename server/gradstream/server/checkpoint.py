@@ -4,7 +4,14 @@ On disk, per model::
 
     <checkpoint_dir>/<model>/ckpt-0000000007/tensors.safetensors   parameters, momentum, ...
                                             /meta.json             step, spec, producers, digests
+    <checkpoint_dir>/<model>/ckpt-0000000008-requested/...         one a client asked for
     <checkpoint_dir>/<model>/.tmp-...                              a write in progress (or killed)
+
+The directory's name is the model's name: a checkpoint copied into another
+model's directory restores as that model, whatever name its meta.json records.
+Checkpoints the server takes (periodic, first, final) and the ones clients ask
+for (SaveCheckpoint) are retained separately, ``keep`` of each: a client with
+the train action cannot push the server's own history out.
 
 A checkpoint is written into a ``.tmp-`` directory, every file and the directory
 fsynced, then renamed to ``ckpt-<serial>`` and the model directory fsynced: a
@@ -26,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -44,9 +53,16 @@ import safetensors.torch
 import torch
 
 from gradstream.server.engine import Trainer, TrainerFactory, TrainerState
-from gradstream.server.errors import DataLoss, FailedPrecondition, GradstreamError, NotFound
+from gradstream.server.errors import (
+    DataLoss,
+    FailedPrecondition,
+    GradstreamError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from gradstream.server.metrics import Metrics
-from gradstream.server.spec import parse_spec
+from gradstream.server.spec import check_model_name, parse_spec
 
 if TYPE_CHECKING:
     from gradstream.server.registry import ModelRegistry
@@ -60,7 +76,9 @@ META = "meta.json"
 # Far above any real model's: a safetensors header lists names, dtypes, shapes and offsets.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_META_BYTES = 16 * 1024 * 1024
-_CHECKPOINT = re.compile(r"^ckpt-(\d{10})$")
+_CHECKPOINT = re.compile(r"ckpt-(\d{10})(-requested)?")
+REQUESTED = "-requested"  # suffix of the checkpoints clients asked for
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 _LEFTOVER_PREFIXES = (".tmp-", ".trash-")
 _STATE_PREFIXES = ("param", "grad", "optim")
 
@@ -164,19 +182,80 @@ def restore(snapshot: Snapshot, factory: TrainerFactory) -> Trainer:
 # -- files ---------------------------------------------------------------------------------
 
 
-def write(model_dir: Path, snapshot: Snapshot, keep: int) -> SavedCheckpoint:
+def write(
+    model_dir: Path, snapshot: Snapshot, keep: int, requested: bool = False
+) -> SavedCheckpoint:
     """Write a snapshot atomically as the model's newest checkpoint, then keep the newest ``keep``.
 
+    ``requested``: a client asked for it; those are retained apart from the server's own.
+    Short of space, the checkpoints this write would retire anyway go first (never
+    the last one). A failed write leaves no temporary directory behind.
     Not safe against a concurrent writer of the same model: the caller serializes.
     """
     created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     if created:
         _fsync_dir(model_dir.parent)
+    data = safetensors.torch.save(snapshot.tensors)
+    meta = _meta(snapshot, data)
+    if _free_bytes(model_dir) < len(data) + len(meta) + _SLACK_BYTES:
+        _prune(model_dir, keep - 1, requested)
+    try:
+        final = _write_checkpoint(model_dir, data, meta, requested)
+    except OSError as exc:
+        if exc.errno not in _FULL or not _prune(model_dir, keep - 1, requested):
+            raise
+        final = _write_checkpoint(model_dir, data, meta, requested)  # once, with the room freed
+    _prune(model_dir, keep, requested)
+    return SavedCheckpoint(final.name, snapshot.step, dict(snapshot.producers))
+
+
+# Filesystem blocks and the directory entries beyond the two files' bytes.
+_SLACK_BYTES = 64 * 1024
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _prune(model_dir: Path, keep: int, requested: bool) -> bool:
+    """Remove the oldest checkpoints of one kind beyond ``keep`` (at least one stays).
+
+    Returns whether anything was removed.
+    """
+    same_kind = [path for _, path in _checkpoints(model_dir) if _is_requested(path) == requested]
+    old = same_kind[: -max(keep, 1)]
+    for path in old:
+        _remove(path)
+    return bool(old)
+
+
+def _is_requested(path: Path) -> bool:
+    return path.name.endswith(REQUESTED)
+
+
+def _write_checkpoint(model_dir: Path, data: bytes, meta: bytes, requested: bool) -> Path:
     serial = max((s for s, _ in _checkpoints(model_dir)), default=0) + 1
     tmp = model_dir / f".tmp-{serial:010d}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    data = safetensors.torch.save(snapshot.tensors)
+    try:
+        tmp.mkdir()
+        _write_file(tmp / TENSORS, data)
+        _write_file(tmp / META, meta)
+        _fsync_dir(tmp)
+        final = model_dir / f"ckpt-{serial:010d}{REQUESTED if requested else ''}"
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not fill up with leftovers
+        raise
+    _fsync_dir(model_dir)
+    return final
+
+
+def _meta(snapshot: Snapshot, data: bytes) -> bytes:
     body = {
         "model": snapshot.name,
         "created": snapshot.created,
@@ -195,15 +274,7 @@ def write(model_dir: Path, snapshot: Snapshot, keep: int) -> SavedCheckpoint:
         "body_sha256": _digest(body),
         "body": body,
     }
-    _write_file(tmp / TENSORS, data)
-    _write_file(tmp / META, json.dumps(meta, indent=1, sort_keys=True).encode())
-    _fsync_dir(tmp)
-    final = model_dir / f"ckpt-{serial:010d}"
-    tmp.rename(final)
-    _fsync_dir(model_dir)
-    for _, old in _checkpoints(model_dir)[:-keep]:
-        _remove(old)
-    return SavedCheckpoint(final.name, snapshot.step, dict(snapshot.producers))
+    return json.dumps(meta, indent=1, sort_keys=True).encode()
 
 
 def read(path: Path) -> Snapshot:
@@ -301,7 +372,7 @@ def remove_leftovers(model_dir: Path) -> list[Path]:
 def _checkpoints(model_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in model_dir.iterdir():
-        match = _CHECKPOINT.match(path.name)
+        match = _CHECKPOINT.fullmatch(path.name)
         if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
@@ -312,6 +383,28 @@ def _remove(path: Path) -> None:
     trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def check_directory(directory: Path) -> None:
+    """Create the checkpoint directory if needed and prove it takes a file; OSError if not."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".tmp-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_file(probe, b"gradstream")
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def _write_error(name: str, model_dir: Path, exc: OSError) -> GradstreamError:
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    what = (
+        f"checkpoint of model {name!r} into {model_dir} failed: {code} ({exc.strerror}); "
+        "the model itself is unharmed"
+    )
+    if exc.errno in _FULL:
+        return ResourceExhausted(f"{what}; free space on the checkpoint volume")
+    return Unavailable(what)
 
 
 def _digest(body: Any) -> str:
@@ -373,8 +466,13 @@ class Checkpointer:
         """The producer's last sequence saved in the model's newest checkpoint (0: none)."""
         return self._durable.get(model, {}).get(producer, 0)
 
-    async def save(self, worker: ModelWorker) -> SavedCheckpoint:
-        """Checkpoint one model now; returns once the checkpoint is durable on disk."""
+    async def save(self, worker: ModelWorker, requested: bool = False) -> SavedCheckpoint:
+        """Checkpoint one model now; returns once the checkpoint is durable on disk.
+
+        ``requested``: a client's SaveCheckpoint, retained apart from the server's own.
+        A full disk is RESOURCE_EXHAUSTED, any other failure to write UNAVAILABLE; both
+        name the directory and the errno.
+        """
         if self.directory is None:
             raise FailedPrecondition("checkpoints are off: start the server with --checkpoint-dir")
         name = worker.trainer.name
@@ -385,10 +483,15 @@ class Checkpointer:
             start = time.perf_counter()
             try:
                 snapshot = await worker.run(take)
-                saved = await asyncio.to_thread(write, self.directory / name, snapshot, self.keep)
+                saved = await asyncio.to_thread(
+                    write, self.directory / name, snapshot, self.keep, requested
+                )
             except GradstreamError:
                 self.metrics.checkpoint_failures.labels(name).inc()
                 raise
+            except OSError as exc:
+                self.metrics.checkpoint_failures.labels(name).inc()
+                raise _write_error(name, self.directory / name, exc) from None
             except Exception as exc:
                 self.metrics.checkpoint_failures.labels(name).inc()
                 log.error("checkpoint of model %r failed", name, exc_info=exc)
@@ -397,7 +500,9 @@ class Checkpointer:
             self.metrics.checkpoint_last_success.labels(name).set(time.time())
             self._durable[name] = saved.producers
             self._saved[name] = (snapshot.step, snapshot.pending, time.monotonic())
-            log.debug("checkpoint %s/%s at step %d", name, saved.name, saved.step)
+            log.info(
+                "checkpoint written model=%s checkpoint=%s step=%d", name, saved.name, saved.step
+            )
             return saved
 
     def after_steps(self, worker: ModelWorker) -> None:
@@ -458,7 +563,7 @@ class Checkpointer:
         """Make every model in the directory resident again from its newest valid checkpoint."""
         if self.directory is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        check_directory(self.directory)
         for model_dir in sorted(self.directory.iterdir()):
             if not model_dir.is_dir() or model_dir.name.startswith("."):
                 continue
@@ -470,7 +575,23 @@ class Checkpointer:
     async def _restore(self, registry: ModelRegistry, model_dir: Path) -> None:
         name = model_dir.name
         try:
+            check_model_name(name)
+        except GradstreamError as exc:
+            log.error("directory %s is not restored: %s", model_dir, exc.message)
+            return
+        try:
             path, snapshot, skipped = await asyncio.to_thread(newest, model_dir)
+            if snapshot.name != name:
+                # The directory decides: a checkpoint copied from a/ into b/ is a clone
+                # named b, never a stale a replacing the live one.
+                log.warning(
+                    "checkpoint %s/%s records model %r: restored as %r, its directory's name",
+                    name,
+                    path.name,
+                    snapshot.name,
+                    name,
+                )
+                snapshot = dataclasses.replace(snapshot, name=name)
             for bad, reason in skipped:
                 self.metrics.checkpoint_restore_fallbacks.labels(name).inc()
                 log.error("skipping checkpoint %s of model %r: %s", bad.name, name, reason)
@@ -483,7 +604,7 @@ class Checkpointer:
         self._durable[name] = dict(snapshot.producers)
         self._saved[name] = (snapshot.step, snapshot.pending, time.monotonic())
         self.metrics.checkpoint_last_success.labels(name).set(snapshot.created)
-        log.info("model %r restored from %s at step %d", name, path.name, snapshot.step)
+        log.info("model restored name=%s checkpoint=%s step=%d", name, path.name, snapshot.step)
 
     async def forget(self, name: str, worker: ModelWorker | None = None) -> None:
         """Delete a deleted model's checkpoints, so that a restart does not bring it back."""

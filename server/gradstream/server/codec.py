@@ -10,6 +10,7 @@ import numpy.typing as npt
 import torch
 
 from gradstream.server.errors import InvalidArgument
+from gradstream.server.shm import SharedSegment
 from gradstream.server.wire import WireTensor
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import TensorFormatError, from_parts, to_proto
@@ -28,11 +29,12 @@ def decode_array(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
 
 
 def decode_wire(
-    tensor: WireTensor | None, field: str, segment: memoryview | None = None
+    tensor: WireTensor | None, field: str, segment: SharedSegment | None = None
 ) -> npt.NDArray[Any]:
-    """``decode_array`` for a tensor of a decoded Train request (a view, never a copy).
+    """``decode_array`` for a tensor of a decoded Train request (a view of its bytes).
 
-    A tensor may point into the stream's shared-memory ``segment`` instead of carrying data.
+    A tensor may point into the stream's shared-memory ``segment`` instead of carrying
+    data: those bytes are copied out, and the array is a view of the copy.
     """
     if tensor is None:
         raise InvalidArgument(field, "is missing")

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9464, ge=-1, le=65535, description="Prometheus /metrics port (-1: off)"
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="address the /metrics port binds to; not --host, because /metrics shows "
+        "model names and weights without tokens (on Kubernetes: the pod IP)",
+    )
     device: str = Field(
         "auto", description="auto, cpu, cuda or cuda:N; auto takes CUDA when present"
     )
@@ -104,6 +109,15 @@ class Settings(BaseSettings):
     )
     max_model_parameters: int = Field(
         100_000_000, gt=0, description="parameter elements of one model"
+    )
+    max_model_layers: int = Field(
+        64, gt=0, description="layers of a built-in model (len(hidden) + 1)"
+    )
+    max_activation_bytes: int = Field(
+        2 * 1024**3,
+        gt=0,
+        description="memory the forward and backward passes of one batch may need "
+        "(rows x the model's per-row cost), checked before the batch runs",
     )
     max_program_bytes: int = Field(
         64 * 1024 * 1024,

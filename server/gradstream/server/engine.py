@@ -7,6 +7,7 @@ steps are serialized without locks.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -34,6 +35,9 @@ from gradstream.server.optim import (
     set_lr,
 )
 from gradstream.server.spec import ModelSpec, OptimizerSpec, RMSpropSpec, SGDSpec
+
+# Nodes of the loss's autograd graph that GetModel lists at most.
+MAX_CHAIN_NODES = 1024
 
 
 def _engine_backward() -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -249,6 +253,7 @@ class TrainerFactory:
     max_nonfinite_steps: int = 0
     max_batch_rows: int = 0
     max_batch_bytes: int = 0
+    max_activation_bytes: int = 0
     deferred: bool | None = None  # see step_kind; data-parallel ranks: False
     gradients: Callable[[Trainer], GradientSource] = lambda _: LocalGradients()
 
@@ -266,6 +271,7 @@ class TrainerFactory:
             self.deferred,
             max_batch_rows=self.max_batch_rows,
             max_batch_bytes=self.max_batch_bytes,
+            max_activation_bytes=self.max_activation_bytes,
         )
         if state is not None:
             trainer.load_state_dict(state)
@@ -287,6 +293,7 @@ class Trainer:
         *,
         max_batch_rows: int = 0,
         max_batch_bytes: int = 0,
+        max_activation_bytes: int = 0,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -302,7 +309,7 @@ class Trainer:
         ):
             optimizer_spec = optimizer_spec.model_copy(update={"fused": True})
         self.optimizer = build_optimizer(optimizer_spec, self.module)
-        self.checker = BatchChecker(spec, max_batch_rows, max_batch_bytes)
+        self.checker = BatchChecker(spec, max_batch_rows, max_batch_bytes, max_activation_bytes)
         self.source: GradientSource = LocalGradients()
         self.step = 0
         self.pending = 0  # batches whose gradients are accumulated towards the next step
@@ -748,8 +755,11 @@ class Trainer:
                 raise InvalidArgument(
                     f"parameters[{name}]", f"has dtype {value.dtype}, expected float"
                 )
-            if not bool(torch.isfinite(value).all()):
-                raise InvalidArgument(f"parameters[{name}]", "contains a non-finite value")
+            # Checked in the parameter's dtype: 1e300 is finite in float64, not in float32.
+            if not bool(torch.isfinite(value.to(param.dtype)).all()):
+                raise InvalidArgument(
+                    f"parameters[{name}]", f"contains a non-finite value as {param.dtype}"
+                )
         with torch.no_grad():
             for name, value in values.items():
                 self._params[name].copy_(value)
@@ -828,9 +838,10 @@ class Trainer:
         loss = loss_value(self.spec.loss, self.module(x), y, None)
         names: list[str] = []
         seen: set[int] = set()
-        frontier = [loss.grad_fn]
-        while frontier:
-            node = frontier.pop(0)
+        frontier = collections.deque([loss.grad_fn])
+        # Bounded: a plug-in's graph can be as deep as it likes; the chain is for reading.
+        while frontier and len(names) < MAX_CHAIN_NODES:
+            node = frontier.popleft()
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))

@@ -97,7 +97,9 @@ class Follower:
         host = s.host
         if s.metrics_port >= 0:
             http, _ = start_http_server(
-                s.metrics_port and s.metrics_port + offset, addr=host, registry=self.registry
+                s.metrics_port and s.metrics_port + offset,
+                addr=s.metrics_host,
+                registry=self.registry,
             )
             ports["metrics_port"] = http.server_port
             closers.append(http.shutdown)

@@ -56,6 +56,7 @@ def build(
             max_nonfinite_steps=settings.max_nonfinite_steps,
             max_batch_rows=settings.max_batch_rows,
             max_batch_bytes=settings.max_batch_bytes,
+            max_activation_bytes=settings.max_activation_bytes,
         )
     else:
         # Beside the server's metrics, on its port.
@@ -67,6 +68,7 @@ def build(
         max_models=settings.max_models,
         queue_depth=settings.queue_depth,
         max_model_parameters=settings.max_model_parameters,
+        max_model_layers=settings.max_model_layers,
     )
     return Server(settings, registry, metrics, tokens=tokens, credentials=credentials)
 
@@ -77,6 +79,10 @@ def run(settings: Settings) -> None:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if requested(settings):
+        # Every rank checks what would stop rank 0 from serving before any joins the group,
+        # so a refusal is each rank's own one line, not a peer's broken-connection error.
+        load_tokens(settings)
+        server_credentials(settings)
         _run_rank(settings)
     else:
         asyncio.run(_serve(build(settings)))

@@ -155,6 +155,48 @@ def build_module(spec: ModelSpec, device: torch.device, *, named_inputs: bool = 
     return module
 
 
+def activation_row_bytes(spec: ModelSpec) -> int:
+    """About what one row of a batch costs a forward and backward pass, in bytes.
+
+    Built-in architectures: every layer's output and its activation's are kept for
+    backward, and backward holds gradients about twice the widest layer at a time.
+    Plug-ins: the tensors autograd saves for one row, measured on the meta device
+    (nothing allocated); 0 when that cannot be measured, and only ``max_batch_rows``
+    bounds their batches then.
+    """
+    arch = spec.architecture
+    itemsize = DTYPES[spec.dtype].itemsize
+    if arch.kind in ("linear", "mlp"):
+        widths = [arch.in_features, *arch.hidden, arch.out_features]
+        return itemsize * (2 * sum(arch.hidden) + arch.out_features + 2 * max(widths))
+    return _measured_row_bytes(spec)
+
+
+def _measured_row_bytes(spec: ModelSpec) -> int:
+    builder = architectures().get(spec.architecture.kind)
+    if builder is None:
+        return 0
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    def cost(rows: int) -> int:
+        saved[0] = 0
+        with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module = builder(spec.architecture).to(DTYPES[spec.dtype])
+            out = module(torch.empty(rows, spec.architecture.in_features, requires_grad=True))
+            return int(saved[0] + out.numel() * out.element_size())
+
+    try:
+        per_row = cost(2) - cost(1)
+    except Exception:  # a plug-in that does not run on meta tensors: not measurable
+        return 0
+    # Backward's gradients take about as much again.
+    return 2 * max(per_row, 0)
+
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 # torch's registries of hooks every module call runs (register_module_forward_hook & co.).
 _GLOBAL_HOOKS = (

@@ -35,7 +35,7 @@ from gradstream.server.metrics import Metrics
 from gradstream.server.publishing import Publisher
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.session import TrainSession
-from gradstream.server.shm import map_shared_memory
+from gradstream.server.shm import open_shared_memory
 from gradstream.server.spec import parse_spec
 from gradstream.server.tokens import may_read
 from gradstream.server.wire import TrainMessage, parse_train_request
@@ -99,7 +99,7 @@ class TrainerServicer:
     async def SaveCheckpoint(
         self, request: pb.SaveCheckpointRequest, context: Context
     ) -> pb.SaveCheckpointResponse:
-        saved = await self.checkpointer.save(self.registry.get(request.name))
+        saved = await self.checkpointer.save(self.registry.get(request.name), requested=True)
         return pb.SaveCheckpointResponse(
             checkpoint=saved.name, step=saved.step, producer_sequences=saved.producers
         )
@@ -117,8 +117,11 @@ class TrainerServicer:
             # checkpoint restores it at step 0 and producers re-send from their start.
             try:
                 await self.checkpointer.save(self.registry.get(request.name))
-            except GradstreamError as exc:
-                log.warning("first checkpoint of %r failed: %s", request.name, exc.message)
+            except GradstreamError:  # not durable: not created (the error names why)
+                async with self.registry.deleting(request.name):
+                    await self.registry.delete(request.name)
+                    await self.checkpointer.forget(request.name)
+                raise
         return pb.CreateModelResponse(model=_info(info))
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
@@ -143,8 +146,9 @@ class TrainerServicer:
             worker: ModelWorker | None = self.registry.get(request.name)
         except DataLoss:  # restored from no checkpoint: nothing runs, only files to remove
             worker = None
-        await self.registry.delete(request.name)
-        await self.checkpointer.forget(request.name, worker)
+        async with self.registry.deleting(request.name):  # until the directory is gone
+            await self.registry.delete(request.name)
+            await self.checkpointer.forget(request.name, worker)
         if self.publisher is not None:
             self.publisher.forget(request.name)
         return pb.DeleteModelResponse()
@@ -264,9 +268,7 @@ class TrainerServicer:
                     decode_array(request.sample_weight, "sample_weight"), x.shape[0]
                 )
         else:
-            vector = decode(request.grad_output, "grad_output")
-            if not vector.is_floating_point() or not bool(torch.isfinite(vector).all()):
-                raise InvalidArgument("grad_output", "must be finite floating point values")
+            vector = checker.grad_output(decode_array(request.grad_output, "grad_output"))
 
         def gradients(trainer: Trainer) -> tuple[dict[str, torch.Tensor], float | None]:
             grads, loss = trainer.gradients(x, y, weight, vector)
@@ -318,7 +320,7 @@ class TrainerServicer:
         worker = self.registry.get(first.open.model)
         segment = None
         if first.open.shared_memory:
-            segment = map_shared_memory(first.open.shared_memory, context.peer())
+            segment = open_shared_memory(first.open.shared_memory, context.peer())
         options = TrainOptions(first.open.producer_id, max(1, first.open.report_every))
         session = TrainSession(
             worker, options, self.metrics, self.checkpointer, segment, publisher=self.publisher

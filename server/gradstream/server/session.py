@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -35,8 +36,11 @@ from gradstream.server.errors import (
 from gradstream.server.export import copy_model
 from gradstream.server.metrics import Metrics
 from gradstream.server.publishing import Publisher
+from gradstream.server.shm import SharedSegment
 from gradstream.server.wire import TrainMessage, WireBatch, WireTensor
 from gradstream.server.worker import ModelWorker
+
+log = logging.getLogger("gradstream.server")
 
 # Batches at least this large (on average in a message) are checked on the model's worker.
 WORKER_CHECK_BYTES = 256 * 1024
@@ -69,7 +73,7 @@ class Reply:
 
 
 def decode(
-    checker: BatchChecker, batch: WireBatch, index: int, segment: memoryview | None
+    checker: BatchChecker, batch: WireBatch, index: int, segment: SharedSegment | None
 ) -> Batch | Rejected:
     """A wire batch as a checked batch, or the rejection that names what is wrong with it."""
     field = f"batches[{index}]"
@@ -81,6 +85,7 @@ def decode(
             None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
             batch.sequence,
             field,
+            quote=segment is None,  # a segment's bytes are never echoed back
         )
     except (InvalidArgument, ResourceExhausted) as exc:  # this batch alone; the stream goes on
         return Rejected(str(exc), batch.sequence)
@@ -128,7 +133,7 @@ class TrainSession:
         options: TrainOptions,
         metrics: Metrics,
         checkpointer: Checkpointer,
-        segment: memoryview | None = None,
+        segment: SharedSegment | None = None,
         *,
         publisher: Publisher | None = None,
     ) -> None:
@@ -137,7 +142,7 @@ class TrainSession:
         self.options = options
         self.metrics = metrics
         self.checkpointer = checkpointer
-        self.segment = segment  # the producer's shared memory, mapped read-only
+        self.segment = segment  # the producer's shared memory, read-only
         self.cancelled = False
         self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
         self.error: GradstreamError | None = None  # ends the stream after the results before it
@@ -172,10 +177,13 @@ class TrainSession:
         self._reader = reader
         if self.draining:  # drain() ran while this stream was opening
             reader.cancel()
+        answered = rejected = 0
         try:
             while (job := await jobs.get()) is not None:
                 try:
                     results = await job
+                    answered += len(results)
+                    rejected += sum(r.outcome == Outcome.REJECTED for r in results)
                     self.checkpointer.after_steps(self.worker)
                     durable = self.checkpointer.durable_sequence(name, producer)
                     news = durable if durable > self._durable_sent else 0
@@ -190,7 +198,15 @@ class TrainSession:
         finally:
             self.cancelled = True
             reader.cancel()
-            self.segment = None  # unmapped once the last batch viewing it is gone
+            self.segment = None  # closed once the last job reading it is gone
+            if rejected:  # a stream that only trained is not worth a line at INFO
+                log.info(
+                    "train stream ended model=%s producer=%s batches=%d rejected=%d",
+                    name,
+                    producer or "-",
+                    answered,
+                    rejected,
+                )
 
     async def _read(
         self,
@@ -276,7 +292,7 @@ def _reading_ended(
 
 
 def _checks(
-    batches: list[WireBatch], segment: memoryview | None
+    batches: list[WireBatch], segment: SharedSegment | None
 ) -> Callable[[Trainer], list[Batch | Rejected]]:
     """Decode and check a message's batches; one that fails keeps its place as REJECTED.
 

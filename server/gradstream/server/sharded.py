@@ -68,6 +68,7 @@ def rank_factory(settings: Settings, device: torch.device, gradients: Any) -> Tr
         max_nonfinite_steps=settings.max_nonfinite_steps,
         max_batch_rows=settings.max_batch_rows,
         max_batch_bytes=settings.max_batch_bytes,
+        max_activation_bytes=settings.max_activation_bytes,
         deferred=False,
         gradients=gradients,
     )

@@ -20,7 +20,7 @@ from pydantic import (
 )
 from torch import nn
 
-from gradstream.server.errors import InvalidArgument
+from gradstream.server.errors import InvalidArgument, ResourceExhausted
 
 BUILTIN_ARCHITECTURES = ("linear", "mlp")
 Activation = Literal["relu", "tanh", "gelu", "sigmoid"]
@@ -30,11 +30,15 @@ DType = Literal["float32", "float64"]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 _BLAMED = re.compile(r"^([a-z_.]+): (.*)$", re.DOTALL)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # No NaN or Inf in any number of any spec: an infinite lr or momentum trains
+    # parameters to Inf/NaN while every step reports APPLIED.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False
+    )
 
 
 class EmbeddingSpec(_Spec):
@@ -417,6 +421,34 @@ class ModelSpec(_Spec):
             )
         return self
 
+    @model_validator(mode="after")
+    def _init_finite_in_dtype(self) -> ModelSpec:
+        # Checked in the model's dtype: 1e300 is a finite float64 and an infinite float32.
+        dtype = np.dtype(self.dtype)
+        for name, value in self.init.tensors.items():
+            with np.errstate(over="ignore"):
+                converted = value.astype(dtype)
+            if not bool(np.isfinite(converted).all()):
+                raise ValueError(
+                    f"init.tensors: {name!r} must be finite numbers in the model's dtype "
+                    f"{self.dtype}"
+                )
+        return self
+
+
+def check_depth(spec: ModelSpec, max_layers: int) -> None:
+    """Refuse a built-in network deeper than ``max_layers`` (setting ``max_model_layers``).
+
+    Deep enough, building it, counting its parameters and walking its autograd graph
+    take seconds, and tearing the graph down can overflow the C stack.
+    """
+    layers = len(spec.architecture.hidden) + 1
+    if max_layers and layers > max_layers:
+        raise ResourceExhausted(
+            f"max_model_layers: spec.architecture.hidden makes {layers} layers, "
+            f"the limit is {max_layers}"
+        )
+
 
 def parse_spec(data: dict[str, Any], field: str = "spec") -> ModelSpec:
     """Validate a spec given as a plain dict; the error names the first bad field and value."""
@@ -428,7 +460,8 @@ def parse_spec(data: dict[str, Any], field: str = "spec") -> ModelSpec:
 
 def check_model_name(name: str, field: str = "name") -> str:
     """Model names are path- and label-safe: 1-128 of ``[A-Za-z0-9._-]``, alphanumeric first."""
-    if not _NAME.match(name):
+    # fullmatch: "$" matches before a trailing newline, and "victim\n" is not "victim".
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
             field,
             f"{name!r} is not a model name (1-128 of A-Z a-z 0-9 . _ -, starting alphanumeric)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ from gradstream.server.batches import Batch
 from gradstream.server.engine import Outcome, Trainer, TrainerFactory, TrainOptions
 from gradstream.server.errors import DataLoss
 from gradstream.server.spec import parse_spec
+from tests.conftest import SmallVolume
 
 CPU = torch.device("cpu")
 SPEC = {
@@ -224,3 +226,64 @@ def test_only_the_newest_k_are_kept_and_leftovers_go_at_the_next_start(tmp_path:
         "ckpt-0000000004",
         "ckpt-0000000005",
     ]
+
+
+WIDE = {"architecture": {"kind": "linear", "in_features": 1000, "out_features": 100}}
+
+
+def _checkpoint_bytes(tmp_path: Path, trainer: Trainer) -> int:
+    path = tmp_path / "measure"
+    saved = ck.write(path, ck.take(trainer), keep=1)
+    return sum(f.stat().st_size for f in (path / saved.name).iterdir())
+
+
+def test_a_disk_with_room_for_keep_checkpoints_still_takes_the_next(
+    tmp_path: Path, small_volume: SmallVolume
+) -> None:
+    trainer = Trainer("m", parse_spec(WIDE), CPU)
+    size = _checkpoint_bytes(tmp_path, trainer)
+    volume = small_volume(int(2.5 * size))  # keep=2 fit, a third does not
+    for _ in range(5):
+        ck.write(volume / "m", ck.take(trainer), keep=2)
+    assert sorted(p.name for p in (volume / "m").iterdir()) == [
+        "ckpt-0000000004",
+        "ckpt-0000000005",
+    ]
+
+
+def test_a_full_disk_fails_the_write_keeps_the_last_good_one_and_leaves_no_temp_dir(
+    tmp_path: Path, small_volume: SmallVolume
+) -> None:
+    trainer = Trainer("m", parse_spec(WIDE), CPU)
+    size = _checkpoint_bytes(tmp_path, trainer)
+    volume = small_volume(int(1.5 * size))
+    ck.write(volume / "m", ck.take(trainer), keep=1)
+    with pytest.raises(OSError) as caught:
+        ck.write(volume / "m", ck.take(trainer), keep=1)
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (volume / "m").iterdir()) == ["ckpt-0000000001"]
+    ck.read(volume / "m" / "ckpt-0000000001")
+
+
+def test_requested_checkpoints_never_push_out_the_servers_own(tmp_path: Path) -> None:
+    trainer = Trainer("m", parse_spec(SPEC), CPU)
+    ck.write(tmp_path / "m", ck.take(trainer), keep=2)
+    ck.write(tmp_path / "m", ck.take(trainer), keep=2)
+    for _ in range(4):
+        ck.write(tmp_path / "m", ck.take(trainer), keep=2, requested=True)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "ckpt-0000000001",
+        "ckpt-0000000002",
+        "ckpt-0000000005-requested",
+        "ckpt-0000000006-requested",
+    ]
+    assert ck.newest(tmp_path / "m")[0].name == "ckpt-0000000006-requested"
+
+
+def test_an_unwritable_directory_is_found_before_serving(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError):
+        ck.check_directory(blocker / "checkpoints")
+    ck.check_directory(tmp_path / "fresh")
+    assert list((tmp_path / "fresh").iterdir()) == []

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from gradstream.server import engine
 from gradstream.server.batches import Batch
 from gradstream.server.engine import Outcome, Trainer, TrainOptions
 from gradstream.server.spec import parse_spec
@@ -134,6 +135,14 @@ def test_divergence_guard_stops_training(deferred: bool) -> None:
     results, error = trainer.train_batches(batches(1), TrainOptions())
     assert results == []
     assert error is not None and "diverged" in error.message
+
+
+def test_the_autograd_chain_walk_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    layers = {"kind": "mlp", "in_features": 2, "out_features": 1, "hidden": [2] * 8}
+    trainer = Trainer("m", parse_spec({"architecture": layers}), torch.device("cpu"))
+    assert len(trainer.autograd_chain()) > 5
+    monkeypatch.setattr(engine, "MAX_CHAIN_NODES", 5)
+    assert len(trainer.autograd_chain()) == 5
 
 
 def test_the_schedule_steps_once_per_applied_step_and_not_on_skipped_ones() -> None:

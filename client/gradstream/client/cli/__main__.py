@@ -1,0 +1,5 @@
+"""``python -m gradstream.client.cli``: the ``gradstream`` command."""
+
+from gradstream.client.cli import main
+
+main()

@@ -1,0 +1,71 @@
+"""batches.py: what a batch may be, decided before any of it reaches torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradstream.server.batches import BatchChecker
+from gradstream.server.config import Settings
+from gradstream.server.errors import InvalidArgument, ResourceExhausted
+from gradstream.server.spec import check_depth, parse_spec
+
+WIDE = parse_spec(
+    {"architecture": {"kind": "mlp", "in_features": 1, "out_features": 1, "hidden": [4096]}}
+)
+
+
+def test_a_million_rows_through_a_wide_layer_is_refused_by_the_default_limit() -> None:
+    """8 MB on the wire, under max_batch_rows and max_batch_bytes, and about 65 GB of
+    activations: refused by the checker, before torch sees the batch."""
+    settings = Settings()
+    checker = BatchChecker(
+        WIDE,
+        settings.max_batch_rows,
+        settings.max_batch_bytes,
+        settings.max_activation_bytes,
+    )
+    x = np.ones((1_000_000, 1), np.float32)
+    with pytest.raises(ResourceExhausted, match="max_activation_bytes"):
+        checker.batch(x, x)
+    with pytest.raises(ResourceExhausted, match="max_activation_bytes"):
+        checker.inputs(x)
+    assert checker.inputs(x[:1000]).shape == (1000, 1)
+
+
+@pytest.mark.parametrize("part", ["x", "y", "sample_weight"])
+def test_a_float64_value_finite_only_before_conversion_is_refused(part: str) -> None:
+    checker = BatchChecker(WIDE)
+    x, y, w = np.ones((2, 1)), np.ones((2, 1)), np.ones(2)
+    {"x": x, "y": y, "sample_weight": w}[part][0] = 1e300  # inf as float32
+    with pytest.raises(InvalidArgument, match=f"batch.{part}: contains a non-finite value"):
+        checker.batch(x, y, w)
+
+
+def test_bytes_of_a_segment_are_not_quoted_in_reasons() -> None:
+    classes = parse_spec(
+        {
+            "architecture": {"kind": "linear", "in_features": 1, "out_features": 3},
+            "loss": {"kind": "cross_entropy"},
+        }
+    )
+    checker = BatchChecker(classes)
+    x, y = np.ones((1, 1), np.float32), np.array([1234567], np.int64)
+    with pytest.raises(InvalidArgument, match="label 1234567"):
+        checker.batch(x, y)
+    with pytest.raises(InvalidArgument) as caught:
+        checker.batch(x, y, quote=False)
+    assert "1234567" not in str(caught.value)
+    x[0, 0] = np.nan
+    with pytest.raises(InvalidArgument) as caught:
+        checker.batch(x, np.array([1]), quote=False)
+    assert "nan" not in str(caught.value)
+
+
+def test_a_spec_deeper_than_the_layer_limit_is_refused_before_it_is_built() -> None:
+    deep = parse_spec(
+        {"architecture": {"kind": "mlp", "in_features": 1, "out_features": 1, "hidden": [1] * 64}}
+    )
+    check_depth(deep, 65)
+    with pytest.raises(ResourceExhausted, match=r"max_model_layers: .* 65 layers, the limit is 64"):
+        check_depth(deep, 64)
