@@ -55,6 +55,7 @@ BLOCKS: dict[str, list[str]] = {
     "docs/scaling.md": ["flags", "flags"],
     "docs/security.md": ["tokens", "run", "run", "run", "kubectl", "yaml"],
     "docs/semantics.md": ["text"],  # pseudo-code with elisions (`lr=..., ...`)
+    "docs/serving.md": ["flags", "text", "text"],  # serve flags, a layout, Triton's command
 }
 FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

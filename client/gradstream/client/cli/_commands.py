@@ -801,9 +801,7 @@ def params(name: str, gradients: bool, **kwargs: Any) -> int:
 @click.option("--x", "x_path", type=NPY, help=".npy of inputs (with --y).")
 @click.option("--y", "y_path", type=NPY, help=".npy of targets (with --x).")
 @table_options
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=1024, help="Rows per batch sent."
-)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, help="Rows per batch sent.")
 @click.option(
     "--top-k",
     "top_k",
@@ -830,8 +828,7 @@ def evaluate(  # noqa: PLR0917 (click passes every flag)
     conn = _connection(kwargs)
     source = _source(data, x_path, y_path, _table_options(y_columns, header, delimiter, labels))
     batches = (
-        (c.x, c.y) if c.weight is None else (c.x, c.y, c.weight)
-        for c in source.chunks(batch_size)
+        (c.x, c.y) if c.weight is None else (c.x, c.y, c.weight) for c in source.chunks(batch_size)
     )
     with connect(conn, timeout=None) as client:
         result = client.evaluate(name, batches, top_k=top_k)
