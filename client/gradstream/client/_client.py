@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +117,21 @@ class Client:
 
     # -- models -------------------------------------------------------------------------
 
-    def create_model(self, name: str, spec: Mapping[str, Any]) -> ModelInfo:
-        """Create a model from a spec dict (the JSON shape of ``gradstream.v1.ModelSpec``)."""
-        request = pb.CreateModelRequest(name=name, spec=spec_to_proto(spec))
+    def create_model(
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        program: bytes | str | os.PathLike[str] | None = None,
+    ) -> ModelInfo:
+        """Create a model from a spec dict (the JSON shape of ``gradstream.v1.ModelSpec``).
+
+        ``program``: for architecture ``exported``, the ``torch.export`` archive as bytes
+        (``export_module``'s) or the path of a file holding them (``torch.export.save``).
+        ``in_features`` and ``out_features`` may be left out: the server reads them from it.
+        """
+        if program is not None and not isinstance(program, bytes):
+            program = Path(program).read_bytes()
+        request = pb.CreateModelRequest(name=name, spec=spec_to_proto(spec), program=program or b"")
         return model_info(self._call(self._stub.CreateModel, request).model)
 
     def get_model(self, name: str) -> ModelInfo:

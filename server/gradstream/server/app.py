@@ -116,6 +116,7 @@ class Server:
             publisher=self.publisher,
             eval_auc_max_scores=settings.eval_auc_max_scores,
             export_max_batch_size=settings.export_max_batch_size,
+            max_program_bytes=settings.max_program_bytes,
             # A chunk and its envelope fit in one message whatever max_message_bytes is.
             export_chunk_bytes=max(1, min(CHUNK_BYTES, settings.max_message_bytes // 2)),
         )

@@ -4,6 +4,7 @@ On disk, per model::
 
     <checkpoint_dir>/<model>/ckpt-0000000007/tensors.safetensors   parameters, momentum, ...
                                             /meta.json             step, spec, producers, digests
+                                            /program.pt2           architecture exported: its archive
     <checkpoint_dir>/<model>/ckpt-0000000008-requested/...         one a client asked for
     <checkpoint_dir>/<model>/.tmp-...                              a write in progress (or killed)
 
@@ -73,6 +74,7 @@ log = logging.getLogger("gradstream.server")
 FORMAT = 1
 TENSORS = "tensors.safetensors"
 META = "meta.json"
+PROGRAM = "program.pt2"  # an exported model's torch.export archive, as the client sent it
 # Far above any real model's: a safetensors header lists names, dtypes, shapes and offsets.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_META_BYTES = 16 * 1024 * 1024
@@ -98,6 +100,7 @@ class Snapshot:
     tensors: dict[str, torch.Tensor]  # on the CPU, contiguous, nothing shared
     created: float = field(default_factory=time.time)
     schedule: list[dict[str, Any]] | None = None  # the lr schedule's progress
+    program: bytes = b""  # architecture exported: the archive, so restore needs no client
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,7 @@ def take(trainer: Trainer) -> Snapshot:
         optimizer_scalars=state["optimizer_scalars"],
         tensors=tensors,
         schedule=state["schedule"],
+        program=trainer.spec.architecture.program,
     )
 
 
@@ -151,6 +155,8 @@ def restore(snapshot: Snapshot, factory: TrainerFactory) -> Trainer:
         for key, value in tensors.items()
         if key.startswith("init/")
     }
+    if snapshot.program:
+        spec_data["architecture"]["program"] = snapshot.program
     try:
         spec = parse_spec(spec_data)
     except GradstreamError as exc:
@@ -198,14 +204,15 @@ def write(
         _fsync_dir(model_dir.parent)
     data = safetensors.torch.save(snapshot.tensors)
     meta = _meta(snapshot, data)
-    if _free_bytes(model_dir) < len(data) + len(meta) + _SLACK_BYTES:
+    size = len(data) + len(meta) + len(snapshot.program)
+    if _free_bytes(model_dir) < size + _SLACK_BYTES:
         _prune(model_dir, keep - 1, requested)
     try:
-        final = _write_checkpoint(model_dir, data, meta, requested)
+        final = _write_checkpoint(model_dir, data, meta, requested, snapshot.program)
     except OSError as exc:
         if exc.errno not in _FULL or not _prune(model_dir, keep - 1, requested):
             raise
-        final = _write_checkpoint(model_dir, data, meta, requested)  # once, with the room freed
+        final = _write_checkpoint(model_dir, data, meta, requested, snapshot.program)  # once, with the room freed
     _prune(model_dir, keep, requested)
     return SavedCheckpoint(final.name, snapshot.step, dict(snapshot.producers))
 
@@ -238,12 +245,16 @@ def _is_requested(path: Path) -> bool:
     return path.name.endswith(REQUESTED)
 
 
-def _write_checkpoint(model_dir: Path, data: bytes, meta: bytes, requested: bool) -> Path:
+def _write_checkpoint(
+    model_dir: Path, data: bytes, meta: bytes, requested: bool, program: bytes = b""
+) -> Path:
     serial = max((s for s, _ in _checkpoints(model_dir)), default=0) + 1
     tmp = model_dir / f".tmp-{serial:010d}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         _write_file(tmp / TENSORS, data)
+        if program:
+            _write_file(tmp / PROGRAM, program)
         _write_file(tmp / META, meta)
         _fsync_dir(tmp)
         final = model_dir / f"ckpt-{serial:010d}{REQUESTED if requested else ''}"
@@ -274,6 +285,8 @@ def _meta(snapshot: Snapshot, data: bytes) -> bytes:
         "body_sha256": _digest(body),
         "body": body,
     }
+    if snapshot.program:
+        meta["program_sha256"] = hashlib.sha256(snapshot.program).hexdigest()
     return json.dumps(meta, indent=1, sort_keys=True).encode()
 
 
@@ -304,6 +317,14 @@ def read(path: Path) -> Snapshot:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise DataLoss(f"{where}: {TENSORS} does not parse: {exc}") from None
+    program = b""
+    if "program_sha256" in meta:
+        program_path = path / PROGRAM
+        if not program_path.is_file():
+            raise DataLoss(f"{where}: {PROGRAM} is missing")
+        program = program_path.read_bytes()
+        if hashlib.sha256(program).hexdigest() != meta["program_sha256"]:
+            raise DataLoss(f"{where}: {PROGRAM} does not match its checksum (corrupt or truncated)")
     try:
         return Snapshot(
             name=str(body["model"]),
@@ -317,6 +338,7 @@ def read(path: Path) -> Snapshot:
             tensors=tensors,
             created=float(body["created"]),
             schedule=body.get("schedule"),
+            program=program,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DataLoss(f"{where}: {META} lacks a field ({exc})") from None

@@ -375,3 +375,50 @@ def _check_graph(program: torch.export.ExportedProgram) -> None:
         elif node.op == "call_function" and any(target is f for f in arithmetic):
             continue
         raise InvalidArgument(FIELD, f"calls {target!r}; only ATen operators and arithmetic")
+
+
+def _user_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[str, Any]]:
+    """The program's user inputs (not its parameters, buffers or constants) and their shapes."""
+    names = list(program.graph_signature.user_inputs)
+    values = {
+        node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"
+    }
+    return [(name, getattr(values.get(name), "shape", None)) for name in names]
+
+
+def features(data: bytes, max_bytes: int) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a program the single-``x`` pipeline can train.
+
+    Until batches carry named inputs, the program's one user input takes the batch's ``x``
+    (rows, in_features) and its one output is (rows, out_features); others are refused.
+    """
+    program = load_program(data, max_bytes)
+    inputs = _user_input_shapes(program)
+    if len(inputs) != 1:
+        raise InvalidArgument(
+            FIELD,
+            f"has {len(inputs)} user inputs ({', '.join(n for n, _ in inputs)}); "
+            "until batches carry named inputs, an exported program takes exactly one, x",
+        )
+    name, shape = inputs[0]
+    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
+        raise InvalidArgument(
+            FIELD, f"input {name!r} has shape {shape}; x is (rows, in_features)"
+        )
+    outputs = [node for node in program.graph.nodes if node.op == "output"][0].args[0]
+    out_shapes = [getattr(o.meta.get("val"), "shape", None) for o in outputs]
+    if len(out_shapes) != 1 or out_shapes[0] is None or len(out_shapes[0]) != 2:
+        raise InvalidArgument(
+            FIELD, f"has outputs of shapes {out_shapes}; one (rows, out_features) is trained"
+        )
+    out = out_shapes[0][1]
+    if not isinstance(out, int):
+        raise InvalidArgument(FIELD, f"its output's width is {out}, not a fixed number")
+    return int(shape[1]), int(out)
+
+
+def build(data: bytes) -> torch.nn.Module:
+    """A fresh trainable module of the archive (``ExportedProgram.module()``), its own tensors."""
+    module = load_program(data, 0).module()
+    # module() may share tensors with the program it came from; the program is dropped here.
+    return module

@@ -93,6 +93,13 @@ def _embedding_mlp(spec: ArchitectureSpec) -> nn.Module:
     return EmbeddingMLP(spec)
 
 
+def _exported(spec: ArchitectureSpec) -> nn.Module:
+    # Imported here: the archive checks are only needed by servers that get one.
+    from gradstream.server.exported import build
+
+    return build(spec.program)
+
+
 # Built-ins that read named inputs, which Train and Predict do not carry yet.
 NAMED_INPUT_ARCHITECTURES = frozenset({"embedding_mlp"})
 
@@ -104,6 +111,7 @@ def architectures() -> dict[str, ArchitectureBuilder]:
         "linear": _linear,
         "mlp": _mlp,
         "embedding_mlp": _embedding_mlp,
+        "exported": _exported,
     }
     for point in entry_points(group=ENTRY_POINT_GROUP):
         found.setdefault(point.name, point.load())
@@ -182,15 +190,23 @@ def _measured_row_bytes(spec: ModelSpec) -> int:
         saved[0] += t.numel() * t.element_size()
         return t
 
+    # An archive's tensors load on the CPU only; its module is moved to meta once built.
+    loaded = builder(spec.architecture) if spec.architecture.kind == "exported" else None
+
     def cost(rows: int) -> int:
         saved[0] = 0
         with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module = builder(spec.architecture).to(DTYPES[spec.dtype])
+            if loaded is not None:
+                module = loaded.to(device="meta", dtype=DTYPES[spec.dtype])
+            else:
+                module = builder(spec.architecture).to(DTYPES[spec.dtype])
             out = module(torch.empty(rows, spec.architecture.in_features, requires_grad=True))
             return int(saved[0] + out.numel() * out.element_size())
 
+    # An exported program's row dimension may exclude 1 (torch specializes a size of 1).
+    rows = 2 if loaded is not None else 1
     try:
-        per_row = cost(2) - cost(1)
+        per_row = cost(rows + 1) - cost(rows)
     except Exception:  # a plug-in that does not run on meta tensors: not measurable
         return 0
     # Backward's gradients take about as much again.

@@ -30,8 +30,11 @@ def parameter_count(spec: ModelSpec) -> int:
     if builder is None:
         return 0
     try:
-        with torch.device("meta"):
+        if spec.architecture.kind == "exported":  # the archive's tensors load on the CPU only
             module = builder(spec.architecture)
+        else:
+            with torch.device("meta"):
+                module = builder(spec.architecture)
         return sum(p.numel() for p in module.parameters())
     except (RuntimeError, OverflowError):  # sizes past int64: certainly too many
         return sys.maxsize

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import torch
 
+from gradstream.server import exported
 from gradstream.server.checkpoint import Checkpointer
 from gradstream.server.codec import decode, decode_array, encode
 from gradstream.server.engine import (
@@ -67,6 +68,7 @@ class TrainerServicer:
         eval_auc_max_scores: int = 1_000_000,
         export_max_batch_size: int = 0,
         export_chunk_bytes: int = CHUNK_BYTES,
+        max_program_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -75,6 +77,7 @@ class TrainerServicer:
         self.eval_auc_max_scores = eval_auc_max_scores
         self.export_max_batch_size = export_max_batch_size
         self.export_chunk_bytes = export_chunk_bytes
+        self.max_program_bytes = max_program_bytes
         self.draining = False
         self._sessions: set[TrainSession] = set()
         self._streams_closed = asyncio.Event()
@@ -111,6 +114,8 @@ class TrainerServicer:
             data = spec_from_proto(request.spec)
         except ValueError as exc:  # a malformed init tensor
             raise InvalidArgument("spec", str(exc)) from None
+        if request.program:
+            data = await self._with_program(data, request.program)
         info = await self.registry.create(request.name, parse_spec(data))
         if self.checkpointer.enabled:
             # A model is durable from its creation: a crash before the first periodic
@@ -123,6 +128,21 @@ class TrainerServicer:
                     await self.checkpointer.forget(request.name)
                 raise
         return pb.CreateModelResponse(model=_info(info))
+
+    async def _with_program(self, data: dict[str, Any], program: bytes) -> dict[str, Any]:
+        """The spec with CreateModel's archive, and the widths of ``x`` and the output it reads."""
+        arch = dict(data.get("architecture") or {})
+        if arch.get("kind") == "exported":
+            # Size first, then the checks, then torch: nothing of the archive runs.
+            widths = await asyncio.to_thread(exported.features, program, self.max_program_bytes)
+            for field, width in zip(("in_features", "out_features"), widths, strict=True):
+                given = arch.setdefault(field, width)
+                if given != width:
+                    raise InvalidArgument(
+                        f"spec.architecture.{field}", f"is {given}; the program's is {width}"
+                    )
+        arch["program"] = program  # any other kind refuses it, naming the field
+        return {**data, "architecture": arch}
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         info = await self.registry.get(request.name).run(Trainer.info)

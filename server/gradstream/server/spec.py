@@ -61,8 +61,8 @@ class EmbeddingSpec(_Spec):
 
 
 class ArchitectureSpec(_Spec):
-    """The network: ``linear``, ``mlp``, ``embedding_mlp`` or a plug-in of
-    ``gradstream.architectures``.
+    """The network: ``linear``, ``mlp``, ``embedding_mlp``, ``exported`` (a torch.export
+    archive's module) or a plug-in of ``gradstream.architectures``.
 
     ``embedding_mlp`` takes ``embeddings`` and ``dense_features`` instead of
     ``in_features``, which is derived: the width of the features its mlp reads.
@@ -77,10 +77,16 @@ class ArchitectureSpec(_Spec):
     options: dict[str, Any] = Field(default_factory=dict)
     embeddings: tuple[EmbeddingSpec, ...] = ()
     dense_features: int = Field(default=0, ge=0)
+    # ``exported``: the torch.export archive (CreateModel's ``program``). Not part of the
+    # spec's JSON form: checkpoints keep it as a file of its own, GetModel never echoes it.
+    program: bytes = Field(default=b"", exclude=True, repr=False)
 
     @model_validator(mode="before")
     @classmethod
     def _derive_in_features(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "exported" and not data.get("program"):
+            # Said before in_features is missed: CreateModel derives it from the program.
+            raise ValueError("program: 'exported' needs CreateModel's program (torch.export bytes)")
         if not isinstance(data, dict) or data.get("kind") != "embedding_mlp":
             return data
         try:
@@ -105,6 +111,12 @@ class ArchitectureSpec(_Spec):
         if self.kind != "embedding_mlp" and (self.embeddings or self.dense_features):
             field = "embeddings" if self.embeddings else "dense_features"
             raise ValueError(f"{field}: only embedding_mlp takes it, not {self.kind!r}")
+        if (self.kind == "exported") != bool(self.program):
+            raise ValueError(
+                "kind: 'exported' needs CreateModel's program (a torch.export archive)"
+                if self.kind == "exported"
+                else f"kind: a program is only read by 'exported', not {self.kind!r}"
+            )
         if self.kind == "embedding_mlp":
             if not self.embeddings:
                 raise ValueError("embeddings: embedding_mlp needs at least one table")

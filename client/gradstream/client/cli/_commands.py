@@ -263,8 +263,15 @@ def _tune_allocator() -> None:
 @click.option(
     "--spec", required=True, metavar="FILE|JSON", help="A JSON spec file, or the JSON itself."
 )
+@click.option(
+    "--program",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Architecture exported: the torch.export archive (torch.export.save's file).",
+)
 @connection_options
-def create(name: str, spec: str, **kwargs: Any) -> int:
+def create(name: str, spec: str, program: Path | None, **kwargs: Any) -> int:
     """Create a model from a JSON spec (README: 'A model spec')."""
     conn = _connection(kwargs)
     text = spec if spec.lstrip().startswith("{") else _read_text(spec, "--spec")
@@ -274,7 +281,7 @@ def create(name: str, spec: str, **kwargs: Any) -> int:
         where = "--spec" if spec.lstrip().startswith("{") else spec
         raise DataError(f"{where}: not JSON: {exc}") from None
     with connect(conn) as client:
-        info = client.create_model(name, parsed)
+        info = client.create_model(name, parsed, program=program)
     shapes = {n: list(p.shape) for n, p in info.parameters.items()}
     click.echo(f"created {info.name} on {info.device}: {shapes}")
     return 0
