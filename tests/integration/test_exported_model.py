@@ -44,7 +44,10 @@ ARCHIVE = export_module(_module(), (torch.randn(4, 3),))
 def _batches(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [
-        (rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((5, 2)).astype(np.float32))
+        (
+            rng.standard_normal((5, 3)).astype(np.float32),
+            rng.standard_normal((5, 2)).astype(np.float32),
+        )
         for _ in range(n)
     ]
 
@@ -145,9 +148,11 @@ def test_an_oversized_archive_is_refused_before_it_is_read(name: str) -> None:
 def test_only_a_token_with_the_admin_action_may_upload(tmp_path: pathlib.Path) -> None:
     pki = make_pki(tmp_path)
     with BackgroundServer(server_settings(tokens_file=pki.tokens)) as server:
-        with Client(server.target, token=TRAINER, timeout=30) as trainer:
-            with pytest.raises(PermissionDenied):
-                trainer.create_model("alpha-exported", SPEC, program=ARCHIVE)
+        with (
+            Client(server.target, token=TRAINER, timeout=30) as trainer,
+            pytest.raises(PermissionDenied),
+        ):
+            trainer.create_model("alpha-exported", SPEC, program=ARCHIVE)
         with Client(server.target, token=ADMIN, timeout=30) as admin:
             with pytest.raises(NotFound):
                 admin.get_model("alpha-exported")
@@ -170,3 +175,18 @@ def test_a_restart_restores_the_archive_and_training_continues_bitwise(
         results = list(client.train("net", batches[4:]))
         assert [r.outcome for r in results] == ["APPLIED"] * 4
         _assert_bitwise(client.parameters("net"), _textbook(batches))
+
+
+def test_the_activation_bound_uses_the_programs_measured_row_cost() -> None:
+    settings = server_settings(max_activation_bytes=4096)
+    small, large = _batches(1)[0], (np.ones((1000, 3), np.float32), np.ones((1000, 2), np.float32))
+    with BackgroundServer(settings) as server, Client(server.target) as client:
+        client.create_model("net", SPEC, program=ARCHIVE)
+        before = client.parameters("net")
+        [result] = list(client.train("net", [large], skip_rejected=True))
+        assert result.outcome == "REJECTED"
+        assert "max_activation_bytes: 1000 rows need about" in result.reason
+        after = client.parameters("net")
+        assert all(before[k].tobytes() == after[k].tobytes() for k in before)
+        [result] = list(client.train("net", [small]))
+        assert result.outcome == "APPLIED"

@@ -4,7 +4,7 @@ On disk, per model::
 
     <checkpoint_dir>/<model>/ckpt-0000000007/tensors.safetensors   parameters, momentum, ...
                                             /meta.json             step, spec, producers, digests
-                                            /program.pt2           architecture exported: its archive
+                                            /program.pt2           an exported model's archive
     <checkpoint_dir>/<model>/ckpt-0000000008-requested/...         one a client asked for
     <checkpoint_dir>/<model>/.tmp-...                              a write in progress (or killed)
 
@@ -212,7 +212,9 @@ def write(
     except OSError as exc:
         if exc.errno not in _FULL or not _prune(model_dir, keep - 1, requested):
             raise
-        final = _write_checkpoint(model_dir, data, meta, requested, snapshot.program)  # once, with the room freed
+        final = _write_checkpoint(
+            model_dir, data, meta, requested, snapshot.program
+        )  # once, with the room freed
     _prune(model_dir, keep, requested)
     return SavedCheckpoint(final.name, snapshot.step, dict(snapshot.producers))
 

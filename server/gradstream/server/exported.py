@@ -402,10 +402,8 @@ def features(data: bytes, max_bytes: int) -> tuple[int, int]:
         )
     name, shape = inputs[0]
     if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
-        raise InvalidArgument(
-            FIELD, f"input {name!r} has shape {shape}; x is (rows, in_features)"
-        )
-    outputs = [node for node in program.graph.nodes if node.op == "output"][0].args[0]
+        raise InvalidArgument(FIELD, f"input {name!r} has shape {shape}; x is (rows, in_features)")
+    outputs = next(node for node in program.graph.nodes if node.op == "output").args[0]
     out_shapes = [getattr(o.meta.get("val"), "shape", None) for o in outputs]
     if len(out_shapes) != 1 or out_shapes[0] is None or len(out_shapes[0]) != 2:
         raise InvalidArgument(
@@ -418,7 +416,9 @@ def features(data: bytes, max_bytes: int) -> tuple[int, int]:
 
 
 def build(data: bytes) -> torch.nn.Module:
-    """A fresh trainable module of the archive (``ExportedProgram.module()``), its own tensors."""
-    module = load_program(data, 0).module()
-    # module() may share tensors with the program it came from; the program is dropped here.
-    return module
+    """A trainable module of the archive (``ExportedProgram.module()``), loaded afresh.
+
+    Each call loads its own copy: module() may share tensors with its program, and no
+    two trainers (nor a create's measurements) may share parameters.
+    """
+    return load_program(data, 0).module()
