@@ -69,6 +69,17 @@ def test_generator_sdk(served: BackgroundServer) -> None:
     assert mse < 1e-3, out
 
 
+def test_exported_model(served: BackgroundServer) -> None:
+    out = run(
+        [sys.executable, str(EXAMPLES / "exported_model.py")], {"GRADSTREAM_TARGET": served.target}
+    )
+    before, after = map(
+        float, re.findall(r"held-out mse: ([0-9.]+) before, ([0-9.]+) after", out)[0]
+    )
+    assert after < before / 4, out
+    assert "trained 400 steps" in out and "deleted example-exported" in out
+
+
 def test_exactly_once_producer() -> None:
     out = run([sys.executable, str(EXAMPLES / "exactly_once_producer.py")])
     assert re.search(r"the model is at step 400, reconnects [1-9]", out), out

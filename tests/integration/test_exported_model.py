@@ -190,3 +190,16 @@ def test_the_activation_bound_uses_the_programs_measured_row_cost() -> None:
         assert all(before[k].tobytes() == after[k].tobytes() for k in before)
         [result] = list(client.train("net", [small]))
         assert result.outcome == "APPLIED"
+
+
+def test_a_program_that_updates_buffers_is_refused_and_eval_mode_batch_norm_trains(
+    client: Client, name: str, tmp_path: pathlib.Path
+) -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(InvalidArgument, match=r"updates buffers 1\.num_batches_tracked, 1\.running_mean, 1\.running_var as"):
+        client.create_model(name, SPEC, program=export_module(net.train(), (torch.randn(4, 3),)))
+    client.create_model(name, SPEC, program=export_module(net.eval(), (torch.randn(4, 3),)))
+    assert [r.outcome for r in client.train(name, _batches(3))] == ["APPLIED"] * 3
+    # Its buffers go out with the parameters; the module keeps the mode it was traced in.
+    [path] = client.export(name, "safetensors", tmp_path / "out")
+    assert path.stat().st_size > 0

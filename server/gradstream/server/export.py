@@ -78,7 +78,8 @@ def rebuild(copy: ModelCopy) -> nn.Module:
     module = build_module(copy.spec, torch.device("cpu"))
     module.load_state_dict(copy.state)
     module.requires_grad_(False)
-    return module.eval()
+    # An exported program keeps the mode it was traced in (its module() refuses eval()).
+    return module if copy.spec.architecture.kind == "exported" else module.eval()
 
 
 def spec_json(spec: ModelSpec) -> str:

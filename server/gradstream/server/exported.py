@@ -386,6 +386,29 @@ def _user_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[str,
     return [(name, getattr(values.get(name), "shape", None)) for name in names]
 
 
+def _mutated_buffers(program: torch.export.ExportedProgram) -> list[str]:
+    """Buffers the program writes: returned as mutated, or written in place by an operator."""
+    signature = program.graph_signature
+    buffers = dict(signature.inputs_to_buffers)  # placeholder name -> buffer name
+    found = set(signature.buffers_to_mutate.values())
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        arguments = target._schema.arguments
+        values = [
+            node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            for i, a in enumerate(arguments)
+        ]
+        # aten::batch_norm updates its running statistics when training without saying so.
+        training = any(a.name == "training" and v is True for a, v in zip(arguments, values))
+        for argument, value in zip(arguments, values, strict=True):
+            writes = argument.alias_info is not None and argument.alias_info.is_write
+            if (writes or training) and isinstance(value, torch.fx.Node) and value.name in buffers:
+                found.add(buffers[value.name])
+    return sorted(found)
+
+
 def features(data: bytes, max_bytes: int) -> tuple[int, int]:
     """``(in_features, out_features)`` of a program the single-``x`` pipeline can train.
 
@@ -399,6 +422,15 @@ def features(data: bytes, max_bytes: int) -> tuple[int, int]:
             FIELD,
             f"has {len(inputs)} user inputs ({', '.join(n for n, _ in inputs)}); "
             "until batches carry named inputs, an exported program takes exactly one, x",
+        )
+    mutated = _mutated_buffers(program)
+    if mutated:
+        # Checkpoints hold parameters and optimizer state, not buffers: a restart would
+        # lose what these buffers learned (batch norm's running statistics).
+        raise InvalidArgument(
+            FIELD,
+            f"updates buffers {', '.join(mutated)} as it runs (batch norm traced in train "
+            "mode); export it in eval mode, or without them",
         )
     name, shape = inputs[0]
     if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
