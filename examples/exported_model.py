@@ -10,13 +10,14 @@ graph (docs/bring-your-own-model.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 import torch
 from torch import nn
 
-from gradstream.client import Client, export_module
+from gradstream.client import Client, NotFound, export_module
 
 TARGET = os.environ.get("GRADSTREAM_TARGET", "127.0.0.1:50051")
 FEATURES = 6
@@ -60,10 +61,8 @@ def main() -> None:
     }
     rng = np.random.default_rng(1)
     with Client(TARGET) as client:
-        try:
+        with contextlib.suppress(NotFound):
             client.delete_model(name)  # from an earlier run
-        except Exception:  # noqa: S110 - absent is fine
-            pass
         info = client.create_model(name, spec, program=program)
         print(f"created {name} from a {len(program)}-byte archive: {sorted(info.parameters)}")
         held_x, held_y = data(512, rng)

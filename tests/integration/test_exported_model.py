@@ -196,9 +196,11 @@ def test_a_program_that_updates_buffers_is_refused_and_eval_mode_batch_norm_trai
     client: Client, name: str, tmp_path: pathlib.Path
 ) -> None:
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    with pytest.raises(InvalidArgument, match=r"updates buffers 1\.num_batches_tracked, 1\.running_mean, 1\.running_var as"):
-        client.create_model(name, SPEC, program=export_module(net.train(), (torch.randn(4, 3),)))
-    client.create_model(name, SPEC, program=export_module(net.eval(), (torch.randn(4, 3),)))
+    example = (torch.randn(4, 3),)
+    updated = r"updates buffers 1\.num_batches_tracked, 1\.running_mean, 1\.running_var as"
+    with pytest.raises(InvalidArgument, match=updated):
+        client.create_model(name, SPEC, program=export_module(net.train(), example))
+    client.create_model(name, SPEC, program=export_module(net.eval(), example))
     assert [r.outcome for r in client.train(name, _batches(3))] == ["APPLIED"] * 3
     # Its buffers go out with the parameters; the module keeps the mode it was traced in.
     [path] = client.export(name, "safetensors", tmp_path / "out")

@@ -401,7 +401,9 @@ def _mutated_buffers(program: torch.export.ExportedProgram) -> list[str]:
             for i, a in enumerate(arguments)
         ]
         # aten::batch_norm updates its running statistics when training without saying so.
-        training = any(a.name == "training" and v is True for a, v in zip(arguments, values))
+        training = any(
+            a.name == "training" and v is True for a, v in zip(arguments, values, strict=True)
+        )
         for argument, value in zip(arguments, values, strict=True):
             writes = argument.alias_info is not None and argument.alias_info.is_write
             if (writes or training) and isinstance(value, torch.fx.Node) and value.name in buffers:
