@@ -45,6 +45,7 @@ PAGES = sorted(
 BLOCKS: dict[str, list[str]] = {
     "README.md": ["make", "run", "dist", "run", "run", "run", "run", "flags", "spec", "text"],
     "docs/architecture.md": ["text", "text"],
+    "docs/bring-your-own-model.md": ["fragment", "flags"],
     "docs/deploy.md": [
         *("docker", "docker", "text", "docker", "docker", "docker"),
         *("kubectl", "yaml", "kubectl", "kubectl", "kubectl", "docker"),
