@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from gradstream.client import export_module
 from gradstream.server.main import BackgroundServer
 from tests.conftest import server_settings
 from tests.e2e._cli import GRADSTREAM, gradstream, one_line_error
@@ -247,3 +249,17 @@ def test_predict_reads_stdin_and_prints_csv(served: BackgroundServer) -> None:
         assert out.split() == ["3.5", "3.5"]
     finally:
         gradstream("delete", "lin", *target)
+
+
+def test_create_an_exported_model_from_a_program_file(
+    served: BackgroundServer, tmp_path: Path
+) -> None:
+    program = tmp_path / "net.pt2"
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    program.write_bytes(export_module(net, (torch.randn(4, 3),)))
+    spec = json.dumps({"architecture": {"kind": "exported"}})
+    target = ("--target", served.target)
+    out = gradstream("create", "byom", "--spec", spec, "--program", str(program), *target)
+    assert "created byom" in out.stdout and "'0.weight': [4, 3]" in out.stdout
+    missing = gradstream("create", "byom2", "--spec", spec, *target, check=False)
+    assert missing.returncode != 0 and "program" in missing.stderr
