@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from gradstream.client import Client
+from gradstream.client import Client, export_module
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 LOSSES = ["mse", "l1", "huber", "cross_entropy", "bce_with_logits"]
@@ -184,22 +185,28 @@ CLIPS = st.sampled_from(
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> dict[str, Any]:
-    kind = draw(st.sampled_from(["linear", "mlp"]))
+    kind = draw(st.sampled_from(["linear", "mlp", "exported"]))
     loss_kind = draw(st.sampled_from(LOSSES))
     in_f = draw(st.integers(1, 5))
     out_f = draw(st.integers(2 if loss_kind == "cross_entropy" else 1, 4))
     arch: dict[str, Any] = {
-        "kind": kind,
+        "kind": "mlp" if kind == "exported" else kind,
         "in_features": in_f,
         "out_features": out_f,
         "bias": draw(st.booleans()),
         "hidden": draw(st.lists(st.integers(1, 6), min_size=1, max_size=2))
-        if kind == "mlp"
+        if kind != "linear"
         else [],
         "activation": draw(st.sampled_from(sorted(ACTIVATIONS))),
     }
     optimizer = draw(optimizers())
-    module = plain_module(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(draw(st.integers(0, 2**31)))
+        module = plain_module(arch)
+    program = None
+    if kind == "exported":  # the same mlp, as the client's torch.export archive
+        program = export_module(module, (torch.zeros(2, in_f),))
+        arch = {"kind": "exported", "in_features": in_f, "out_features": out_f}
     names = [n for n, _ in module.named_parameters()]
     frozen = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names) - 1))
     spec = {
@@ -223,6 +230,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         spec["clip_grad"] = clip
     return {
         "spec": spec,
+        "program": program,
         "weighted": draw(st.booleans()),
         "seed": draw(st.integers(0, 2**31)),
         "batches": draw(st.integers(1, 9)),
@@ -279,12 +287,20 @@ def plain_schedule(spec: dict[str, Any], optimizer: torch.optim.Optimizer) -> An
 
 
 def plain_loop(
-    spec: dict[str, Any], initial: dict[str, np.ndarray], batches: list[tuple[Any, ...]]
+    spec: dict[str, Any],
+    initial: dict[str, np.ndarray],
+    batches: list[tuple[Any, ...]],
+    program: bytes | None = None,
 ) -> tuple[dict[str, np.ndarray], float]:
     """zero_grad(set_to_none=True) -> forward -> loss -> backward (x k) -> clip -> step ->
-    scheduler.step(); returns the parameters and the lr the next step would use."""
+    scheduler.step(); returns the parameters and the lr the next step would use.
+
+    ``program``: an ``exported`` model's archive, whose ``module()`` the loop trains."""
     dtype = torch.float32 if spec["dtype"] == "float32" else torch.float64
-    module = plain_module(spec["architecture"]).to(dtype)
+    if program is not None:
+        module = torch.export.load(io.BytesIO(program)).module().to(dtype)
+    else:
+        module = plain_module(spec["architecture"]).to(dtype)
     with torch.no_grad():
         for n, p in module.named_parameters():
             p.copy_(torch.from_numpy(initial[n].copy()))
@@ -322,7 +338,7 @@ def plain_loop(
 def test_service_equals_plain_pytorch_loop_bitwise(client: Client, case: dict[str, Any]) -> None:
     spec = case["spec"]
     name = f"exact-{abs(hash(repr(case))) % 10**12}"
-    client.create_model(name, spec)
+    client.create_model(name, spec, program=case["program"])
     try:
         initial = client.parameters(name)
         batches = make_batches(spec, case["weighted"], case["batches"], case["seed"])
@@ -332,7 +348,7 @@ def test_service_equals_plain_pytorch_loop_bitwise(client: Client, case: dict[st
             "APPLIED" if i % k == k - 1 else "ACCUMULATED" for i in range(len(batches))
         ]
         got = client.parameters(name)
-        expected, lr = plain_loop(spec, initial, batches)
+        expected, lr = plain_loop(spec, initial, batches, case["program"])
         assert client.get_model(name).lr == lr
         assert got.keys() == expected.keys()
         for n in expected:
