@@ -297,6 +297,7 @@ def plain_loop(
 
     ``program``: an ``exported`` model's archive, whose ``module()`` the loop trains."""
     dtype = torch.float32 if spec["dtype"] == "float32" else torch.float64
+    module: nn.Module
     if program is not None:
         module = torch.export.load(io.BytesIO(program)).module().to(dtype)
     else:
