@@ -205,3 +205,23 @@ def test_a_program_that_updates_buffers_is_refused_and_eval_mode_batch_norm_trai
     # Its buffers go out with the parameters; the module keeps the mode it was traced in.
     [path] = client.export(name, "safetensors", tmp_path / "out")
     assert path.stat().st_size > 0
+
+
+def test_a_corrupt_archive_in_a_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: pathlib.Path,
+) -> None:
+    settings = server_settings(checkpoint_dir=tmp_path)
+    with BackgroundServer(settings) as server, Client(server.target) as client:
+        client.create_model("net", SPEC, program=ARCHIVE)  # checkpointed at step 0
+        list(client.train("net", _batches(2)))
+        client.save_checkpoint("net")
+    # Every checkpoint after the first (step 0): the requested one and the final one.
+    _first, *later = sorted((tmp_path / "net").glob("ckpt-*"), key=lambda p: p.name[5:15])
+    assert later
+    for checkpoint in later:
+        program = checkpoint / "program.pt2"
+        data = bytearray(program.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        program.write_bytes(bytes(data))
+    with BackgroundServer(settings) as server, Client(server.target) as client:
+        assert client.get_model("net").step == 0
