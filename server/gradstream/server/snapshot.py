@@ -53,7 +53,11 @@ class Snapshots:
         # tensors. functional_call swaps attributes, so each predicting thread has its own.
         self._skeleton = copy.deepcopy(module).to("meta")
         self._local = threading.local()
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream = (
+            torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            if device.type == "cuda"
+            else None
+        )
 
     def changed(self) -> None:
         """The parameters or buffers changed (on the worker)."""
@@ -77,7 +81,7 @@ class Snapshots:
             self._stream.wait_stream(training)
             with torch.cuda.stream(self._stream):
                 copies = {n: t.detach().clone() for n, t in self._live.items()}
-                done = torch.cuda.Event()
+                done = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 done.record(self._stream)
             training.wait_event(done)
         snapshot = Snapshot(version, revision, copies)
