@@ -51,7 +51,14 @@ class Snapshots:
         self._published = threading.Condition()
         # The module's structure without storage: predictions call it with a snapshot's
         # tensors. functional_call swaps attributes, so each predicting thread has its own.
-        self._skeleton = copy.deepcopy(module).to("meta")
+        # Built without copying the live tensors: each is replaced by an empty meta one.
+        memo: dict[int, object] = {
+            id(t): torch.empty_like(t, device="meta") for t in module.buffers()
+        } | {
+            id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for p in module.parameters()
+        }
+        self._skeleton = copy.deepcopy(module, memo)
         self._local = threading.local()
         self._stream = (
             torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
