@@ -54,10 +54,9 @@ class Snapshots:
         # Built without copying the live tensors: each is replaced by an empty meta one.
         memo: dict[int, object] = {
             id(t): torch.empty_like(t, device="meta") for t in module.buffers()
-        } | {
-            id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
-            for p in module.parameters()
         }
+        for p in module.parameters():
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
         self._skeleton = copy.deepcopy(module, memo)
         self._local = threading.local()
         self._stream = (

@@ -62,10 +62,12 @@ def test_a_waiting_prediction_gets_the_copy_made_at_the_step_boundary() -> None:
 
 
 def test_buffers_are_copied_and_used() -> None:
-    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
-    with torch.no_grad():
-        module[1].running_mean.fill_(0.5)
-        module[1].running_var.fill_(2.0)
+    norm = nn.BatchNorm1d(4)
+    module = nn.Sequential(nn.Linear(3, 4), norm).eval()
+    norm.load_state_dict(
+        norm.state_dict()
+        | {"running_mean": torch.full((4,), 0.5), "running_var": torch.full((4,), 2.0)}
+    )
     snapshots = Snapshots(module, torch.device("cpu"), lambda: 0)
     x = torch.randn(6, 3)
     y, _ = snapshots.predict(x)
