@@ -275,7 +275,9 @@ def _documented(podman: Podman, image: str, tmp_path: Path, where: str) -> list[
     objects = render(K8S / "overlays" / "cpu")
     c = container(objects)
     security = pod_spec(objects)["securityContext"]
-    env = config_data(objects) | {e["name"]: e["value"] for e in c.get("env", [])}
+    # Downward-API entries (the pod IP for the metrics bind) have no value outside a
+    # cluster; in its own network namespace the default loopback bind stands in for it.
+    env = config_data(objects) | {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
     # The Secret the docs say to create first, mounted where the ConfigMap points.
     tokens_file = Path(env["GRADSTREAM_TOKENS_FILE"])
     (tmp_path / "tokens").mkdir()

@@ -263,7 +263,7 @@ def test_sigkill_mid_schedule_with_adam_resumes_bitwise_with_its_lr(
             assert model.lr == uninterrupted_adam.param_groups[0]["lr"]
     finally:
         assert restarter.server.stop() == 0
-    found = re.findall(r"model 'm' restored from \S+ at step (\d+)", log.read_text())
+    found = re.findall(r"model restored name=m checkpoint=\S+ step=(\d+)", log.read_text())
     assert found and int(found[-1]) > 20, found  # past the warmup, mid-cosine
     got = _saved_state(tmp_path, "m")
     assert got.step == BATCHES and got.producers == {"p": BATCHES}

@@ -52,9 +52,4 @@ def run_loop(scenario: Scenario, seconds: float, device: str) -> dict[str, float
                 continue
             steps += 1
             if now - start >= seconds:
-                rate = steps / (now - start)
-                return {
-                    "steps_per_s": rate,
-                    "samples_per_s": rate * scenario.rows,
-                    "bytes_per_s": rate * scenario.batch_bytes,
-                }
+                return scenario.rates(steps, now - start)

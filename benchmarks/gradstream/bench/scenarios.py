@@ -27,6 +27,15 @@ class Scenario:
         """Bytes of x and y in one batch."""
         return self.rows * (self.features + 1) * 4
 
+    def rates(self, steps: int, seconds: float) -> dict[str, float]:
+        """Steps, samples and bytes per second of ``steps`` batches in ``seconds``."""
+        rate = steps / seconds
+        return {
+            "steps_per_s": rate,
+            "samples_per_s": rate * self.rows,
+            "bytes_per_s": rate * self.batch_bytes,
+        }
+
     def batches(self) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
         """A fixed set of batches, cycled by every contender (same data for all)."""
         rng = np.random.default_rng(0)

@@ -88,9 +88,7 @@ def run(
             client.delete_model(name)
     lat = np.array(latencies) if latencies else np.zeros(1)
     return {
-        "steps_per_s": steps / elapsed,
-        "samples_per_s": steps * scenario.rows / elapsed,
-        "bytes_per_s": steps * scenario.batch_bytes / elapsed,
+        **scenario.rates(steps, elapsed),
         "latency_p50_s": float(np.percentile(lat, 50)),
         "latency_p99_s": float(np.percentile(lat, 99)),
     }

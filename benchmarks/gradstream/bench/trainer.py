@@ -47,12 +47,7 @@ def run_trainer(scenario: Scenario, seconds: float, device: str) -> dict[str, fl
                 continue
             steps += len(results)
             if now - start >= seconds:
-                rate = steps / (now - start)
-                return {
-                    "steps_per_s": rate,
-                    "samples_per_s": rate * scenario.rows,
-                    "bytes_per_s": rate * scenario.batch_bytes,
-                }
+                return scenario.rates(steps, now - start)
 
 
 def main(argv: list[str] | None = None) -> None:
