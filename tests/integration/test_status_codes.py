@@ -16,6 +16,7 @@ import pytest
 from gradstream.client import Client, FailedPrecondition, GradstreamError
 from gradstream.server.engine import Trainer
 from gradstream.server.main import BackgroundServer
+from gradstream.server.snapshot import Snapshots
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 from tests.conftest import server_settings
@@ -242,14 +243,16 @@ def test_out_of_memory_is_resource_exhausted(
 
     client.create_model(name, SPEC)
 
-    def exhausted(self: Trainer, x: Any) -> Any:
+    def exhausted(self: object, x: Any) -> Any:
         if error == "cuda":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         raise RuntimeError(
             "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
         )
 
+    # Predict runs on a snapshot (Snapshots.predict), or on the worker with snapshots off.
     monkeypatch.setattr(Trainer, "predict", exhausted)
+    monkeypatch.setattr(Snapshots, "predict", exhausted)
     with pytest.raises(GradstreamError) as failure:
         client.predict(name, X)
     assert failure.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

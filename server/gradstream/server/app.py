@@ -115,6 +115,7 @@ class Server:
             self.checkpointer,
             publisher=self.publisher,
             eval_auc_max_scores=settings.eval_auc_max_scores,
+            predict_threads=settings.predict_threads,
             export_max_batch_size=settings.export_max_batch_size,
             max_program_bytes=settings.max_program_bytes,
             # A chunk and its envelope fit in one message whatever max_message_bytes is.
@@ -273,6 +274,7 @@ class Server:
                 log.error("final checkpoints did not finish within drain_timeout")
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
+        await asyncio.to_thread(self.servicer.close)
         await self.registry.close()
         if self.publisher is not None:  # the versions already offered are still written
             await asyncio.to_thread(self.publisher.close, max(1.0, deadline - loop.time()))

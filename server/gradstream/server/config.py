@@ -53,6 +53,13 @@ class Settings(BaseSettings):
         ge=0,
         description="non-finite steps in a row after which a model refuses training (0: off)",
     )
+    predict_threads: int = Field(
+        2,
+        ge=0,
+        description="threads that run Predict on a published copy of the parameters, beside "
+        "training (costs one extra copy of them per model); 0: off, Predict waits in the "
+        "model's worker queue behind training",
+    )
     metrics_every: int = Field(
         10, gt=0, description="steps between samples of weight and gradient metrics"
     )

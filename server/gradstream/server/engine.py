@@ -34,6 +34,7 @@ from gradstream.server.optim import (
     schedule_state,
     set_lr,
 )
+from gradstream.server.snapshot import Snapshots
 from gradstream.server.spec import ModelSpec, OptimizerSpec, RMSpropSpec, SGDSpec
 
 # Nodes of the loss's autograd graph that GetModel lists at most.
@@ -345,6 +346,8 @@ class Trainer:
         self._step_bad = torch.zeros(1, device=device)  # deferred path: this step's found_inf
         self._one = torch.ones((), device=device)
         self.last_loss: float | None = None  # of the last applied step, for metrics
+        # Copies of the parameters for Predict off the worker, made on demand (snapshot.py).
+        self.snapshots = Snapshots(self.module, device, lambda: self.step)
 
     @property
     def deferred(self) -> bool:
@@ -424,6 +427,8 @@ class Trainer:
             # zero_grad(set_to_none=True), without Optimizer.zero_grad's profiler scaffolding.
             for p in self._param_list:
                 p.grad = None
+        if self.snapshots.buffers_change:
+            self.snapshots.changed()
         loss = self.source.accumulate(self, batch)
         if not math.isfinite(loss):
             self.nonfinite_streak += 1
@@ -444,10 +449,13 @@ class Trainer:
         # The schedule steps once per applied step, on every path (no schedule is DEFERRED).
         if self.schedule is not None:
             self.schedule.step()
-        # Where a parameter snapshot is published (see also _resolve).
         self.step += 1
         self.nonfinite_streak = 0
         self.last_loss = loss
+        # A step boundary: a waiting prediction gets this step's parameters now, not at
+        # the end of the message (deferred steps: at the job's end, after _resolve).
+        self.snapshots.changed()
+        self.snapshots.publish_if_wanted()
         return Outcome.APPLIED, loss, ""
 
     def _plain_sgd_step(self) -> None:
@@ -550,6 +558,8 @@ class Trainer:
     def _resolve(self, pending: list[_Deferred], report_every: int) -> list[StepResult]:
         """The one host read of a deferred message: losses and flags become outcomes."""
         tensors = [t for d in pending for t in (d.loss, d.bad) if t is not None]
+        # The fused kernel may have written the parameters, applied or not.
+        self.snapshots.changed()
         values = iter(torch.stack([t.double().reshape(()) for t in tensors]).tolist())
         results = []
         for d in pending:
@@ -673,6 +683,7 @@ class Trainer:
         self.pending = state["pending"]
         self.nonfinite_streak = state["nonfinite_streak"]
         self.producers = dict(state["producers"])
+        self.snapshots.changed()
 
     def close(self) -> None:
         """The model is deleted: whatever else holds a copy of it lets it go."""
@@ -768,6 +779,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
         self.nonfinite_streak = 0
+        self.snapshots.changed()
         self.source.state_changed(self)
 
     def update(self, lr: float | None, freeze: tuple[str, ...], unfreeze: tuple[str, ...]) -> None:

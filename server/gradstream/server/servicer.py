@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import tempfile
@@ -66,6 +67,7 @@ class TrainerServicer:
         *,
         publisher: Publisher | None = None,
         eval_auc_max_scores: int = 1_000_000,
+        predict_threads: int = 0,
         export_max_batch_size: int = 0,
         export_chunk_bytes: int = CHUNK_BYTES,
         max_program_bytes: int = 64 * 1024 * 1024,
@@ -78,6 +80,18 @@ class TrainerServicer:
         self.export_max_batch_size = export_max_batch_size
         self.export_chunk_bytes = export_chunk_bytes
         self.max_program_bytes = max_program_bytes
+        # Predict's own threads: a large batch neither blocks the event loop nor waits
+        # behind training (snapshot.py); None: Predict goes through the worker queue.
+        self._predict_pool = (
+            concurrent.futures.ThreadPoolExecutor(
+                predict_threads,
+                thread_name_prefix="gradstream-predict",
+                initializer=_apply_threads,
+                initargs=(torch.get_num_threads(),),
+            )
+            if predict_threads
+            else None
+        )
         self.draining = False
         self._sessions: set[TrainSession] = set()
         self._streams_closed = asyncio.Event()
@@ -190,9 +204,18 @@ class TrainerServicer:
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         worker = self.registry.get(request.name)
+        if self._predict_pool is not None:
+            job = functools.partial(_predict, worker.trainer, request.x)
+            y, step = await asyncio.get_running_loop().run_in_executor(self._predict_pool, job)
+            return pb.PredictResponse(y=encode(y), step=step)
         x = worker.trainer.checker.inputs(decode_array(request.x, "x"))
         y, step = await worker.run(lambda t: (t.predict(x).cpu(), t.step))
         return pb.PredictResponse(y=encode(y), step=step)
+
+    def close(self) -> None:
+        """Stop Predict's threads once the predictions under way are answered."""
+        if self._predict_pool is not None:
+            self._predict_pool.shutdown(wait=True)
 
     async def Evaluate(
         self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: Context
@@ -419,3 +442,13 @@ def add_to_server(servicer: TrainerServicer, server: grpc.aio.Server) -> None:
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
     server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+
+
+def _apply_threads(count: int) -> None:
+    # OpenMP's thread count is per thread (see worker.py): each Predict thread takes torch's.
+    torch.set_num_threads(count)
+
+
+def _predict(trainer: Trainer, x: pb.Tensor) -> tuple[torch.Tensor, int]:
+    """On a Predict thread: decode and check x (hardening's checks), predict on the snapshot."""
+    return trainer.snapshots.predict(trainer.checker.inputs(decode_array(x, "x")))

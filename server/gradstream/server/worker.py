@@ -70,7 +70,10 @@ class ModelWorker:
             if future.cancelled():
                 continue
             try:
-                result = job(self.trainer)
+                # busy: a prediction copies the parameters itself only while no job runs.
+                with self.trainer.snapshots.busy:
+                    result = job(self.trainer)
+                    self.trainer.snapshots.publish_if_wanted()
             except BaseException as exc:  # delivered to the awaiting handler
                 loop.call_soon_threadsafe(_settle, future, None, exc)
             else:

@@ -1,0 +1,75 @@
+"""Parameter snapshots: copies between steps, predictions bit for bit as ``module(x)``."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from gradstream.server.batches import Batch
+from gradstream.server.engine import TrainerFactory, TrainOptions
+from gradstream.server.snapshot import Snapshots
+from gradstream.server.spec import parse_spec
+
+MLP = {
+    "architecture": {"kind": "mlp", "in_features": 5, "out_features": 2, "hidden": [7, 3]},
+    "optimizer": {"kind": "sgd", "lr": 0.1, "momentum": 0.9},
+}
+
+
+def test_a_prediction_equals_the_modules_own_output_bitwise_and_reports_the_step() -> None:
+    trainer = TrainerFactory(torch.device("cpu")).build("m", parse_spec(MLP))
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(16, 5, generator=g), torch.randn(16, 2, generator=g))
+    for _ in range(3):
+        trainer.train(batch, TrainOptions())
+    x = torch.randn(9, 5, generator=g)
+    y, version = trainer.snapshots.predict(x)
+    with torch.inference_mode():
+        expected = trainer.module(x)
+    assert version == 3
+    assert torch.equal(y, expected)
+
+
+def test_a_published_snapshot_is_not_written_by_later_steps() -> None:
+    trainer = TrainerFactory(torch.device("cpu")).build("m", parse_spec(MLP))
+    batch = Batch(torch.ones(4, 5), torch.zeros(4, 2))
+    trainer.train(batch, TrainOptions())
+    first = trainer.snapshots.newest()
+    kept = {n: t.clone() for n, t in first.tensors.items()}
+    trainer.train(batch, TrainOptions())
+    assert all(torch.equal(first.tensors[n], kept[n]) for n in kept)
+    second = trainer.snapshots.newest()
+    assert (first.version, second.version) == (1, 2)
+    assert not torch.equal(second.tensors["0.weight"], first.tensors["0.weight"])
+    # Nothing changed since: the same copy serves, no new one is made.
+    assert trainer.snapshots.newest() is second
+
+
+def test_a_waiting_prediction_gets_the_copy_made_at_the_step_boundary() -> None:
+    trainer = TrainerFactory(torch.device("cpu")).build("m", parse_spec(MLP))
+    batch = Batch(torch.ones(4, 5), torch.zeros(4, 2))
+    got: list[int] = []
+    with trainer.snapshots.busy:  # the worker is in a job: the prediction cannot copy
+        waiter = threading.Thread(target=lambda: got.append(trainer.snapshots.newest().version))
+        waiter.start()
+        while not trainer.snapshots.wanted:
+            waiter.join(0.001)
+        trainer.train(batch, TrainOptions())  # publishes at its step boundary
+        waiter.join(10)
+    assert got == [1]
+
+
+def test_buffers_are_copied_and_used() -> None:
+    norm = nn.BatchNorm1d(4)
+    module = nn.Sequential(nn.Linear(3, 4), norm).eval()
+    norm.load_state_dict(
+        norm.state_dict()
+        | {"running_mean": torch.full((4,), 0.5), "running_var": torch.full((4,), 2.0)}
+    )
+    snapshots = Snapshots(module, torch.device("cpu"), lambda: 0)
+    x = torch.randn(6, 3)
+    y, _ = snapshots.predict(x)
+    with torch.inference_mode():
+        assert torch.equal(y, module(x))
