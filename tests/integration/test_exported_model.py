@@ -82,7 +82,15 @@ def test_an_exported_mlp_trains_bitwise_like_the_textbook_loop(client: Client, n
     batches = _batches(6)
     results = list(client.train(name, batches))
     assert [r.outcome for r in results] == ["APPLIED"] * 6
-    _assert_bitwise(client.parameters(name), _textbook(batches))
+    trained = _textbook(batches)
+    _assert_bitwise(client.parameters(name), trained)
+    # Predict (from a parameter snapshot, on its own threads) is the program's output.
+    module = torch.export.load(io.BytesIO(ARCHIVE)).module()
+    module.load_state_dict(trained)
+    x = _batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        want = module(torch.from_numpy(x))
+    assert torch.equal(torch.from_numpy(np.asarray(client.predict(name, x))), want)
 
 
 def test_the_program_may_come_from_a_file_and_widths_must_match(
