@@ -16,6 +16,7 @@ from gradstream.client import Client, InvalidArgument, ResourceExhausted
 from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
+from gradstream.wire.tensor import to_proto
 from tests.conftest import server_settings
 
 MAX_STREAMS = 4
@@ -261,3 +262,43 @@ def test_embedding_tables_count_toward_the_parameter_limit(limited: BackgroundSe
             client.create_model("small-table", spec)
         assert "spec.architecture.kind" in str(failure.value)
         assert "small-table" not in [m.name for m in client.list_models()]
+
+
+def test_evaluate_streams_count_toward_the_stream_limit(limited: BackgroundServer) -> None:
+    """Each open Evaluate holds its scores: past max_streams the next is refused at once."""
+    with Client(limited.target, max_message_bytes=MESSAGE_LIMIT) as client:
+        client.create_model("judged", SPEC)
+    release = threading.Event()
+    x, y = _rows(2)
+
+    def held() -> Iterator[pb.EvaluateRequest]:
+        first = pb.EvaluateRequest(open=pb.EvaluateOpen(model="judged"))
+        first.batches.add(x=to_proto(x), y=to_proto(y))
+        yield first
+        release.wait(30)
+
+    channel = grpc.insecure_channel(limited.target)
+    stub = pb_grpc.TrainerServiceStub(channel)
+    try:
+        futures = [stub.Evaluate.future(held()) for _ in range(MAX_STREAMS)]
+        deadline = time.monotonic() + 10
+        while limited.server.streams.active < MAX_STREAMS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert limited.server.streams.active == MAX_STREAMS
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Evaluate(held(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_streams: 4" in str(refused.value.details())
+        release.set()
+        for future in futures:
+            future.result(timeout=10)
+        deadline = time.monotonic() + 10
+        while limited.server.streams.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert limited.server.streams.active == 0
+        # Under the limit again, an Evaluate with a batch answers.
+        with Client(limited.target, max_message_bytes=MESSAGE_LIMIT) as client:
+            assert client.evaluate("judged", [(x, y)])["rows"] == 2
+    finally:
+        release.set()
+        channel.close()

@@ -109,7 +109,9 @@ class Settings(BaseSettings):
     )
 
     # -- limits: past one, RESOURCE_EXHAUSTED naming it; nothing else is affected -------------
-    max_streams: int = Field(64, gt=0, description="Train streams open at once, all models")
+    max_streams: int = Field(
+        64, gt=0, description="Train and Evaluate streams open at once, all models"
+    )
     max_batch_rows: int = Field(1_000_000, gt=0, description="rows in one batch")
     max_batch_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="tensor bytes (x, y, sample_weight) in one batch"

@@ -405,7 +405,10 @@ async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 class StreamLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """At most ``max_streams`` Train streams at once; the next is refused at once.
+    """At most ``max_streams`` request streams (Train, Evaluate) at once; the next is refused.
+
+    Evaluate counts too: each open one holds its accumulated scores, so an unbounded
+    number of them is unbounded memory.
 
     Counting happens on the event loop, so the check and the increment cannot
     interleave with another stream's. ``active`` (and the gauge) always return to
@@ -430,7 +433,7 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         handler = await continuation(handler_call_details)
         if (
             handler is None
-            or handler.stream_stream is None
+            or not handler.request_streaming
             or not handler_call_details.method.startswith(_TRAINER_PREFIX)
         ):
             return handler
@@ -441,7 +444,8 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             if self.active >= self.max_streams:
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"max_streams: {self.max_streams} Train streams are open already; retry later",
+                    f"max_streams: {self.max_streams} Train streams and Evaluate streams are open "
+                    "already; retry later",
                 )
             self._set(self.active + 1)
             try:

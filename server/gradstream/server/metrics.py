@@ -306,7 +306,7 @@ class Metrics:
             r.register(collector)
         self.active_streams = Gauge(
             "gradstream_active_streams",
-            "Train streams open now (max_streams bounds it).",
+            "Train and Evaluate streams open now (max_streams bounds it).",
             registry=r,
         )
         self.eval_metric = Gauge(
