@@ -67,6 +67,24 @@ class Tensor(_message.Message):
     padding: bytes
     def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class InputInfo(_message.Message):
+    __slots__ = ("name", "kind", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class SharedSlice(_message.Message):
     __slots__ = ("offset", "length")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -247,7 +265,7 @@ class ParameterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "spec", "step", "pending_batches", "device", "parameters", "autograd_chain", "nonfinite_streak", "lr")
+    __slots__ = ("name", "spec", "step", "pending_batches", "device", "parameters", "autograd_chain", "nonfinite_streak", "lr", "inputs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +275,7 @@ class ModelInfo(_message.Message):
     AUTOGRAD_CHAIN_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_STREAK_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: ModelSpec
     step: int
@@ -266,7 +285,8 @@ class ModelInfo(_message.Message):
     autograd_chain: _containers.RepeatedScalarFieldContainer[str]
     nonfinite_streak: int
     lr: float
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., step: _Optional[int] = ..., pending_batches: _Optional[int] = ..., device: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., autograd_chain: _Optional[_Iterable[str]] = ..., nonfinite_streak: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[InputInfo]
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., step: _Optional[int] = ..., pending_batches: _Optional[int] = ..., device: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., autograd_chain: _Optional[_Iterable[str]] = ..., nonfinite_streak: _Optional[int] = ..., lr: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("name", "spec", "program")
@@ -335,16 +355,18 @@ class UpdateModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("x", "y", "sample_weight", "sequence")
+    __slots__ = ("x", "y", "sample_weight", "sequence", "inputs")
     X_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     x: Tensor
     y: Tensor
     sample_weight: Tensor
     sequence: int
-    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, x: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., sequence: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class TrainOpen(_message.Message):
     __slots__ = ("model", "producer_id", "report_every", "shared_memory")
@@ -403,12 +425,14 @@ class TrainResponse(_message.Message):
     def __init__(self, opened: _Optional[_Union[StreamState, _Mapping]] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., last_durable_sequence: _Optional[int] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("name", "x")
+    __slots__ = ("name", "x", "inputs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     x: Tensor
-    def __init__(self, name: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, name: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("y", "step")
@@ -419,18 +443,20 @@ class PredictResponse(_message.Message):
     def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ComputeGradientsRequest(_message.Message):
-    __slots__ = ("name", "x", "y", "sample_weight", "grad_output")
+    __slots__ = ("name", "x", "y", "sample_weight", "grad_output", "inputs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     Y_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     x: Tensor
     y: Tensor
     sample_weight: Tensor
     grad_output: Tensor
-    def __init__(self, name: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, name: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class ComputeGradientsResponse(_message.Message):
     __slots__ = ("gradients", "loss")
