@@ -39,8 +39,8 @@ def _function(name: str) -> str:
 
 # What the brief calls the numeric and admission core, by module.
 SCOPE: dict[str, list[str]] = {
-    # The step pipeline on the CPU, exactly-once admission, state capture. Left out: the
-    # deferred (CUDA) path, which no CPU test reaches (tests/cuda covers it), and the RPC
+    # The step pipeline (the deferred path too: tests force it on the CPU), exactly-once
+    # admission, state capture. Left out: stage (pinned memory, CUDA only) and the RPC
     # helpers around the step (predict, gradients, parameters, update, info).
     "engine": [
         _function("step_kind"),
@@ -55,6 +55,9 @@ SCOPE: dict[str, list[str]] = {
         _method("Trainer", "train"),
         _method("Trainer", "apply"),
         _method("Trainer", "_plain_sgd_step"),
+        _method("Trainer", "_train_deferred"),
+        _method("Trainer", "_fused_step"),
+        _method("Trainer", "_resolve"),
         _method("Trainer", "_skipped"),
         _method("Trainer", "_mark"),
         _method("Trainer", "_gradients_nonfinite"),

@@ -1,0 +1,150 @@
+"""Exactly-once admission and non-finite losses in an accumulation window, on the Trainer.
+
+The service tests (tests/integration/test_producer.py, test_accumulation.py) check these
+through gRPC; these check the same rules in process, on both step paths, against the plain
+PyTorch loop, so that `make mutate` (docs/testing.md) sees them in seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradstream.server.batches import Batch
+from gradstream.server.engine import Outcome, StepResult, Trainer, TrainOptions
+from tests.unit.server.test_engine import batches, poisoned, spec
+
+CPU = torch.device("cpu")
+
+
+def _parameters(trainer: Trainer) -> dict[str, bytes]:
+    return {n: p.detach().numpy().tobytes() for n, p in trainer.module.named_parameters()}
+
+
+def _gradients(trainer: Trainer) -> dict[str, bytes | None]:
+    return {
+        n: None if p.grad is None else p.grad.numpy().tobytes()
+        for n, p in trainer.module.named_parameters()
+    }
+
+
+def _train(trainer: Trainer, items: list[Batch], options: TrainOptions) -> list[StepResult]:
+    results, error = trainer.train_batches(items, options)
+    assert error is None
+    return results
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_resent_sequence_is_duplicate_and_changes_nothing(deferred: bool) -> None:
+    trainer = Trainer("t", spec(), CPU, deferred=deferred)
+    data = batches(3)
+    options = TrainOptions(producer_id="p")
+    sent = [Batch(b.x, b.y, sequence=i + 1) for i, b in enumerate(data)]
+    assert [r.outcome for r in _train(trainer, sent, options)] == [Outcome.APPLIED] * 3
+    assert trainer.producers == {"p": 3}
+    before = _parameters(trainer), trainer.step
+    again = _train(trainer, [sent[1], sent[2]], options)
+    assert [(r.outcome, r.sequence, r.step) for r in again] == [
+        (Outcome.DUPLICATE, 2, 3),
+        (Outcome.DUPLICATE, 3, 3),
+    ]
+    assert (_parameters(trainer), trainer.step) == before
+    assert trainer.producers == {"p": 3}
+    # The next sequence is new; so is the same sequence from another producer.
+    fresh = _train(trainer, [Batch(data[0].x, data[0].y, sequence=4)], options)
+    other = _train(trainer, [sent[0]], TrainOptions(producer_id="q"))
+    assert [r.outcome for r in fresh + other] == [Outcome.APPLIED] * 2
+    assert trainer.producers == {"p": 4, "q": 1}
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_without_a_producer_or_a_sequence_nothing_is_a_duplicate(deferred: bool) -> None:
+    trainer = Trainer("t", spec(), CPU, deferred=deferred)
+    data = batches(2)
+    numbered = [Batch(b.x, b.y, sequence=1) for b in data]
+    # No producer id: sequences are the client's numbering, never remembered.
+    results = _train(trainer, numbered, TrainOptions())
+    assert [(r.outcome, r.sequence) for r in results] == [(Outcome.APPLIED, 1)] * 2
+    # A producer, unnumbered batches: numbered by their place in the stream, not marked.
+    options = TrainOptions(producer_id="p")
+    results = _train(trainer, data + data, options)
+    assert [(r.outcome, r.sequence) for r in results] == [
+        (Outcome.APPLIED, i) for i in (1, 2, 3, 4)
+    ]
+    assert trainer.producers == {} and trainer.step == 6
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_skipped_batch_is_done_with_and_its_resend_is_duplicate(deferred: bool) -> None:
+    trainer = Trainer("t", spec(), CPU, deferred=deferred)
+    bad = Batch(poisoned(batches(1)[0]).x, batches(1)[0].y, sequence=1)
+    options = TrainOptions(producer_id="p")
+    [first] = _train(trainer, [bad], options)
+    assert (first.outcome, first.sequence, first.reason) == (
+        Outcome.SKIPPED_NONFINITE,
+        1,
+        "loss is not finite",
+    )
+    assert first.loss is not None and not np.isfinite(first.loss)
+    assert trainer.nonfinite_streak == 1 and trainer.producers == {"p": 1}
+    [again] = _train(trainer, [bad], options)
+    assert again.outcome is Outcome.DUPLICATE and trainer.nonfinite_streak == 1
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_report_every_reads_back_every_kth_loss(deferred: bool) -> None:
+    trainer = Trainer("t", spec(), CPU, deferred=deferred)
+    results = _train(trainer, batches(5), TrainOptions(report_every=2))
+    assert [r.loss is not None for r in results] == [False, True, False, True, False]
+    assert [r.step for r in results] == [1, 2, 3, 4, 5]
+
+
+def _textbook(data: list[Batch], accumulate: int) -> nn.Module:
+    """The plain loop over ``data``: zero_grad, ``accumulate`` backward passes, step."""
+    module = Trainer("r", spec(), CPU).module  # the spec's initial weights
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    for start in range(0, len(data) - len(data) % accumulate, accumulate):
+        optimizer.zero_grad()
+        for b in data[start : start + accumulate]:
+            nn.functional.mse_loss(module(b.x), b.y).backward()
+        optimizer.step()
+    return module
+
+
+# The exact path only: the deferred one skips the whole step (docs/semantics.md).
+@pytest.mark.parametrize("bad_at", [0, 1, 2])
+def test_a_nonfinite_loss_mid_window_leaves_the_window_as_if_never_sent(bad_at: int) -> None:
+    data = batches(6, seed=4)
+    sent = list(data)
+    sent.insert(bad_at, poisoned(data[bad_at]))  # one bad batch inside the first window
+    trainer = Trainer("t", spec(accumulate_steps=3), CPU)
+    clean = Trainer("c", spec(accumulate_steps=3), CPU)
+    outcomes = []
+    for i, b in enumerate(sent):
+        [result] = _train(trainer, [b], TrainOptions())
+        outcomes.append(result.outcome)
+        if i == bad_at:
+            # The pending gradients are those of the good batches before it, bit for bit.
+            assert trainer.pending == bad_at
+            assert _gradients(trainer) == _gradients(clean)
+        else:
+            _train(clean, [b], TrainOptions())
+            assert _gradients(trainer) == _gradients(clean)
+    expected = [Outcome.ACCUMULATED, Outcome.ACCUMULATED, Outcome.APPLIED] * 2
+    expected.insert(bad_at, Outcome.SKIPPED_NONFINITE)
+    assert outcomes == expected
+    assert trainer.step == 2 and trainer.nonfinite_streak == 0
+    reference = _textbook(data, 3)
+    for mine, theirs in zip(trainer.module.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_message_cancelled_before_its_first_batch_trains_nothing(deferred: bool) -> None:
+    trainer = Trainer("t", spec(), CPU, deferred=deferred)
+    before = _parameters(trainer)
+    results, error = trainer.train_batches(batches(2), TrainOptions(), lambda: True)
+    assert (results, error) == ([], None)
+    assert _parameters(trainer) == before and trainer.step == 0
