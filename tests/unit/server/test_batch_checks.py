@@ -1,0 +1,108 @@
+"""Every check of ``BatchChecker.batch``, with the exact reason a client is answered.
+
+tests/integration/test_bad_input.py sends bad batches through the service; these check
+each rule and its message in process (the `make mutate` subset, docs/testing.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from gradstream.server.batches import Batch, BatchChecker
+from gradstream.server.errors import InvalidArgument
+from gradstream.server.spec import parse_spec
+
+CLASSES = BatchChecker(
+    parse_spec(
+        {
+            "architecture": {"kind": "mlp", "in_features": 2, "hidden": [3], "out_features": 3},
+            "loss": {"kind": "cross_entropy"},
+        }
+    )
+)
+VALUES = BatchChecker(
+    parse_spec({"architecture": {"kind": "linear", "in_features": 1, "out_features": 1}})
+)
+X = np.ones((4, 2), np.float32)
+Y = np.array([0, 1, 2, 1], np.int64)
+W = np.array([1.0, 0.5, 0.0, 2.0], np.float32)
+NAN = np.float32(np.nan)
+
+# (case, x, y, weight, reason when quoted, reason for a segment's bytes)
+BAD: list[tuple[str, Any, Any, Any, str, str]] = [
+    ("x shape", np.ones((4, 3), np.float32), Y, None,
+     "x: has shape [4, 3], the model expects (rows, 2)", ""),
+    ("x 1-d", np.ones(4, np.float32), Y, None,
+     "x: has shape [4], the model expects (rows, 2)", ""),
+    ("x dtype", np.ones((4, 2), np.int64), Y, None,
+     "x: has dtype int64, expected floating point", ""),
+    ("x empty", np.ones((0, 2), np.float32), np.ones(0, np.int64), None,
+     "x: is an empty batch (0 rows)", ""),
+    ("x nan", np.where(np.eye(4, 2) > 0, NAN, X), Y, None,
+     "x: contains a non-finite value (nan)", "x: contains a non-finite value"),
+    ("x inf as float32", np.full((4, 2), 1e300), Y, None,
+     "x: contains a non-finite value (inf) as float32",
+     "x: contains a non-finite value as float32"),
+    ("y dtype", X, Y.astype(np.float32), None,
+     "y: has dtype float32, cross_entropy takes int64 class labels", ""),
+    ("y rows", X, Y[:3], None, "y: has shape [3], expected (4,) labels", ""),
+    ("y 2-d", X, Y.reshape(4, 1), None, "y: has shape [4, 1], expected (4,) labels", ""),
+    ("label high", X, np.array([0, 3, 2, 1]), None,
+     "y: label 3 is out of range [0, 3)", "y: a label is out of range [0, 3)"),
+    ("label negative", X, np.array([0, 1, -1, 5]), None,
+     "y: label -1 is out of range [0, 3)", "y: a label is out of range [0, 3)"),
+    ("weight dtype", X, Y, np.ones(4, np.int64),
+     "sample_weight: has dtype int64, expected floating point", ""),
+    ("weight rows", X, Y, np.ones(3, np.float32),
+     "sample_weight: has shape [3], expected (4,)", ""),
+    ("weight negative", X, Y, np.array([1.0, -0.5, -2.0, 1.0], np.float32),
+     "sample_weight: has a negative weight -2.0", "sample_weight: has a negative weight"),
+    ("weights zero", X, Y, np.zeros(4, np.float32), "sample_weight: weights are all zero", ""),
+    ("weight nan", X, Y, np.array([1.0, NAN, 1.0, 1.0], np.float32),
+     "sample_weight: contains a non-finite value (nan)",
+     "sample_weight: contains a non-finite value"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "x", "y", "w", "quoted", "unquoted"), BAD, ids=[b[0] for b in BAD]
+)
+def test_a_bad_batch_is_refused_naming_the_field(
+    case: str, x: Any, y: Any, w: Any, quoted: str, unquoted: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        CLASSES.batch(x, y, w, 3, "b")
+    assert str(caught.value) == f"b.{quoted}"
+    with pytest.raises(InvalidArgument) as caught:
+        CLASSES.batch(x, y, w, 3, "b", quote=False)
+    assert str(caught.value) == f"b.{unquoted or quoted}"
+
+
+def test_a_good_batch_is_in_the_models_dtype_with_its_sequence() -> None:
+    y32 = Y.astype(np.int32)
+    batch = CLASSES.batch(X.astype(np.float64), y32, W.astype(np.float64), 9, "b")
+    assert batch == Batch(batch.x, batch.y, batch.weight, 9)
+    assert batch.x.dtype == torch.float32 and torch.equal(batch.x, torch.ones(4, 2))
+    assert batch.y.dtype == torch.int64 and batch.y.tolist() == [0, 1, 2, 1]
+    assert batch.weight is not None and batch.weight.dtype == torch.float32
+    assert batch.weight.tolist() == [1.0, 0.5, 0.0, 2.0]
+    assert CLASSES.batch(X, Y).weight is None and CLASSES.batch(X, Y).sequence == 0
+
+
+def test_values_take_one_column_as_a_vector_and_check_the_outputs_shape() -> None:
+    batch = VALUES.batch(np.ones(3, np.float32), np.arange(3, dtype=np.float32))
+    assert batch.x.shape == (3, 1) and batch.y.shape == (3, 1)
+    assert batch.y.flatten().tolist() == [0.0, 1.0, 2.0]
+    for y, reason in [
+        (np.ones((3, 2), np.float32), "y: has shape [3, 2], expected (3, 1)"),
+        (np.ones(2, np.float32), "y: has shape [2, 1], expected (3, 1)"),
+        (np.ones(3, np.int64), "y: has dtype int64, expected floating point"),
+        (np.array([1.0, np.inf, 1.0], np.float32), "y: contains a non-finite value (inf)"),
+    ]:
+        with pytest.raises(InvalidArgument) as caught:
+            VALUES.batch(np.ones((3, 1), np.float32), y)
+        assert str(caught.value) == f"batch.{reason}"
