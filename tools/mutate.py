@@ -17,6 +17,7 @@ import collections
 import fnmatch
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,9 @@ def main() -> int:
     args = parser.parse_args()
     names = patterns(args.only)
     if not args.score:
+        if not args.only:
+            # A whole run starts from fresh copies: mutmut keeps a copied file that exists.
+            shutil.rmtree(MUTANTS, ignore_errors=True)
         prepare()
         code = run(names)
         if code != 0:

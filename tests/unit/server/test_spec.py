@@ -14,7 +14,7 @@ import torch
 
 from gradstream.server.engine import TrainerFactory
 from gradstream.server.errors import InvalidArgument
-from gradstream.server.spec import parse_spec
+from gradstream.server.spec import check_model_name, parse_spec
 from gradstream.wire import spec_from_proto, spec_to_proto
 from tests.integration.test_bad_input import BAD_SPECS
 
@@ -31,3 +31,30 @@ def test_bad_spec_is_invalid_argument_naming_the_field(spec: dict[str, Any], mes
     with pytest.raises(InvalidArgument) as caught:
         _create(spec)
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "../etc", "-lead", ".hidden", "victim\n", "vic\ttim", "vict\u0456m", "a" * 129],
+)
+def test_a_bad_model_name_is_refused_quoting_it(bad: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_model_name(bad, "req.name")
+    assert str(caught.value) == (
+        f"req.name: {bad!r} is not a model name (1-128 of A-Z a-z 0-9 . _ -, starting alphanumeric)"
+    )
+    with pytest.raises(InvalidArgument, match=r"^name: "):
+        check_model_name(bad)
+
+
+@pytest.mark.parametrize("good", ["m", "A.b_c-1", "9" + "x" * 127])
+def test_a_good_model_name_is_returned(good: str) -> None:
+    assert check_model_name(good) == good
+
+
+def test_a_spec_error_names_the_field_under_the_given_root() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_spec({"architecture": {"kind": "linear", "in_features": 0}}, "req.spec")
+    assert str(caught.value) == (
+        "req.spec.architecture.in_features: Input should be greater than 0 (got 0)"
+    )
