@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.session import Rejected, decode
+from gradstream.server.shm import open_shared_memory
 from gradstream.server.spec import parse_spec
-from gradstream.server.wire import WireBatch, from_message
+from gradstream.server.wire import WireBatch, WireTensor, from_message
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import to_proto
 
@@ -24,6 +27,7 @@ CHECKER = BatchChecker(
 )
 X = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
 Y = np.array([0, 2], np.int64)
+PEER = "ipv4:127.0.0.1:5555"
 
 
 def _wire(x: Any, y: Any, weight: Any = None, sequence: int = 0) -> WireBatch:
@@ -59,3 +63,40 @@ def test_a_bad_part_is_rejected_naming_its_field_and_keeping_the_sequence() -> N
         assert isinstance(rejected, Rejected)
         assert rejected.reason.startswith(reason), rejected.reason
         assert rejected.sequence == 4
+
+
+def _malformed(part: str) -> WireBatch:
+    """A batch whose ``part`` has a dtype code no client sends."""
+    tensors = {"x": to_proto(X), "y": to_proto(Y), "sample_weight": to_proto(np.ones(2))}
+    tensors[part].dtype = 99
+    [wire] = from_message(pb.TrainRequest(batches=[pb.Batch(**tensors, sequence=2)])).batches
+    return wire
+
+
+@pytest.mark.parametrize("part", ["x", "y", "sample_weight"])
+def test_a_malformed_tensor_is_rejected_naming_its_field(part: str) -> None:
+    rejected = decode(CHECKER, _malformed(part), 5, None)
+    assert isinstance(rejected, Rejected)
+    assert rejected.reason.startswith(f"batches[5].{part}.dtype: "), rejected.reason
+    assert rejected.sequence == 2
+
+
+def test_tensors_in_the_shared_segment_are_read_from_it_and_never_quoted(tmp_path: Path) -> None:
+    weight = np.array([0.5, 2.0], np.float32)
+    parts = [X.tobytes(), Y.tobytes(), weight.tobytes(), np.array([0, 7]).tobytes()]
+    (tmp_path / "gradstream-s").write_bytes(b"".join(parts))
+    segment = open_shared_memory("gradstream-s", PEER, str(tmp_path))
+    offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
+
+    def shared(array: Any, i: int) -> WireTensor:
+        code = to_proto(array).dtype
+        return WireTensor(code, array.shape, b"", (offsets[i], len(parts[i])))
+
+    wire = WireBatch(shared(X, 0), shared(Y, 1), shared(weight, 2), 3)
+    batch = decode(CHECKER, wire, 0, segment)
+    assert isinstance(batch, Batch) and batch.sequence == 3
+    assert torch.equal(batch.x, torch.from_numpy(X)) and torch.equal(batch.y, torch.from_numpy(Y))
+    assert batch.weight is not None and torch.equal(batch.weight, torch.from_numpy(weight))
+    bad = WireBatch(shared(X, 0), shared(np.array([0, 7]), 3), None, 4)
+    rejected = decode(CHECKER, bad, 1, segment)
+    assert rejected == Rejected("batches[1].y: a label is out of range [0, 3)", 4)
