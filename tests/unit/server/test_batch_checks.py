@@ -106,3 +106,19 @@ def test_values_take_one_column_as_a_vector_and_check_the_outputs_shape() -> Non
         with pytest.raises(InvalidArgument) as caught:
             VALUES.batch(np.ones((3, 1), np.float32), y)
         assert str(caught.value) == f"batch.{reason}"
+
+
+def test_predict_and_compute_gradients_parts_name_their_own_fields() -> None:
+    # Predict and ComputeGradients check x, y and sample_weight one by one, with defaults.
+    assert torch.equal(CLASSES.inputs(X), torch.from_numpy(X))
+    for call, reason in [
+        (lambda: CLASSES.inputs(np.full((1, 2), NAN)), "x: contains a non-finite value (nan)"),
+        (lambda: CLASSES.targets(np.array([5]), 1), "y: label 5 is out of range [0, 3)"),
+        (
+            lambda: CLASSES.weights(np.array([-1.0], np.float32), 1),
+            "sample_weight: has a negative weight -1.0",
+        ),
+    ]:
+        with pytest.raises(InvalidArgument) as caught:
+            call()
+        assert str(caught.value) == reason
