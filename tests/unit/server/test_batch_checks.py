@@ -6,6 +6,7 @@ each rule and its message in process (the `make mutate` subset, docs/testing.md)
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -13,17 +14,16 @@ import pytest
 import torch
 
 from gradstream.server.batches import Batch, BatchChecker
-from gradstream.server.errors import InvalidArgument
+from gradstream.server.errors import InvalidArgument, ResourceExhausted
 from gradstream.server.spec import parse_spec
 
-CLASSES = BatchChecker(
-    parse_spec(
-        {
-            "architecture": {"kind": "mlp", "in_features": 2, "hidden": [3], "out_features": 3},
-            "loss": {"kind": "cross_entropy"},
-        }
-    )
+CLASSES_SPEC = parse_spec(
+    {
+        "architecture": {"kind": "mlp", "in_features": 2, "hidden": [3], "out_features": 3},
+        "loss": {"kind": "cross_entropy"},
+    }
 )
+CLASSES = BatchChecker(CLASSES_SPEC)
 VALUES = BatchChecker(
     parse_spec({"architecture": {"kind": "linear", "in_features": 1, "out_features": 1}})
 )
@@ -122,3 +122,28 @@ def test_predict_and_compute_gradients_parts_name_their_own_fields() -> None:
         with pytest.raises(InvalidArgument) as caught:
             call()
         assert str(caught.value) == reason
+
+
+def test_a_batch_of_exactly_the_byte_limit_passes_and_one_byte_over_does_not() -> None:
+    size = X.nbytes + Y.nbytes
+    assert BatchChecker(CLASSES_SPEC, max_bytes=size).batch(X, Y).x.shape == (4, 2)
+    with pytest.raises(ResourceExhausted) as caught:
+        BatchChecker(CLASSES_SPEC, max_bytes=size - 1).batch(X, Y, field="b")
+    assert str(caught.value) == (
+        f"b: max_batch_bytes: has {size} bytes of tensors, the limit is {size - 1}"
+    )
+
+
+def test_a_batch_needing_exactly_the_activation_limit_passes_and_one_byte_more_does_not() -> None:
+    need = 4 * CLASSES.row_bytes
+    assert BatchChecker(CLASSES_SPEC, max_activation_bytes=need).batch(X, Y).x.shape == (4, 2)
+    with pytest.raises(ResourceExhausted) as caught:
+        BatchChecker(CLASSES_SPEC, max_activation_bytes=need - 1).batch(X, Y, field="b")
+    assert str(caught.value).startswith(f"b.x: max_activation_bytes: 4 rows need about {need}")
+
+
+def test_a_value_that_overflows_the_models_dtype_is_refused_without_a_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning would be logged per batch
+        with pytest.raises(InvalidArgument, match="as float32"):
+            CLASSES.batch(np.full((4, 2), 1e300), Y)
