@@ -91,6 +91,8 @@ def test_a_good_batch_is_in_the_models_dtype_with_its_sequence() -> None:
     assert batch.weight is not None and batch.weight.dtype == torch.float32
     assert batch.weight.tolist() == [1.0, 0.5, 0.0, 2.0]
     assert CLASSES.batch(X, Y).weight is None and CLASSES.batch(X, Y).sequence == 0
+    small = np.array([0.0, 0.25, 0.0, 1.0], np.float32)  # none above 1, not all zero
+    assert CLASSES.weights(small, 4).tolist() == small.tolist()
 
 
 def test_values_take_one_column_as_a_vector_and_check_the_outputs_shape() -> None:
@@ -125,13 +127,14 @@ def test_predict_and_compute_gradients_parts_name_their_own_fields() -> None:
 
 
 def test_a_batch_of_exactly_the_byte_limit_passes_and_one_byte_over_does_not() -> None:
-    size = X.nbytes + Y.nbytes
-    assert BatchChecker(CLASSES_SPEC, max_bytes=size).batch(X, Y).x.shape == (4, 2)
-    with pytest.raises(ResourceExhausted) as caught:
-        BatchChecker(CLASSES_SPEC, max_bytes=size - 1).batch(X, Y, field="b")
-    assert str(caught.value) == (
-        f"b: max_batch_bytes: has {size} bytes of tensors, the limit is {size - 1}"
-    )
+    for weight in (None, W):
+        size = X.nbytes + Y.nbytes + (0 if weight is None else weight.nbytes)
+        assert BatchChecker(CLASSES_SPEC, max_bytes=size).batch(X, Y, weight).x.shape == (4, 2)
+        with pytest.raises(ResourceExhausted) as caught:
+            BatchChecker(CLASSES_SPEC, max_bytes=size - 1).batch(X, Y, weight, field="b")
+        assert str(caught.value) == (
+            f"b: max_batch_bytes: has {size} bytes of tensors, the limit is {size - 1}"
+        )
 
 
 def test_a_batch_needing_exactly_the_activation_limit_passes_and_one_byte_more_does_not() -> None:
