@@ -99,12 +99,13 @@ def test_values_take_one_column_as_a_vector_and_check_the_outputs_shape() -> Non
     batch = VALUES.batch(np.ones(3, np.float32), np.arange(3, dtype=np.float32))
     assert batch.x.shape == (3, 1) and batch.y.shape == (3, 1)
     assert batch.y.flatten().tolist() == [0.0, 1.0, 2.0]
-    for y, reason in [
+    cases: list[tuple[Any, str]] = [
         (np.ones((3, 2), np.float32), "y: has shape [3, 2], expected (3, 1)"),
         (np.ones(2, np.float32), "y: has shape [2, 1], expected (3, 1)"),
         (np.ones(3, np.int64), "y: has dtype int64, expected floating point"),
         (np.array([1.0, np.inf, 1.0], np.float32), "y: contains a non-finite value (inf)"),
-    ]:
+    ]
+    for y, reason in cases:
         with pytest.raises(InvalidArgument) as caught:
             VALUES.batch(np.ones((3, 1), np.float32), y)
         assert str(caught.value) == f"batch.{reason}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -68,8 +68,10 @@ def test_a_bad_part_is_rejected_naming_its_field_and_keeping_the_sequence() -> N
 def _malformed(part: str) -> WireBatch:
     """A batch whose ``part`` has a dtype code no client sends."""
     tensors = {"x": to_proto(X), "y": to_proto(Y), "sample_weight": to_proto(np.ones(2))}
-    tensors[part].dtype = 99
-    [wire] = from_message(pb.TrainRequest(batches=[pb.Batch(**tensors, sequence=2)])).batches
+    tensors[part].dtype = cast(pb.DataType, 99)
+    batch = pb.Batch(x=tensors["x"], y=tensors["y"], sample_weight=tensors["sample_weight"])
+    batch.sequence = 2
+    [wire] = from_message(pb.TrainRequest(batches=[batch])).batches
     return wire
 
 
