@@ -151,3 +151,17 @@ def test_a_value_that_overflows_the_models_dtype_is_refused_without_a_warning() 
         warnings.simplefilter("error")  # numpy's overflow warning would be logged per batch
         with pytest.raises(InvalidArgument, match="as float32"):
             CLASSES.batch(np.full((4, 2), 1e300), Y)
+
+
+def test_the_row_limit_and_the_byte_limit_on_x_alone_name_x() -> None:
+    assert BatchChecker(CLASSES_SPEC, max_rows=4).batch(X, Y).x.shape == (4, 2)
+    for checker, reason in [
+        (BatchChecker(CLASSES_SPEC, max_rows=3), "b.x: max_batch_rows: has 4 rows, the limit is 3"),
+        (
+            BatchChecker(CLASSES_SPEC, max_bytes=X.nbytes - 1),
+            f"b.x: max_batch_bytes: has {X.nbytes} bytes of tensors, the limit is {X.nbytes - 1}",
+        ),
+    ]:
+        with pytest.raises(ResourceExhausted) as caught:
+            checker.batch(X, Y, field="b")
+        assert str(caught.value) == reason

@@ -58,3 +58,13 @@ def test_a_spec_error_names_the_field_under_the_given_root() -> None:
     assert str(caught.value) == (
         "req.spec.architecture.in_features: Input should be greater than 0 (got 0)"
     )
+
+
+def test_an_unknown_kind_is_named_with_what_was_given() -> None:
+    linear = {"kind": "linear", "in_features": 1, "out_features": 1}
+    with pytest.raises(InvalidArgument) as caught:
+        parse_spec({"architecture": linear, "optimizer": {"kind": "nadam"}})
+    assert str(caught.value) == (
+        "spec.optimizer.kind: unknown optimizer; known: sgd, adam, adamw, adagrad, rmsprop "
+        "(got 'nadam')"
+    )
