@@ -68,3 +68,9 @@ def test_an_unknown_kind_is_named_with_what_was_given() -> None:
         "spec.optimizer.kind: unknown optimizer; known: sgd, adam, adamw, adagrad, rmsprop "
         "(got 'nadam')"
     )
+
+
+def test_a_missing_field_is_named_without_a_value() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_spec({})
+    assert str(caught.value) == "spec.architecture: Field required"
