@@ -88,6 +88,7 @@ def test_a_skipped_batch_is_done_with_and_its_resend_is_duplicate(deferred: bool
         "loss is not finite",
     )
     assert first.loss is not None and not np.isfinite(first.loss)
+    assert first.step == 0  # the model's step, which the skipped batch did not advance
     assert trainer.nonfinite_streak == 1 and trainer.producers == {"p": 1}
     [again] = _train(trainer, [bad], options)
     assert again.outcome is Outcome.DUPLICATE and trainer.nonfinite_streak == 1
