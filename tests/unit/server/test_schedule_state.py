@@ -10,7 +10,7 @@ from gradstream.server.optim import build_schedule, load_schedule_state, schedul
 from gradstream.server.spec import parse_spec
 
 LINEAR = {"kind": "linear", "in_features": 3, "out_features": 2}
-SEQUENTIAL = {
+SEQUENTIAL: dict[str, object] = {
     "kind": "sequential",
     "schedulers": [{"kind": "linear"}, {"kind": "exponential", "gamma": 0.5}],
     "milestones": [2],
