@@ -149,3 +149,34 @@ def test_a_message_cancelled_before_its_first_batch_trains_nothing(deferred: boo
     results, error = trainer.train_batches(batches(2), TrainOptions(), lambda: True)
     assert (results, error) == ([], None)
     assert _parameters(trainer) == before and trainer.step == 0
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_finite_loss_with_a_nonfinite_gradient_skips_the_step(deferred: bool) -> None:
+    linear = {"kind": "linear", "in_features": 1, "out_features": 1}
+    init = {"kind": "tensors", "tensors": {"weight": [[1.0]], "bias": [0.0]}}
+    trainer = Trainer("t", spec(architecture=linear, init=init), CPU, deferred=deferred)
+    good = Batch(torch.ones(2, 1), torch.zeros(2, 1))
+    _train(trainer, [good], TrainOptions())  # momentum exists
+    before = (
+        _parameters(trainer),
+        [s["momentum_buffer"].clone() for s in trainer.optimizer.state.values()],
+    )
+    # loss (1.5e19)^2 fits float32; its gradient 2 * 1.5e19 * 1.5e19 does not.
+    bad = Batch(torch.full((1, 1), 1.5e19), torch.zeros(1, 1))
+    [result] = _train(trainer, [bad], TrainOptions())
+    assert result.loss is not None and np.isfinite(result.loss)
+    assert (result.outcome, result.reason, result.step) == (
+        Outcome.SKIPPED_NONFINITE,
+        "gradient is not finite",
+        1,
+    )
+    assert trainer.step == 1 and trainer.nonfinite_streak == 1
+    assert _parameters(trainer) == before[0]
+    for mine, saved in zip(trainer.optimizer.state.values(), before[1], strict=True):
+        assert torch.equal(mine["momentum_buffer"], saved)
+    # The next good batch steps from where the model was, as if the bad one never came.
+    clean = Trainer("c", spec(architecture=linear, init=init), CPU, deferred=deferred)
+    _train(clean, [good, good], TrainOptions())
+    _train(trainer, [good], TrainOptions())
+    assert _parameters(trainer) == _parameters(clean) and trainer.nonfinite_streak == 0
