@@ -14,6 +14,8 @@ from torch import nn
 
 from gradstream.server.batches import Batch
 from gradstream.server.engine import Outcome, StepResult, Trainer, TrainOptions
+from gradstream.server.errors import FailedPrecondition
+from gradstream.server.models import loss_value
 from tests.unit.server.test_engine import batches, poisoned, spec
 
 CPU = torch.device("cpu")
@@ -180,3 +182,31 @@ def test_a_finite_loss_with_a_nonfinite_gradient_skips_the_step(deferred: bool) 
     _train(clean, [good, good], TrainOptions())
     _train(trainer, [good], TrainOptions())
     assert _parameters(trainer) == _parameters(clean) and trainer.nonfinite_streak == 0
+
+
+def test_sample_weights_reach_the_loss() -> None:
+    data = batches(1, seed=7)[0]
+    w = torch.linspace(0.1, 2.0, len(data.x))
+    trainer = Trainer("t", spec(), CPU)
+    _train(trainer, [Batch(data.x, data.y, w)], TrainOptions())
+    # The textbook step with the weighted loss of docs/semantics.md.
+    module = Trainer("r", spec(), CPU).module
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    loss_value(trainer.spec.loss, module(data.x), data.y, w).backward()
+    optimizer.step()
+    unweighted = Trainer("u", spec(), CPU)
+    _train(unweighted, [data], TrainOptions())
+    assert _parameters(trainer) == _parameters_of(module)
+    assert _parameters(trainer) != _parameters(unweighted)
+
+
+def _parameters_of(module: nn.Module) -> dict[str, bytes]:
+    return {n: p.detach().numpy().tobytes() for n, p in module.named_parameters()}
+
+
+def test_a_model_with_every_parameter_frozen_refuses_to_train() -> None:
+    trainer = Trainer("t", spec(), CPU)
+    trainer.update(None, tuple(n for n, _ in trainer.module.named_parameters()), ())
+    with pytest.raises(FailedPrecondition) as caught:
+        trainer.train(batches(1)[0], TrainOptions())
+    assert str(caught.value) == "model 't' has no trainable parameters"
