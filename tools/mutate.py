@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import difflib
 import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +125,46 @@ def results(names: list[str]) -> dict[str, int | None]:
     return found
 
 
+def _functions(module: str) -> dict[str, list[str]]:
+    """The source lines of every function of mutmut's copy of ``module``, by name."""
+    lines = (MUTANTS / "src" / "gradstream" / "server" / f"{module}.py").read_text().splitlines()
+    found: dict[str, list[str]] = {}
+    name, indent, body = "", 0, list[str]()
+    for line in [*lines, "def end():"]:
+        stripped = line.lstrip()
+        depth = len(line) - len(stripped)
+        ends = stripped and depth <= indent and not stripped.startswith(("#", ")", "]"))
+        if name and ends:
+            found[name], name = body, ""
+        if not name and stripped.startswith("def ") and "__mutmut_" in stripped:
+            name, indent, body = stripped[4 : stripped.index("(")], depth, []
+        elif name:
+            body.append(line)
+    return found
+
+
+def ignored_by_pattern(keys: list[str]) -> set[str]:
+    """Mutants on lines ``do_not_mutate_patterns`` marks equivalent since they were made.
+
+    mutmut applies the patterns when it makes the mutants; a run made before a pattern
+    was added still holds those mutants, and the score leaves them out as a new run would.
+    """
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    patterns = [re.compile(p) for p in config.get("do_not_mutate_patterns", [])]
+    out: set[str] = set()
+    cache: dict[str, dict[str, list[str]]] = {}
+    for key in keys:
+        module, _, function = key.removeprefix("gradstream.server.").partition(".")
+        functions = cache.setdefault(module, _functions(module))
+        base = function.split("__mutmut_")[0]
+        original = functions.get(f"{base}__mutmut_orig", [])
+        mutated = functions.get(function, [])
+        changed = [line[1:] for line in difflib.ndiff(original, mutated) if line.startswith("- ")]
+        if any(p.search(line) for p in patterns for line in changed):
+            out.add(key)
+    return out
+
+
 def score(names: list[str]) -> int:
     """Print killed / total per module and overall, and the survivors; 0 if anything ran."""
     found = results(names)
@@ -130,8 +173,12 @@ def score(names: list[str]) -> int:
         return 1
     by_module: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     survivors: list[str] = []
+    equivalent = ignored_by_pattern(list(found))
     for key, code in sorted(found.items()):
         module = key.split(".x")[0].removeprefix("gradstream.server.")
+        if key in equivalent:
+            by_module[module]["equivalent"] += 1
+            continue
         status = "killed" if code in KILLED else STATUS.get(code, f"exit {code}")
         by_module[module][status] += 1
         if status != "killed":
@@ -149,7 +196,7 @@ def score(names: list[str]) -> int:
 
 
 def _line(label: str, counts: collections.Counter[str]) -> None:
-    run_ = sum(v for k, v in counts.items() if k != "not run")
+    run_ = sum(v for k, v in counts.items() if k not in {"not run", "equivalent"})
     killed = counts["killed"]
     pct = f"{100 * killed / run_:.1f}%" if run_ else "-"
     other = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "killed")
