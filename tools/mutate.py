@@ -137,7 +137,9 @@ def _functions(module: str) -> dict[str, list[str]]:
         if name and ends:
             found[name], name = body, ""
         if not name and stripped.startswith("def ") and "__mutmut_" in stripped:
-            name, indent, body = stripped[4 : stripped.index("(")], depth, []
+            name, indent = stripped[4 : stripped.index("(")], depth
+            # The signature, under its original name (a default may be what was mutated).
+            body = [line.replace(name, name.split("__mutmut_")[0].removeprefix("x_"))]
         elif name:
             body.append(line)
     return found
