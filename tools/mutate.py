@@ -161,7 +161,7 @@ def ignored_by_pattern(keys: list[str]) -> set[str]:
         base = function.split("__mutmut_")[0]
         original = functions.get(f"{base}__mutmut_orig", [])
         mutated = functions.get(function, [])
-        changed = [line[1:] for line in difflib.ndiff(original, mutated) if line.startswith("- ")]
+        changed = [line[2:] for line in difflib.ndiff(original, mutated) if line.startswith("- ")]
         if any(p.search(line) for p in patterns for line in changed):
             out.add(key)
     return out
