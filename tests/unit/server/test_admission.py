@@ -102,6 +102,7 @@ def test_report_every_reads_back_every_kth_loss(deferred: bool) -> None:
     results = _train(trainer, batches(5), TrainOptions(report_every=2))
     assert [r.loss is not None for r in results] == [False, True, False, True, False]
     assert [r.step for r in results] == [1, 2, 3, 4, 5]
+    assert trainer.last_loss is not None and np.isfinite(trainer.last_loss)
 
 
 def _textbook(data: list[Batch], accumulate: int) -> nn.Module:
@@ -175,6 +176,9 @@ def test_a_finite_loss_with_a_nonfinite_gradient_skips_the_step(deferred: bool) 
     )
     assert trainer.step == 1 and trainer.nonfinite_streak == 1
     assert _parameters(trainer) == before[0]
+    assert trainer.last_loss == 1.0  # of the last applied step, not the skipped one
+    [again] = _train(trainer, [bad], TrainOptions())
+    assert again.outcome is Outcome.SKIPPED_NONFINITE and trainer.nonfinite_streak == 2
     for mine, saved in zip(trainer.optimizer.state.values(), before[1], strict=True):
         assert torch.equal(mine["momentum_buffer"], saved)
     # The next good batch steps from where the model was, as if the bad one never came.
@@ -210,3 +214,13 @@ def test_a_model_with_every_parameter_frozen_refuses_to_train() -> None:
     with pytest.raises(FailedPrecondition) as caught:
         trainer.train(batches(1)[0], TrainOptions())
     assert str(caught.value) == "model 't' has no trainable parameters"
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_diverged_model_says_how_to_train_it_again(deferred: bool) -> None:
+    trainer = Trainer("t", spec(), CPU, max_nonfinite_steps=2, deferred=deferred)
+    _train(trainer, [poisoned(b) for b in batches(2)], TrainOptions())
+    _, error = trainer.train_batches(batches(1), TrainOptions())
+    assert error is not None and error.message == (
+        "model 't' diverged: 2 non-finite steps in a row; set its parameters to train it again"
+    )
