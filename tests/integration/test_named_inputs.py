@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gradstream.client import Client, export_module
+from gradstream.server.export import load_safetensors
 from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
@@ -516,3 +517,51 @@ def test_an_exported_program_with_a_float_and_an_id_input_trains_bitwise(
         ],
     )
     assert refused.reason.startswith("batches[0].inputs[ids]: has dtype float64")
+
+
+def test_every_export_format_of_embedding_mlp_computes_what_predict_does(
+    client: Client, name: str, tmp_path: Path
+) -> None:
+    create(client, name, SPEC)
+    train(
+        client,
+        name,
+        [pb.Batch(inputs=named(inputs(4, i)), y=to_proto(target(4, i))) for i in range(3)],
+    )
+    probes = [inputs(rows, 40 + rows, bag) for rows, bag in ((1, 1), (5, 2), (7, 4))]
+    expected = [predict(client, name, p) for p in probes]
+    order = ("user", "item", "dense")
+
+    (path,) = client.export(name, "safetensors", tmp_path / "model.safetensors")
+    module, _, step = load_safetensors(path)
+    assert step == 3
+    (path,) = client.export(name, "pt2", tmp_path / "model.pt2")
+    loaded = torch.export.load(str(path)).module()
+    for probe, want in zip(probes, expected, strict=True):
+        tensors = [torch.from_numpy(probe[k]) for k in order]
+        with torch.no_grad():
+            assert np.array_equal(module(*tensors).numpy(), want)
+            assert np.array_equal(loaded(*tensors).numpy(), want)  # rows and bags are free
+
+    ort = pytest.importorskip("onnxruntime")
+    (path,) = client.export(name, "onnx", tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path))
+    assert [(i.name, i.type) for i in session.get_inputs()] == [
+        ("user", "tensor(int64)"),
+        ("item", "tensor(int64)"),
+        ("dense", "tensor(float)"),
+    ]
+    for probe, want in zip(probes, expected, strict=True):
+        (y,) = session.run(["y"], probe)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+    client.export(name, "triton", tmp_path / "repository")
+    config = (tmp_path / "repository" / name / "config.pbtxt").read_text()
+    assert (
+        'input [\n  {\n    name: "user"\n    data_type: TYPE_INT64\n    dims: [ -1, -1 ]\n  },\n'
+        '  {\n    name: "item"\n    data_type: TYPE_INT64\n    dims: [ -1, -1 ]\n  },\n'
+        f'  {{\n    name: "dense"\n    data_type: TYPE_FP32\n    dims: [ -1, {DENSE} ]\n  }}\n]\n'
+    ) in config
+    triton = ort.InferenceSession(str(tmp_path / "repository" / name / "3" / "model.onnx"))
+    (y,) = triton.run(["y"], probes[1])
+    np.testing.assert_allclose(y, expected[1], rtol=1e-5, atol=1e-5)

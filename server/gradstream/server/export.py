@@ -20,6 +20,8 @@ id bag's length), are dynamic.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import threading
 from collections.abc import Generator
@@ -30,6 +32,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import nn
 
 from gradstream.server.engine import Trainer
@@ -150,12 +153,32 @@ def _example(spec: ModelSpec) -> tuple[tuple[InputSpec, ...], tuple[torch.Tensor
     return inputs, example_inputs(inputs, 2, DTYPES[spec.dtype]), dynamic
 
 
+def _free_sizes(spec: ModelSpec) -> contextlib.AbstractContextManager[Any]:
+    """Where an input has a free size (an id bag), trace sizes as free of 0/1 specializing.
+
+    ``EmbeddingBag`` on (rows, bag) ids makes offsets with ``arange``; traced the usual
+    way, that guards the row count to be at least 2, and one-row requests fail.
+    """
+    if any(d < 0 for i in model_inputs(spec) for d in i.shape):
+        return fx_config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
+
+
+def _dynamic_for(module: nn.Module, dynamic: Any) -> Any:
+    """``dynamic`` shaped like ``module.forward``'s parameters: one entry per parameter, so
+    inputs gathered by ``*inputs`` (``embedding_mlp``) take theirs as one tuple."""
+    kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+    return (dynamic,) if kinds and kinds[0] is inspect.Parameter.VAR_POSITIONAL else dynamic
+
+
 def write_pt2(copy: ModelCopy, path: Path) -> Path:
     """``torch.export`` of the eval-mode module; the row count is a dynamic dimension."""
     module = rebuild(copy)
     _, example, dynamic = _example(copy.spec)
-    with _EXPORT_LOCK:
-        program = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+    with _EXPORT_LOCK, _free_sizes(copy.spec):
+        program = torch.export.export(
+            module, example, dynamic_shapes=_dynamic_for(module, dynamic), strict=False
+        )
         torch.export.save(program, str(path))
     return path
 
@@ -170,13 +193,13 @@ def write_onnx(copy: ModelCopy, path: Path) -> Path:
         ) from None
     module = rebuild(copy)
     inputs, example, dynamic = _example(copy.spec)
-    with _EXPORT_LOCK:
+    with _EXPORT_LOCK, _free_sizes(copy.spec):
         program: Any = torch.onnx.export(
             module,
             example,
             input_names=[i.name for i in inputs],
             output_names=["y"],
-            dynamic_shapes=dynamic,
+            dynamic_shapes=_dynamic_for(module, dynamic),
             dynamo=True,
             external_data=False,
             verbose=False,
