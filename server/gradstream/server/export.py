@@ -160,7 +160,11 @@ def _free_sizes(spec: ModelSpec) -> contextlib.AbstractContextManager[Any]:
     way, that guards the row count to be at least 2, and one-row requests fail.
     """
     if any(d < 0 for i in model_inputs(spec) for d in i.shape):
-        return fx_config.patch(backed_size_oblivious=True)
+        # install_config_module adds patch() at import time; its stubs do not know it.
+        patched: contextlib.AbstractContextManager[Any] = fx_config.patch(  # type: ignore[attr-defined]
+            backed_size_oblivious=True
+        )
+        return patched
     return contextlib.nullcontext()
 
 
