@@ -156,7 +156,7 @@ class BatchChecker:
             if out and array.shape[0] != rows:
                 raise InvalidArgument(
                     field,
-                    f"has {array.shape[0]} rows, {fields[0]} has {rows}; every input one row each",
+                    f"has {array.shape[0]} rows, {fields[0]} has {rows}; inputs have equal rows",
                 )
             rows = array.shape[0]
             if array.size == 0:
