@@ -517,6 +517,15 @@ def test_an_exported_program_with_a_float_and_an_id_input_trains_bitwise(
         ],
     )
     assert refused.reason.startswith("batches[0].inputs[ids]: has dtype float64")
+    # Ids that index the program's table directly are checked against its rows.
+    (refused,) = train(
+        client,
+        name,
+        [pb.Batch(inputs=named({**probe, "ids": probe["ids"] + 20}), y=to_proto(batches[0][1]))],
+    )
+    high = int(probe["ids"].max()) + 20
+    assert refused.reason == f"batches[0].inputs[ids]: id {high} is out of range [0, 20)"
+    assert all(got[k].tobytes() == v.tobytes() for k, v in client.parameters(name).items())
 
 
 def test_every_export_format_of_embedding_mlp_computes_what_predict_does(
