@@ -220,16 +220,15 @@ class BatchChecker:
         ``fields`` (default: ``<field>.x``). ``quote=False`` keeps the values themselves
         out of error messages (for bytes read from a segment, which must not be echoed back).
         """
-        if more or not self.single:
-            inputs = self.features((x, *more), fields or (f"{field}.x",), quote)
-            size = sum(a.nbytes for a in more)
+        if self.single and not more:  # one x: the lean path of every linear and mlp batch
+            checked = self._inputs(x, fields[0] if fields else f"{field}.x", quote)
+            self._check_bytes(x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes), field)
+            inputs: tuple[torch.Tensor, ...] = (torch.from_numpy(checked),)
         else:
-            inputs = (
-                torch.from_numpy(self._inputs(x, fields[0] if fields else f"{field}.x", quote)),
-            )
-            size = 0
-        size += x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes)
-        self._check_bytes(size, field)
+            named = fields or [f"{field}.inputs[{i.name}]" for i in self.declared]
+            inputs = self.features((x, *more), named, quote)
+            size = sum(a.nbytes for a in (x, *more)) + y.nbytes
+            self._check_bytes(size + (0 if weight is None else weight.nbytes), field)
         rows = inputs[0].shape[0]
         return Batch(
             x=inputs[0],
