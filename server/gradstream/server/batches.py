@@ -60,10 +60,8 @@ class BatchChecker:
         max_rows: int = 0,
         max_bytes: int = 0,
         max_activation_bytes: int = 0,
-        inputs: tuple[InputSpec, ...] | None = None,
     ) -> None:
-        # What every batch must carry (``models.model_inputs``; given when already known).
-        self.declared = model_inputs(spec) if inputs is None else inputs
+        self.declared = model_inputs(spec)  # what every batch must carry, in this order
         first = self.declared[0]
         # One float input of fixed width: the path of every linear and mlp batch, kept lean.
         self.single = len(self.declared) == 1 and first.kind == "float" and len(first.shape) == 1
