@@ -98,8 +98,10 @@ def measure(scenario: str, seconds: float, profile: bool) -> dict[str, Any]:
     per_step = {
         name: (cpu1.get(tid, 0.0) - cpu0.get(tid, 0.0)) / steps * 1e6 for name, tid in tids.items()
     }
-    others = sum(cpu1.values()) - sum(cpu0.get(t, 0.0) for t in cpu1) - sum(
-        cpu1.get(t, 0.0) - cpu0.get(t, 0.0) for t in tids.values()
+    others = (
+        sum(cpu1.values())
+        - sum(cpu0.get(t, 0.0) for t in cpu1)
+        - sum(cpu1.get(t, 0.0) - cpu0.get(t, 0.0) for t in tids.values())
     )
     per_step["other threads"] = others / steps * 1e6
     result: dict[str, Any] = {"steps_per_s": steps / (t1 - t0), "cpu_us_per_step": per_step}

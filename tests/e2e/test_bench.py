@@ -79,3 +79,36 @@ def test_ingest_split_prints_each_part_per_batch() -> None:
         assert line.startswith(name), line
         for part in ("parse", "decode", "train", "reply", "total"):
             assert f"{part} " in line, line
+
+
+def test_bench_optimizer_adam_trains_every_contender_with_adam(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "gradstream.client.cli", "bench", "medium", "--quick"),
+            *("--optimizer", "adam", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["machine"].endswith("optimizer adam")
+    r = data["results"]["medium"]
+    for contender in ("loop", "trainer", "service", "shm"):
+        assert r[contender]["steps_per_s"] > 0
+    assert r["service_vs_loop"] == r["service"]["steps_per_s"] / r["loop"]["steps_per_s"]
+
+
+def test_bench_scenarios_take_the_optimizer_at_the_same_lr() -> None:
+    from gradstream.bench.scenarios import SCENARIOS, scenario
+
+    adam = scenario("medium", "adam")
+    assert adam.spec["optimizer"] == {
+        "kind": "adam",
+        "lr": SCENARIOS["medium"].spec["optimizer"]["lr"],
+    }
+    assert scenario("medium", "sgd") is SCENARIOS["medium"]
+    assert SCENARIOS["medium"].spec["optimizer"]["kind"] == "sgd"  # the table is not changed

@@ -3,9 +3,10 @@
 The segment is never mapped: a producer can shrink a file under a mapping, and a
 read past its new end is a SIGBUS that kills the server. Each tensor is copied out
 with ``preadv``, straight into the buffer the batch's tensor then uses; a read comes
-back short when the file shrank: that batch is refused, nothing faults. The copy is also what is checked and then trained, so
-rewriting the segment after a batch was sent cannot slip bytes past the checks
-(docs/decisions.md, "Shared memory is read, never mapped").
+back short when the file shrank: that batch is refused, nothing faults. The copy is
+also what is checked and then trained, so rewriting the segment after a batch was
+sent cannot slip bytes past the checks (docs/decisions.md, "Shared memory is read,
+never mapped").
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class SharedSegment:
     """A producer's segment, opened read-only; slicing it copies the bytes out.
 
     ``segment[a:b]`` is a writable view of a fresh buffer the bytes were read into with
-    ``preadv`` (``len(segment)`` is the size at open). A segment that shrank since raises InvalidArgument instead of faulting.
+    ``preadv`` (``len(segment)`` is the size at open). A segment that shrank since
+    raises InvalidArgument instead of faulting.
     """
 
     def __init__(self, name: str, fd: int, size: int) -> None:
@@ -49,8 +51,8 @@ class SharedSegment:
         start, stop, _ = span.indices(self._size)
         length = max(0, stop - start)
         # Read straight into the buffer the batch's tensor will use: one copy, no
-        # intermediate bytes, and no zero-filling of memory about to be overwritten.
-        data = np.empty(length, dtype=np.uint8)
+        # intermediate bytes, and no zero-filling (as bytearray would) of what is overwritten.
+        data = np.empty(length, dtype=np.uint8).data
         done = 0
         while done < length:
             got = os.preadv(self._fd, [data[done:]], start + done)
@@ -60,7 +62,7 @@ class SharedSegment:
                     f"segment {self.name!r} shrank: bytes [{start}, {stop}) are no longer in it",
                 )
             done += got
-        return memoryview(data)
+        return data
 
 
 def open_shared_memory(name: str, peer: str, directory: str = _DIRECTORY) -> SharedSegment:
