@@ -199,6 +199,7 @@ def _total(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("steps_per_s", "samples_per_s", "bytes_per_s")
     }
     total["producers"] = [r["steps_per_s"] for r in runs]
+    total["client_cores"] = [r.get("client_cores", 0.0) for r in runs]
     total["server_threads"] = runs[0].get("server_threads", {})
     return total
 
@@ -382,7 +383,10 @@ def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
         f"{'':<8} "
         + _ratio_text(f"{many} {label}/1", ratios["many_vs_one"])
         + f"   per producer: {', '.join(f'{v:,.0f}' for v in r['many']['producers'])}",
-        f"{'':<8} server threads (cores): {_threads_text(r['many']['server_threads'])}",
+        f"{'':<8} server threads (cores): {_threads_text(r['many']['server_threads'])}"
+        + f"; clients: {', '.join(f'{c:.2f}' for c in r['many']['client_cores'])}",
+        f"{'':<8} with 1: server threads {_threads_text(r['one']['server_threads'])}"
+        + f"; client: {r['one']['client_cores'][0]:.2f}",
     ]
 
 
@@ -427,6 +431,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         )
         lines.append(
             f"{'':<8} server threads (cores): {_threads_text(r['service']['server_threads'])}"
+            + f"; client: {r['service'].get('client_cores', 0.0):.2f}"
         )
         if len(r["rounds"]["loop"]) > 1:
             spread = "   ".join(f"{c} {min(v):,.0f}-{max(v):,.0f}" for c, v in r["rounds"].items())

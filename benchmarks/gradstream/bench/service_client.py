@@ -73,7 +73,7 @@ def run(
             pass
         wait_barrier(barrier, index)
         latencies: list[float] = []
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         steps = 0
         for result in client.train(
             name,
@@ -85,6 +85,7 @@ def run(
             steps += 1
             assert result.outcome == "APPLIED", result
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
         if create:
             client.delete_model(name)
     lat = np.array(latencies) if latencies else np.zeros(1)
@@ -92,6 +93,7 @@ def run(
         **chosen.rates(steps, elapsed),
         "latency_p50_s": float(np.percentile(lat, 50)),
         "latency_p99_s": float(np.percentile(lat, 99)),
+        "client_cores": cpu / elapsed,  # this process's CPU (every thread) over the window
     }
 
 
