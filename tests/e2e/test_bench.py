@@ -112,3 +112,25 @@ def test_bench_scenarios_take_the_optimizer_at_the_same_lr() -> None:
     }
     assert scenario("medium", "sgd") is SCENARIOS["medium"]
     assert SCENARIOS["medium"].spec["optimizer"]["kind"] == "sgd"  # the table is not changed
+
+
+def test_bench_soak_quick_reports_rss_growth_and_its_samples(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "gradstream.client.cli", "bench", "soak", "--quick"]
+        + ["--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "RSS growth over 20 s after warm-up" in result.stdout
+    assert "over its second half" in result.stdout
+    soak = json.loads(out.read_text())["results"]["soak"]["service"]
+    samples = soak["rss_samples"]
+    assert len(samples) >= 3 and all(rss > 10_000_000 for _, rss in samples)
+    assert [t for t, _ in samples] == sorted(t for t, _ in samples)
+    assert samples[-1][1] == soak["server_rss_bytes"]
+    assert soak["rss_growth"] == (soak["server_rss_bytes"] - samples[0][1]) / samples[0][1]
+    assert soak["steps_per_s"] > 0

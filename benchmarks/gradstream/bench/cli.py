@@ -252,6 +252,11 @@ GROUP_RATIOS: dict[str, dict[str, tuple[str, str, str, bool]]] = {
 }
 
 
+def _rss_at(samples: list[tuple[float, int]], when: float) -> int:
+    """The first RSS sampled at or after ``when`` seconds (the last one if none was)."""
+    return next((rss for t, rss in samples if t >= when), samples[-1][1])
+
+
 def run_soak(seconds: float, device: str, optimizer: str = "sgd") -> dict[str, Any]:
     """A steady medium stream for ``seconds``; server RSS sampled from after warm-up to the end."""
     scenario = SCENARIOS["soak"]
@@ -275,13 +280,22 @@ def run_soak(seconds: float, device: str, optimizer: str = "sgd") -> dict[str, A
             stdout=subprocess.PIPE,
             text=True,
         )
+        start = time.monotonic()
         time.sleep(min(10.0, seconds / 5))
         first = _rss_bytes(pid)
         peak = first
+        # (seconds since start, RSS) every few seconds: a leak keeps climbing to the end,
+        # the allocator's high-water mark of the messages in flight levels off.
+        samples: list[tuple[float, int]] = [(time.monotonic() - start, first)]
         while child.poll() is None:
-            peak = max(peak, _rss_bytes(pid))
+            rss = _rss_bytes(pid)
+            peak = max(peak, rss)
+            now = time.monotonic() - start
+            if now - samples[-1][0] >= max(1.0, seconds / 60):
+                samples.append((round(now, 1), rss))
             time.sleep(0.5)
         last = _rss_bytes(pid)
+        samples.append((round(time.monotonic() - start, 1), last))
         out, _ = child.communicate()
         result: dict[str, Any] = json.loads(out)
     result.update(
@@ -289,6 +303,9 @@ def run_soak(seconds: float, device: str, optimizer: str = "sgd") -> dict[str, A
         rss_after_warmup_bytes=first,
         rss_peak_bytes=peak,
         rss_growth=(last - first) / first,
+        rss_growth_second_half=(last - _rss_at(samples, seconds / 2))
+        / _rss_at(samples, seconds / 2),
+        rss_samples=samples,
         seconds=seconds,
         rows=scenario.rows,
     )
@@ -402,7 +419,9 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(_row(name, "service", s))
             lines.append(
                 f"{'':<8} RSS growth over {s['seconds']:.0f} s after warm-up: "
-                f"{s['rss_growth'] * 100:+.2f}%"
+                f"{s['rss_growth'] * 100:+.2f}%, over its second half "
+                f"{s['rss_growth_second_half'] * 100:+.2f}% "
+                f"(peak {s['rss_peak_bytes'] / 1e6:.0f} MB)"
             )
             continue
         if name in GROUPS:
