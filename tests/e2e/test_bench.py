@@ -117,8 +117,10 @@ def test_bench_scenarios_take_the_optimizer_at_the_same_lr() -> None:
 def test_bench_soak_quick_reports_rss_growth_and_its_samples(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     result = subprocess.run(
-        [sys.executable, "-m", "gradstream.client.cli", "bench", "soak", "--quick"]
-        + ["--json", str(out)],
+        [
+            *(sys.executable, "-m", "gradstream.client.cli", "bench", "soak", "--quick"),
+            *("--json", str(out)),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
