@@ -136,3 +136,19 @@ def test_bench_soak_quick_reports_rss_growth_and_its_samples(tmp_path: Path) -> 
     assert samples[-1][1] == soak["server_rss_bytes"]
     assert soak["rss_growth"] == (soak["server_rss_bytes"] - samples[0][1]) / samples[0][1]
     assert soak["steps_per_s"] > 0
+
+
+def test_step_profile_prints_server_cpu_per_step_and_both_profiles() -> None:
+    script = Path(__file__).parents[2] / "benchmarks" / "step_profile.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "small", "--seconds", "0.5", "--profile"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("small: ") and "steps/s; server CPU us per step:" in first, first
+    assert "worker " in first and "event loop " in first
+    assert "--- profile worker" in result.stdout
+    assert "--- profile event loop" in result.stdout
