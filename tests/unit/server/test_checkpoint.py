@@ -151,6 +151,54 @@ def test_restore_without_optimizer_state_is_seen_to_differ(tmp_path: Path) -> No
     assert any(not torch.equal(ref[k], got[k]) for k in ref if k.startswith("param/"))
 
 
+def _pending_snapshot() -> ck.Snapshot:
+    trainer = Trainer("m", parse_spec(SPEC), CPU)
+    _train(trainer, _batches(4))  # one step and one batch pending: grad/ tensors are saved
+    return ck.take(trainer)
+
+
+def test_a_checkpoint_without_a_parameter_is_data_loss_naming_both_sets() -> None:
+    snapshot = _pending_snapshot()
+    names = sorted(k.removeprefix("param/") for k in snapshot.tensors if k.startswith("param/"))
+    tensors = {k: v for k, v in snapshot.tensors.items() if k != f"param/{names[0]}"}
+    with pytest.raises(DataLoss) as caught:
+        ck.restore(dataclasses.replace(snapshot, tensors=tensors), TrainerFactory(CPU))
+    assert f"it holds parameters {names[1:]}, the spec builds {names}" in str(caught.value)
+
+
+@pytest.mark.parametrize("prefix", ["param/", "grad/"])
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_a_checkpoint_tensor_that_does_not_fit_its_parameter_is_data_loss(
+    prefix: str, change: str
+) -> None:
+    snapshot = _pending_snapshot()
+    key = next(k for k in sorted(snapshot.tensors) if k.startswith(prefix))
+    good = snapshot.tensors[key]
+    bad = torch.zeros(good.shape[0] + 1, *good.shape[1:]) if change == "shape" else good.double()
+    with pytest.raises(DataLoss) as caught:
+        ck.restore(
+            dataclasses.replace(snapshot, tensors=snapshot.tensors | {key: bad}),
+            TrainerFactory(CPU),
+        )
+    assert (
+        f"{key} is {bad.dtype} {list(bad.shape)}, the model has {good.dtype} {list(good.shape)}"
+    ) in str(caught.value)
+
+
+def test_training_a_restored_trainer_leaves_its_snapshot_as_it_was() -> None:
+    """Clipping scales gradients and momentum updates its buffers in place: on copies only."""
+    spec = parse_spec(SPEC | {"clip_grad": {"max_norm": 0.01}})
+    first = Trainer("m", spec, CPU)
+    _train(first, _batches(4))  # one step (momentum buffers) and one batch pending
+    snapshot = ck.take(first)
+    before = {k: v.clone() for k, v in snapshot.tensors.items()}
+    assert any(k.startswith("grad/") for k in before) and any(k.startswith("optim/") for k in before)
+    resumed = ck.restore(snapshot, TrainerFactory(CPU))
+    _train(resumed, _batches(10)[4:])
+    assert resumed.step == 3
+    _assert_bitwise_equal(snapshot.tensors, before)
+
+
 def _three_checkpoints(directory: Path) -> list[Path]:
     trainer = Trainer("m", parse_spec(SPEC), CPU)
     paths = []
