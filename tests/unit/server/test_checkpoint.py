@@ -199,6 +199,32 @@ def test_training_a_restored_trainer_leaves_its_snapshot_as_it_was() -> None:
     _assert_bitwise_equal(snapshot.tensors, before)
 
 
+def test_restore_keeps_the_init_tensors_and_the_nonfinite_streak() -> None:
+    seeded = Trainer("m", parse_spec(SPEC), CPU)
+    given = {n: p.detach().numpy() * 2 for n, p in seeded.module.named_parameters()}
+    spec = parse_spec(SPEC | {"init": {"kind": "tensors", "tensors": given}})
+    first = Trainer("m", spec, CPU)
+    _train(first, _batches(4))
+    first.nonfinite_streak = 2
+    resumed = ck.restore(ck.take(first), TrainerFactory(CPU))
+    assert resumed.nonfinite_streak == 2
+    assert resumed.spec.init.kind == "tensors" and resumed.spec.init.tensors.keys() == given.keys()
+    for name, value in given.items():
+        assert (resumed.spec.init.tensors[name] == value).all(), name
+    _assert_bitwise_equal(_state(resumed), _state(first))
+
+
+def test_a_checkpoint_whose_spec_no_longer_validates_is_data_loss_saying_so() -> None:
+    snapshot = _pending_snapshot()
+    spec = json.loads(json.dumps(snapshot.spec))
+    spec["optimizer"]["lr"] = -1.0
+    with pytest.raises(DataLoss) as caught:
+        ck.restore(dataclasses.replace(snapshot, spec=spec), TrainerFactory(CPU))
+    assert str(caught.value).startswith(
+        "checkpoint of model 'm': its spec no longer validates: "
+    ), caught.value
+
+
 def _three_checkpoints(directory: Path) -> list[Path]:
     trainer = Trainer("m", parse_spec(SPEC), CPU)
     paths = []
