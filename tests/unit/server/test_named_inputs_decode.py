@@ -1,0 +1,133 @@
+"""Named inputs in process: ``session.decode`` over the service test's table of bad batches.
+
+The mutation run (docs/testing.md) runs only in-process tests, so the rules that
+tests/integration/test_named_inputs.py checks through gRPC are checked here too, with the
+whole reason where the service test reads words of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradstream.server.batches import Batch, BatchChecker
+from gradstream.server.session import Rejected, decode
+from gradstream.server.spec import parse_spec
+from gradstream.server.wire import WireBatch, from_message
+from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import to_proto
+from tests.integration.test_named_inputs import BAD, DENSE, SPEC, inputs, target
+
+CHECKER = BatchChecker(parse_spec(SPEC))
+LISTED = "user (integer (rows, any)), item (integer (rows, any)), dense (float (rows, 5))"
+
+
+def _wire(pairs: list[tuple[str, np.ndarray]], x: np.ndarray | None = None) -> WireBatch:
+    batch = pb.Batch(
+        x=None if x is None else to_proto(x),
+        inputs=[pb.NamedTensor(name=k, tensor=to_proto(v)) for k, v in pairs],
+        y=to_proto(target(4, 0)),
+        sequence=7,
+    )
+    [wire] = from_message(pb.TrainRequest(batches=[batch])).batches
+    return wire
+
+
+@pytest.mark.parametrize(("case", "pairs", "x", "field", "reason"), BAD, ids=[c[0] for c in BAD])
+def test_a_bad_batch_is_rejected_naming_the_input(
+    case: str, pairs: list[tuple[str, np.ndarray]], x: np.ndarray | None, field: str, reason: str
+) -> None:
+    got = decode(CHECKER, _wire(pairs, x), 2, None)
+    assert isinstance(got, Rejected), case
+    assert got.reason.startswith(f"batches[2].{field}: "), got.reason
+    assert reason in got.reason
+    assert got.sequence == 7
+
+
+# The whole reasons, where the table above reads a few words.
+WHOLE = [
+    (
+        "missing",
+        [("user", inputs(4, 0)["user"]), ("dense", inputs(4, 0)["dense"])],
+        None,
+        f"batches[2].inputs: misses item (integer (rows, any)); the model takes {LISTED}",
+    ),
+    (
+        "unknown",
+        [("age", np.ones((4, 1), np.float32))],
+        None,
+        f"batches[2].inputs[0].name: 'age' is not an input of this model; it takes {LISTED}",
+    ),
+    (
+        "x alone",
+        [],
+        np.ones((4, 12), np.float32),
+        f"batches[2].x: the model takes 3 inputs ({LISTED}); send them by name in inputs",
+    ),
+    (
+        "rows differ",
+        list((inputs(4, 0) | {"item": inputs(3, 0)["item"]}).items()),
+        None,
+        "batches[2].inputs[item]: has 3 rows, batches[2].inputs[user] has 4; "
+        "inputs have equal rows",
+    ),
+    (
+        "no rows",
+        list((inputs(4, 0) | {"user": np.zeros((0, 3), np.int64)}).items()),
+        None,
+        "batches[2].inputs[user]: is an empty batch (0 rows)",
+    ),
+    (
+        "empty rows",
+        list((inputs(4, 0) | {"user": np.zeros((4, 0), np.int64)}).items()),
+        None,
+        "batches[2].inputs[user]: has shape [4, 0], an empty row",
+    ),
+    (
+        "id too large",
+        list((inputs(4, 0) | {"item": np.full((4, 2), 30)}).items()),
+        None,
+        "batches[2].inputs[item]: id 30 is out of range [0, 30)",
+    ),
+    (
+        "nothing",
+        [],
+        None,
+        f"batches[2].inputs: the model takes 3 inputs ({LISTED}); send them by name in inputs",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "pairs", "x", "reason"), WHOLE, ids=[c[0] for c in WHOLE])
+def test_the_reasons_name_every_declared_input(
+    case: str, pairs: list[tuple[str, np.ndarray]], x: np.ndarray | None, reason: str
+) -> None:
+    got = decode(CHECKER, _wire(pairs, x), 2, None)
+    assert isinstance(got, Rejected), case
+    assert got.reason.startswith(reason), got.reason
+
+
+def test_inputs_in_any_order_arrive_in_declaration_order() -> None:
+    arrays = inputs(4, 1)
+    got = decode(CHECKER, _wire(list(reversed(arrays.items()))), 0, None)
+    assert isinstance(got, Batch)
+    assert got.sequence == 7 and len(got.more) == 2
+    for tensor, key in zip(got.inputs, ["user", "item", "dense"], strict=True):
+        assert torch.equal(tensor, torch.from_numpy(arrays[key])), key
+    assert torch.equal(got.y, torch.from_numpy(target(4, 0)))
+
+
+def test_a_single_input_model_takes_its_input_by_name() -> None:
+    spec = parse_spec({"architecture": {"kind": "linear", "in_features": DENSE, "out_features": 1}})
+    checker = BatchChecker(spec)
+    x = np.ones((4, DENSE), np.float32)
+    got = decode(checker, _wire([("x", x)]), 0, None)
+    assert isinstance(got, Batch) and got.more == ()
+    assert torch.equal(got.x, torch.from_numpy(x))
+    both = decode(checker, _wire([("x", x)], x), 0, None)
+    assert isinstance(both, Rejected)
+    assert both.reason == "batches[0].inputs: set x or inputs, not both"
+    missing = decode(checker, _wire([]), 0, None)
+    assert isinstance(missing, Rejected)
+    assert missing.reason == "batches[0].x: is missing"
