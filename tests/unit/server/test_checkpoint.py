@@ -225,6 +225,30 @@ def test_a_checkpoint_whose_spec_no_longer_validates_is_data_loss_saying_so() ->
     ), caught.value
 
 
+def test_restore_builds_with_the_factorys_settings_and_sets_the_rng() -> None:
+    snapshot = _pending_snapshot()
+    saved_rng = snapshot.tensors["rng/cpu"]
+    torch.manual_seed(12345)  # anything but the saved state
+    factory = TrainerFactory(
+        CPU,
+        max_nonfinite_steps=3,
+        max_batch_rows=5,
+        max_batch_bytes=600,
+        max_activation_bytes=700,
+        deferred=True,
+    )
+    resumed = ck.restore(snapshot, factory)
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+    assert (resumed.name, resumed.max_nonfinite_steps) == ("m", 3)
+    assert (
+        resumed.kind
+        is factory.step_kind(resumed.spec)
+        is not TrainerFactory(CPU).step_kind(resumed.spec)
+    )
+    checker = resumed.checker
+    assert (checker.max_rows, checker.max_bytes, checker.max_activation_bytes) == (5, 600, 700)
+
+
 def _three_checkpoints(directory: Path) -> list[Path]:
     trainer = Trainer("m", parse_spec(SPEC), CPU)
     paths = []
