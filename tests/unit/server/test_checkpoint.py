@@ -249,6 +249,20 @@ def test_restore_builds_with_the_factorys_settings_and_sets_the_rng() -> None:
     assert (checker.max_rows, checker.max_bytes, checker.max_activation_bytes) == (5, 600, 700)
 
 
+def test_a_copy_built_from_state_dict_keeps_the_frozen_parameters() -> None:
+    """What a data-parallel rank builds from rank 0's state: the same frozen set."""
+    names = [n for n, _ in Trainer("m", parse_spec(SPEC), CPU).module.named_parameters()]
+    spec = parse_spec(SPEC | {"frozen": [names[0]]})
+    first = Trainer("m", spec, CPU)
+    _train(first, _batches(4))
+    state = first.state_dict()
+    assert state["frozen"] == [names[0]]
+    copy = TrainerFactory(CPU).build("m", spec, state)
+    assert {n: p.requires_grad for n, p in copy.module.named_parameters()} == {
+        n: n != names[0] for n in names
+    }
+
+
 def _three_checkpoints(directory: Path) -> list[Path]:
     trainer = Trainer("m", parse_spec(SPEC), CPU)
     paths = []
