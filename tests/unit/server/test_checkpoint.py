@@ -263,6 +263,16 @@ def test_a_copy_built_from_state_dict_keeps_the_frozen_parameters() -> None:
     }
 
 
+def test_a_snapshot_is_a_copy_the_trainer_goes_on_without() -> None:
+    """take runs between jobs and is written later: training on must not change it."""
+    first = Trainer("m", parse_spec(SPEC), CPU)
+    _train(first, _batches(4))  # parameters, momentum buffers and pending gradients
+    snapshot = ck.take(first)
+    before = {k: v.clone() for k, v in snapshot.tensors.items()}
+    _train(first, _batches(10)[4:])
+    _assert_bitwise_equal(snapshot.tensors, before)
+
+
 def _three_checkpoints(directory: Path) -> list[Path]:
     trainer = Trainer("m", parse_spec(SPEC), CPU)
     paths = []
