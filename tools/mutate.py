@@ -146,7 +146,7 @@ def _functions(module: str) -> dict[str, list[str]]:
 
 
 def ignored_by_pattern(keys: list[str]) -> set[str]:
-    """Mutants on lines ``do_not_mutate_patterns`` marks equivalent, or no longer made.
+    """Mutants on lines ``do_not_mutate_patterns`` marks equivalent since they were made.
 
     mutmut applies the patterns when it makes the mutants; a run made before a pattern
     was added still holds those mutants, and the score leaves them out as a new run would.
@@ -161,11 +161,6 @@ def ignored_by_pattern(keys: list[str]) -> set[str]:
         base = function.split("__mutmut_")[0]
         original = functions.get(f"{base}__mutmut_orig", [])
         mutated = functions.get(function, [])
-        if not mutated:
-            # The current copy no longer makes this mutant (a pattern or pragma added since,
-            # or its function changed): a fresh run would not have it either.
-            out.add(key)
-            continue
         changed = [line[2:] for line in difflib.ndiff(original, mutated) if line.startswith("- ")]
         if any(p.search(line) for p in patterns for line in changed):
             out.add(key)
