@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gradstream.server.batches import Batch, BatchChecker
+from gradstream.server.errors import InvalidArgument, ResourceExhausted
 from gradstream.server.session import Rejected, decode
 from gradstream.server.spec import parse_spec
 from gradstream.server.wire import WireBatch, from_message
@@ -54,6 +55,19 @@ WHOLE = [
         f"batches[2].inputs: misses item (integer (rows, any)); the model takes {LISTED}",
     ),
     (
+        "two missing",
+        [("user", inputs(4, 0)["user"])],
+        None,
+        "batches[2].inputs: misses item (integer (rows, any)), dense (float (rows, 5)); "
+        f"the model takes {LISTED}",
+    ),
+    (
+        "smallest id and one too large",
+        list((inputs(4, 0) | {"item": np.array([[0, 31]] * 4)}).items()),
+        None,
+        "batches[2].inputs[item]: id 31 is out of range [0, 30)",
+    ),
+    (
         "unknown",
         [("age", np.ones((4, 1), np.float32))],
         None,
@@ -67,9 +81,9 @@ WHOLE = [
     ),
     (
         "rows differ",
-        list((inputs(4, 0) | {"item": inputs(3, 0)["item"]}).items()),
+        list((inputs(4, 0) | {"item": inputs(2, 0)["item"]}).items()),
         None,
-        "batches[2].inputs[item]: has 3 rows, batches[2].inputs[user] has 4; "
+        "batches[2].inputs[item]: has 2 rows, batches[2].inputs[user] has 4; "
         "inputs have equal rows",
     ),
     (
@@ -131,3 +145,38 @@ def test_a_single_input_model_takes_its_input_by_name() -> None:
     missing = decode(checker, _wire([]), 0, None)
     assert isinstance(missing, Rejected)
     assert missing.reason == "batches[0].x: is missing"
+
+
+def test_arrange_and_features_called_directly() -> None:
+    """Predict and ComputeGradients call these without a field prefix, and segments unquoted."""
+    arrays = inputs(4, 0)
+    with pytest.raises(InvalidArgument) as caught:
+        CHECKER.arrange(arrays["dense"], list(arrays.items()))
+    assert str(caught.value) == "inputs: set x or inputs, not both"
+    with pytest.raises(InvalidArgument) as caught:
+        CHECKER.arrange(None, [])
+    assert str(caught.value).startswith("inputs: the model takes 3 inputs")
+    single = BatchChecker(
+        parse_spec({"architecture": {"kind": "linear", "in_features": 2, "out_features": 1}})
+    )
+    x = np.array([[1.0, 2.0]], np.float32)
+    assert single.arrange(x, []) == [("x", x)]
+    (got,) = single.features([x], ["req.x"])
+    assert torch.equal(got, torch.from_numpy(x))
+    bad = np.array([[1.0, np.nan]], np.float32)
+    with pytest.raises(InvalidArgument) as caught:
+        single.features([bad], ["req.x"])
+    assert str(caught.value).startswith("req.x: contains a non-finite value (nan)")
+    with pytest.raises(InvalidArgument) as caught:
+        single.features([bad], ["req.x"], quote=False)
+    assert str(caught.value) == "req.x: contains a non-finite value"
+    ids = arrays | {"user": np.full((4, 3), 50)}
+    fields = [f"inputs[{k}]" for k in ("user", "item", "dense")]
+    ordered = [ids[k] for k in ("user", "item", "dense")]
+    with pytest.raises(InvalidArgument) as caught:
+        CHECKER.features(ordered, fields, quote=False)
+    assert str(caught.value) == "inputs[user]: an id is out of range [0, 50)"
+    ordered = [arrays[k] for k in ("user", "item", "dense")]
+    assert len(BatchChecker(parse_spec(SPEC), max_rows=4).features(ordered, fields)) == 3
+    with pytest.raises(ResourceExhausted):
+        BatchChecker(parse_spec(SPEC), max_rows=3).features(ordered, fields)
