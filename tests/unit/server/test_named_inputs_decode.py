@@ -12,13 +12,22 @@ import pytest
 import torch
 
 from gradstream.server.batches import Batch, BatchChecker
+from gradstream.server.engine import Outcome, Trainer, TrainOptions
 from gradstream.server.errors import InvalidArgument, ResourceExhausted
 from gradstream.server.session import Rejected, decode
 from gradstream.server.spec import parse_spec
 from gradstream.server.wire import WireBatch, from_message
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import to_proto
-from tests.integration.test_named_inputs import BAD, DENSE, SPEC, inputs, target
+from tests.integration.test_named_inputs import (
+    BAD,
+    DENSE,
+    SPEC,
+    inputs,
+    target,
+    textbook,
+    textbook_names,
+)
 
 CHECKER = BatchChecker(parse_spec(SPEC))
 LISTED = "user (integer (rows, any)), item (integer (rows, any)), dense (float (rows, 5))"
@@ -180,3 +189,25 @@ def test_arrange_and_features_called_directly() -> None:
     assert len(BatchChecker(parse_spec(SPEC), max_rows=4).features(ordered, fields)) == 3
     with pytest.raises(ResourceExhausted):
         BatchChecker(parse_spec(SPEC), max_rows=3).features(ordered, fields)
+
+
+def test_a_trainer_steps_on_every_input_bitwise_like_the_textbook_loop() -> None:
+    """The step pipeline in process: ``module(user, item, dense)``, not only its first input."""
+    trainer = Trainer("m", parse_spec(SPEC), torch.device("cpu"))
+    sent = [(inputs(6 + i, i, bag=1 + i % 3), target(6 + i, i)) for i in range(3)]
+    for i, (arrays, y) in enumerate(sent):
+        wire = pb.Batch(
+            inputs=[pb.NamedTensor(name=k, tensor=to_proto(v)) for k, v in arrays.items()],
+            y=to_proto(y),
+            sequence=i + 1,
+        )
+        [batch] = from_message(pb.TrainRequest(batches=[wire])).batches
+        decoded = decode(trainer.checker, batch, i, None)
+        assert isinstance(decoded, Batch)
+        result = trainer.train(decoded, TrainOptions(producer_id="p"))
+        assert result.outcome == Outcome.APPLIED
+    want = textbook_names(textbook(sent))
+    got = dict(trainer.module.named_parameters())
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert torch.equal(got[key].detach(), value), key
