@@ -211,3 +211,46 @@ def test_a_trainer_steps_on_every_input_bitwise_like_the_textbook_loop() -> None
     assert sorted(got) == sorted(want)
     for key, value in want.items():
         assert torch.equal(got[key].detach(), value), key
+
+
+def test_batch_and_features_name_the_input_in_every_check() -> None:
+    arrays = inputs(4, 0)
+    user, item, dense = (arrays[k] for k in ("user", "item", "dense"))
+    y = target(4, 0)
+    fields = ["b.inputs[user]", "b.inputs[item]", "b.inputs[dense]"]
+    bad_dense = dense.copy()
+    bad_dense[1, 2] = np.nan
+    with pytest.raises(InvalidArgument) as caught:
+        CHECKER.features([user, item, bad_dense], fields)
+    assert str(caught.value).startswith("b.inputs[dense]: contains a non-finite value (nan)")
+    with pytest.raises(ResourceExhausted) as caught:
+        BatchChecker(parse_spec(SPEC), max_bytes=8).features([user, item, dense], fields)
+    assert str(caught.value).startswith("b.inputs[user]: max_batch_bytes: has ")
+    with pytest.raises(ResourceExhausted) as caught:
+        BatchChecker(parse_spec(SPEC), max_activation_bytes=8).features([user, item, dense], fields)
+    assert str(caught.value).startswith("b.inputs[user]: max_activation_bytes: ")
+    # batch without fields names each input under its field; unquoted values stay out.
+    too_large = np.full((4, 3), 50)
+    with pytest.raises(InvalidArgument) as caught:
+        CHECKER.batch(too_large, y, more=[item, dense], field="b")
+    assert str(caught.value) == "b.inputs[user]: id 50 is out of range [0, 50)"
+    with pytest.raises(InvalidArgument) as caught:
+        CHECKER.batch(too_large, y, more=[item, dense], field="b", quote=False)
+    assert str(caught.value) == "b.inputs[user]: an id is out of range [0, 50)"
+    # The byte limit counts every input, y and the weight, at its boundary.
+    weight = np.ones(4, np.float32)
+    size = user.nbytes + item.nbytes + dense.nbytes + y.nbytes + weight.nbytes
+    BatchChecker(parse_spec(SPEC), max_bytes=size).batch(user, y, weight, more=[item, dense])
+    with pytest.raises(ResourceExhausted) as caught:
+        BatchChecker(parse_spec(SPEC), max_bytes=size - 1).batch(
+            user, y, weight, more=[item, dense], field="b"
+        )
+    assert str(caught.value).startswith(f"b: max_batch_bytes: has {size} bytes")
+
+
+def test_a_single_input_sent_by_name_is_named_so_in_reasons() -> None:
+    spec = parse_spec({"architecture": {"kind": "linear", "in_features": 2, "out_features": 1}})
+    x = np.array([[1.0, np.inf]] * 4, np.float32)
+    got = decode(BatchChecker(spec), _wire([("x", x)]), 0, None)
+    assert isinstance(got, Rejected)
+    assert got.reason.startswith("batches[0].inputs[x]: contains a non-finite value (inf)")
