@@ -45,7 +45,7 @@ log = logging.getLogger("gradstream.server")
 # Batches at least this large (on average in a message) are checked on the model's worker.
 WORKER_CHECK_BYTES = 256 * 1024
 # A message of at least this many batches of one layout is checked as one block.
-BLOCK_MIN_BATCHES = 2
+BLOCK_MIN_BATCHES = 4  # below it, the block's fixed cost outweighs what it saves
 
 
 @dataclass(frozen=True, slots=True)

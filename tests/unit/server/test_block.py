@@ -134,7 +134,7 @@ def messages(draw: st.DrawFn) -> tuple[str, list[WireBatch]]:
     rows = draw(st.integers(1, 5))
     wide = draw(st.booleans())
     weighted = draw(st.booleans())
-    n = draw(st.integers(1, 8))
+    n = draw(st.integers(1, 10))
     faults = draw(
         st.lists(st.one_of(st.none(), st.none(), st.sampled_from(FAULTS)), min_size=n, max_size=n)
     )
