@@ -147,40 +147,40 @@ def _block(checker: BatchChecker, batches: Sequence[WireBatch]) -> list[Batch] |
     """
     first = batches[0]
     names = [name for name, _ in first.inputs]
-    head = [first.x, first.y, first.sample_weight, *(t for _, t in first.inputs)]
-    layout = [None if t is None else (t.dtype, t.shape, len(t.data)) for t in head]
-    columns: list[list[bytes | memoryview]] = [[] for _ in head]
-    for batch in batches:
-        if batch.inputs:
-            if [name for name, _ in batch.inputs] != names:
-                return None
-            row = [batch.x, batch.y, batch.sample_weight, *(t for _, t in batch.inputs)]
-        elif names:
+    if names:
+        if any([name for name, _ in batch.inputs] != names for batch in batches):
             return None
-        else:
-            row = [batch.x, batch.y, batch.sample_weight]
-        for tensor, want, column in zip(row, layout, columns, strict=True):
-            if tensor is None:
-                if want is not None:
-                    return None
-            elif (
-                tensor.shared is not None
-                or want is None
-                or tensor.dtype != want[0]
-                or tensor.shape != want[1]
-                or len(tensor.data) != want[2]
-            ):
+    elif any(batch.inputs for batch in batches):
+        return None
+    columns = [
+        [batch.x for batch in batches],
+        [batch.y for batch in batches],
+        [batch.sample_weight for batch in batches],
+        *([batch.inputs[k][1] for batch in batches] for k in range(len(names))),
+    ]
+    joined: dict[int, bytes] = {}  # by the first batch's tensor
+    for column in columns:
+        head = column[0]
+        if head is None:
+            if any(t is not None for t in column):
                 return None
-            else:
-                column.append(tensor.data)
+            continue
+        if head.shared is not None:
+            return None
+        try:
+            if len({(t.dtype, t.shape, len(t.data), t.shared) for t in column}) != 1:  # type: ignore[union-attr]
+                return None
+        except AttributeError:  # a batch without this tensor
+            return None
+        joined[id(head)] = b"".join([t.data for t in column])  # type: ignore[union-attr]
     like = decode(checker, first, 0, None)
     if isinstance(like, Rejected):
         return None
     n = len(batches)
     stacked = {
-        id(tensor): decode_wire(WireTensor(tensor.dtype, (n, *tensor.shape), b"".join(column)), "")
-        for tensor, column in zip(head, columns, strict=True)
-        if tensor is not None
+        id(t): decode_wire(WireTensor(t.dtype, (n, *t.shape), joined[id(t)]), "")
+        for t in (first.x, first.y, first.sample_weight, *(t for _, t in first.inputs))
+        if t is not None
     }
     inputs = [stacked[id(t)] for _, t in checker.arrange(first.x, first.inputs)]
     weight = None if first.sample_weight is None else stacked[id(first.sample_weight)]
