@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gradstream.client import Client
+from gradstream.client import Client, Prediction
 from gradstream.client._errors import InvalidArgument, ResourceExhausted
 from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
@@ -34,11 +34,16 @@ def _expected(step: int) -> np.ndarray:
     return (X * step + step).astype(np.float32)
 
 
-@pytest.fixture(params=[2, 0], ids=["snapshots", "worker"])
+@pytest.fixture(params=[(2, 1 << 18), (2, 0), (0, 0)], ids=["inline", "threads", "worker"])
 def served(request: pytest.FixtureRequest) -> Iterator[BackgroundServer]:
-    """A server with Predict on snapshots (2 threads), and one with snapshots off."""
+    """Predict on snapshots, small ones on the event loop; on snapshots, always on the 2
+    Predict threads; snapshots off."""
+    threads, inline = request.param
     settings = server_settings(
-        predict_threads=request.param, max_batch_rows=100, max_activation_bytes=600
+        predict_threads=threads,
+        predict_inline_work=inline,
+        max_batch_rows=100,
+        max_activation_bytes=600,
     )
     with BackgroundServer(settings) as running:
         yield running
@@ -116,3 +121,17 @@ def test_a_prediction_after_set_parameters_sees_them(served: BackgroundServer) -
         np.testing.assert_array_equal(client.predict("set", X), _expected(3))
         client.set_parameters("set", {"weight": np.full((1, 1), 5.0, np.float32)})
         np.testing.assert_array_equal(client.predict("set", X), X * 5 + 3)
+
+
+def test_the_sdk_returns_the_step_of_a_prediction_when_asked(served: BackgroundServer) -> None:
+    with Client(served.target) as client:
+        client.create_model("stepped", COUNTER)
+        list(client.train("stepped", [ONE_ROW] * 4))
+        prediction = client.predict("stepped", X, with_step=True)
+        assert isinstance(prediction, Prediction)
+        assert prediction.step == 4
+        np.testing.assert_array_equal(prediction.y, _expected(4))
+        # Without it: the array alone, as before.
+        plain = client.predict("stepped", X)
+        assert isinstance(plain, np.ndarray)
+        np.testing.assert_array_equal(plain, _expected(4))

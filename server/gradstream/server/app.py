@@ -116,6 +116,7 @@ class Server:
             publisher=self.publisher,
             eval_auc_max_scores=settings.eval_auc_max_scores,
             predict_threads=settings.predict_threads,
+            predict_inline_work=settings.predict_inline_work,
             export_max_batch_size=settings.export_max_batch_size,
             max_program_bytes=settings.max_program_bytes,
             # A chunk and its envelope fit in one message whatever max_message_bytes is.
@@ -167,6 +168,9 @@ class Server:
     async def start(self) -> None:
         """Bind every port and start serving."""
         s = self.settings
+        # OpenMP's thread count is per thread (worker.py): small predictions run here, on
+        # the event loop's thread, with the models' count (bitwise as on a worker).
+        torch.set_num_threads(intra_op_threads(s))
         # Every model is resident again before the port opens: no stream sees a half-restored one.
         await self.checkpointer.restore_all(self.registry)
         self._timer = asyncio.create_task(self.checkpointer.run_timer(self.registry))

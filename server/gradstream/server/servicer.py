@@ -68,6 +68,7 @@ class TrainerServicer:
         publisher: Publisher | None = None,
         eval_auc_max_scores: int = 1_000_000,
         predict_threads: int = 0,
+        predict_inline_work: int = 0,
         export_max_batch_size: int = 0,
         export_chunk_bytes: int = CHUNK_BYTES,
         max_program_bytes: int = 64 * 1024 * 1024,
@@ -80,6 +81,7 @@ class TrainerServicer:
         self.export_max_batch_size = export_max_batch_size
         self.export_chunk_bytes = export_chunk_bytes
         self.max_program_bytes = max_program_bytes
+        self.predict_inline_work = predict_inline_work
         # Predict's own threads: a large batch neither blocks the event loop nor waits
         # behind training (snapshot.py); None: Predict goes through the worker queue.
         self._predict_pool = (
@@ -204,12 +206,23 @@ class TrainerServicer:
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         worker = self.registry.get(request.name)
-        if self._predict_pool is not None:
-            job = functools.partial(_predict, worker.trainer, request.x)
-            y, step = await asyncio.get_running_loop().run_in_executor(self._predict_pool, job)
+        trainer = worker.trainer
+        if self._predict_pool is None:
+            x = trainer.checker.inputs(decode_array(request.x, "x"))
+            y, step = await worker.run(lambda t: (t.predict(x).cpu(), t.step))
             return pb.PredictResponse(y=encode(y), step=step)
-        x = worker.trainer.checker.inputs(decode_array(request.x, "x"))
-        y, step = await worker.run(lambda t: (t.predict(x).cpu(), t.step))
+        snapshots = trainer.snapshots
+        snapshot = snapshots.ready()
+        rows = request.x.shape[0] if request.x.shape else 0
+        inline = snapshots.on_cpu and rows * snapshots.work_per_row <= self.predict_inline_work
+        if snapshot is not None and inline:
+            # Small, and its copy is ready: here on the event loop. A hand-off to a Predict
+            # thread and back is two wake-ups, each a scheduler slice on a busy machine.
+            x = trainer.checker.inputs(decode_array(request.x, "x"))
+            y, step = snapshots.predict(x, snapshot)
+        else:
+            job = functools.partial(_predict, trainer, request.x)
+            y, step = await asyncio.get_running_loop().run_in_executor(self._predict_pool, job)
         return pb.PredictResponse(y=encode(y), step=step)
 
     def close(self) -> None:
@@ -451,4 +464,6 @@ def _apply_threads(count: int) -> None:
 
 def _predict(trainer: Trainer, x: pb.Tensor) -> tuple[torch.Tensor, int]:
     """On a Predict thread: decode and check x (hardening's checks), predict on the snapshot."""
-    return trainer.snapshots.predict(trainer.checker.inputs(decode_array(x, "x")))
+    snapshots = trainer.snapshots
+    checked = trainer.checker.inputs(decode_array(x, "x"))
+    return snapshots.predict(checked, snapshots.ready() or snapshots.newest(settled=True))
