@@ -66,6 +66,7 @@ class Snapshots:
         self.busy = threading.Lock()  # held by the worker while it runs a job
         self._latest: Snapshot | None = None
         self._published = threading.Condition()
+        self._closed: Exception | None = None  # what a waiting prediction raises
         # The module's structure without storage: predictions call it with a snapshot's
         # tensors. functional_call swaps attributes, so each predicting thread has its own.
         # Built without copying the live tensors: each is replaced by an empty meta one.
@@ -123,6 +124,13 @@ class Snapshots:
             self.wanted = False
             self._published.notify_all()
 
+    def close(self, error: Exception) -> None:
+        """The model is gone: predictions waiting for a copy, and later ones, raise ``error``
+        instead of waiting for the worker's last jobs."""
+        with self._published:
+            self._closed = error
+            self._published.notify_all()
+
     def ready(self) -> Snapshot | None:
         """The snapshot a prediction arriving now may use, if it is there without waiting."""
         self._predicted_at = time.monotonic()
@@ -140,6 +148,8 @@ class Snapshots:
             return latest
         self.wanted = True
         while True:
+            if self._closed is not None:
+                raise copy.copy(self._closed)  # a fresh traceback for each waiting thread
             if self.busy.acquire(blocking=False):
                 try:  # the worker runs no job: copy here
                     latest = self._latest
@@ -149,9 +159,14 @@ class Snapshots:
                     self.busy.release()
             with self._published:
                 if self._published.wait_for(
-                    lambda: self._latest is not None and self._latest.revision >= target,
+                    lambda: (
+                        self._closed is not None
+                        or (self._latest is not None and self._latest.revision >= target)
+                    ),
                     _POLL_SECONDS,
                 ):
+                    if self._closed is not None:
+                        raise copy.copy(self._closed)
                     assert self._latest is not None
                     return self._latest
 
