@@ -168,9 +168,6 @@ class Server:
     async def start(self) -> None:
         """Bind every port and start serving."""
         s = self.settings
-        # OpenMP's thread count is per thread (worker.py): small predictions run here, on
-        # the event loop's thread, with the models' count (bitwise as on a worker).
-        torch.set_num_threads(intra_op_threads(s))
         # Every model is resident again before the port opens: no stream sees a half-restored one.
         await self.checkpointer.restore_all(self.registry)
         self._timer = asyncio.create_task(self.checkpointer.run_timer(self.registry))

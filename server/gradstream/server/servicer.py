@@ -15,8 +15,9 @@ import grpc
 import torch
 
 from gradstream.server import exported
+from gradstream.server.batches import BatchChecker
 from gradstream.server.checkpoint import Checkpointer
-from gradstream.server.codec import decode, decode_array, encode
+from gradstream.server.codec import decode, decode_array, decode_wire, encode
 from gradstream.server.engine import (
     ModelInfo,
     Outcome,
@@ -36,11 +37,11 @@ from gradstream.server.export import CHUNK_BYTES, ExportFormat, chunks, copy_mod
 from gradstream.server.metrics import Metrics
 from gradstream.server.publishing import Publisher
 from gradstream.server.registry import ModelRegistry
-from gradstream.server.session import TrainSession
+from gradstream.server.session import TrainSession, checked
 from gradstream.server.shm import open_shared_memory
 from gradstream.server.spec import parse_spec
 from gradstream.server.tokens import may_read
-from gradstream.server.wire import TrainMessage, parse_train_request
+from gradstream.server.wire import TrainMessage, batch_of, named_of, parse_train_request, tensor_of
 from gradstream.server.worker import ModelWorker
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import spec_from_proto, spec_to_proto
@@ -146,11 +147,13 @@ class TrainerServicer:
         return pb.CreateModelResponse(model=_info(info))
 
     async def _with_program(self, data: dict[str, Any], program: bytes) -> dict[str, Any]:
-        """The spec with CreateModel's archive, and the widths of ``x`` and the output it reads."""
+        """The spec with CreateModel's archive, and the widths of its inputs and output."""
         arch = dict(data.get("architecture") or {})
         if arch.get("kind") == "exported":
             # Size first, then the checks, then torch: nothing of the archive runs.
-            widths = await asyncio.to_thread(exported.features, program, self.max_program_bytes)
+            _, *widths = await asyncio.to_thread(
+                exported.signature, program, self.max_program_bytes
+            )
             for field, width in zip(("in_features", "out_features"), widths, strict=True):
                 given = arch.setdefault(field, width)
                 if given != width:
@@ -208,20 +211,18 @@ class TrainerServicer:
         worker = self.registry.get(request.name)
         trainer = worker.trainer
         if self._predict_pool is None:
-            x = trainer.checker.inputs(decode_array(request.x, "x"))
-            y, step = await worker.run(lambda t: (t.predict(x).cpu(), t.step))
+            inputs = _inputs(trainer.checker, request)
+            y, step = await worker.run(lambda t: (t.predict(*inputs).cpu(), t.step))
             return pb.PredictResponse(y=encode(y), step=step)
         snapshots = trainer.snapshots
         snapshot = snapshots.ready()
-        rows = request.x.shape[0] if request.x.shape else 0
-        inline = snapshots.on_cpu and rows * snapshots.work_per_row <= self.predict_inline_work
-        if snapshot is not None and inline:
+        work = _rows(request) * snapshots.work_per_row
+        if snapshot is not None and snapshots.on_cpu and work <= self.predict_inline_work:
             # Small, and its copy is ready: here on the event loop. A hand-off to a Predict
             # thread and back is two wake-ups, each a scheduler slice on a busy machine.
-            x = trainer.checker.inputs(decode_array(request.x, "x"))
-            y, step = snapshots.predict(x, snapshot)
+            y, step = snapshots.predict(*_inputs(trainer.checker, request), snapshot=snapshot)
         else:
-            job = functools.partial(_predict, trainer, request.x)
+            job = functools.partial(_predict, trainer, request)
             y, step = await asyncio.get_running_loop().run_in_executor(self._predict_pool, job)
         return pb.PredictResponse(y=encode(y), step=step)
 
@@ -251,16 +252,8 @@ class TrainerServicer:
                 )
             batches = []
             for batch in request.batches:
-                field = f"batches[{index}]"  # counted over the whole stream
-                weight = batch.sample_weight if batch.HasField("sample_weight") else None
-                batches.append(
-                    checker.batch(
-                        decode_array(batch.x, f"{field}.x"),
-                        decode_array(batch.y, f"{field}.y"),
-                        None if weight is None else decode_array(weight, f"{field}.sample_weight"),
-                        field=field,
-                    )
-                )
+                # Counted over the whole stream; the same checks as a Train batch.
+                batches.append(checked(checker, batch_of(batch), f"batches[{index}]"))
                 index += 1
             if batches:
                 job = functools.partial(evaluate_batches, evaluation=evaluation, batches=batches)
@@ -310,7 +303,8 @@ class TrainerServicer:
     ) -> pb.ComputeGradientsResponse:
         worker = self.registry.get(request.name)
         checker = worker.trainer.checker
-        x = checker.inputs(decode_array(request.x, "x"))
+        inputs = _inputs(checker, request)
+        rows = inputs[0].shape[0]
         has_y, has_v = request.HasField("y"), request.HasField("grad_output")
         if has_y == has_v:
             raise InvalidArgument(
@@ -318,16 +312,14 @@ class TrainerServicer:
             )
         y = weight = vector = None
         if has_y:
-            y = checker.targets(decode_array(request.y, "y"), x.shape[0])
+            y = checker.targets(decode_array(request.y, "y"), rows)
             if request.HasField("sample_weight"):
-                weight = checker.weights(
-                    decode_array(request.sample_weight, "sample_weight"), x.shape[0]
-                )
+                weight = checker.weights(decode_array(request.sample_weight, "sample_weight"), rows)
         else:
             vector = checker.grad_output(decode_array(request.grad_output, "grad_output"))
 
         def gradients(trainer: Trainer) -> tuple[dict[str, torch.Tensor], float | None]:
-            grads, loss = trainer.gradients(x, y, weight, vector)
+            grads, loss = trainer.gradients(inputs, y, weight, vector)
             return {n: g.cpu() for n, g in grads.items()}, loss
 
         grads, loss = await worker.run(gradients)
@@ -395,10 +387,7 @@ class TrainerServicer:
             if self.draining:  # drain() ran while this stream was opening
                 session.drain()
             async for reply in session.replies(first, requests):
-                yield pb.TrainResponse(
-                    results=[_result(r) for r in reply.results],
-                    last_durable_sequence=reply.last_durable_sequence,
-                )
+                yield _train_response(reply.results, reply.last_durable_sequence)
         finally:
             self._sessions.discard(session)
             self._streams_closed.set()
@@ -414,6 +403,27 @@ def _result(result: StepResult) -> pb.StepResult:
     )
 
 
+def _train_response(results: list[StepResult], durable: int) -> pb.TrainResponse:
+    """``TrainResponse(results=[_result(r) ...])``, built in place: a message answers up to
+    64 batches, and keyword arguments that are defaults cost time on the event loop."""
+    response = pb.TrainResponse(last_durable_sequence=durable)
+    add = response.results.add
+    for r in results:
+        if r.reason:
+            add(
+                sequence=r.sequence,
+                step=r.step,
+                loss=r.loss,
+                outcome=_OUTCOMES[r.outcome],
+                reason=r.reason,
+            )
+        elif r.loss is None:
+            add(sequence=r.sequence, step=r.step, outcome=_OUTCOMES[r.outcome])
+        else:
+            add(sequence=r.sequence, step=r.step, loss=r.loss, outcome=_OUTCOMES[r.outcome])
+    return response
+
+
 def _info(info: ModelInfo) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=info.name,
@@ -427,6 +437,7 @@ def _info(info: ModelInfo) -> pb.ModelInfo:
         autograd_chain=info.autograd_chain,
         nonfinite_streak=info.nonfinite_streak,
         lr=info.lr,
+        inputs=[pb.InputInfo(name=i.name, kind=i.kind, shape=i.shape) for i in info.inputs],
     )
 
 
@@ -462,8 +473,25 @@ def _apply_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def _predict(trainer: Trainer, x: pb.Tensor) -> tuple[torch.Tensor, int]:
-    """On a Predict thread: decode and check x (hardening's checks), predict on the snapshot."""
+def _predict(trainer: Trainer, request: pb.PredictRequest) -> tuple[torch.Tensor, int]:
+    """On a Predict thread: decode and check the inputs (hardening's checks), predict on the
+    snapshot."""
     snapshots = trainer.snapshots
-    checked = trainer.checker.inputs(decode_array(x, "x"))
-    return snapshots.predict(checked, snapshots.ready() or snapshots.newest(settled=True))
+    inputs = _inputs(trainer.checker, request)
+    return snapshots.predict(*inputs, snapshot=snapshots.ready() or snapshots.newest(settled=True))
+
+
+def _rows(request: pb.PredictRequest) -> int:
+    """The rows a request's inputs claim (before any check)."""
+    tensors = [request.x] if request.HasField("x") else [n.tensor for n in request.inputs]
+    return max((t.shape[0] for t in tensors if t.shape), default=0)
+
+
+def _inputs(
+    checker: BatchChecker, request: pb.PredictRequest | pb.ComputeGradientsRequest
+) -> tuple[torch.Tensor, ...]:
+    """A request's x or named inputs, checked against the model's, in declaration order."""
+    given = checker.arrange(tensor_of(request, "x"), named_of(request.inputs))
+    return checker.features(
+        [decode_wire(tensor, field) for field, tensor in given], [field for field, _ in given]
+    )

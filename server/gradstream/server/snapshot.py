@@ -171,9 +171,12 @@ class Snapshots:
                     return self._latest
 
     def predict(
-        self, x: torch.Tensor, snapshot: Snapshot | None = None
+        self, *inputs: torch.Tensor, snapshot: Snapshot | None = None
     ) -> tuple[torch.Tensor, int]:
-        """The output on ``snapshot`` (default: the newest) on the CPU, and its step."""
+        """The output on ``snapshot`` (default: the newest) on the CPU, and its step.
+
+        ``inputs`` are the model's inputs in declaration order.
+        """
         if snapshot is None:
             snapshot = self.newest()
         module: nn.Module | None = getattr(self._local, "module", None)
@@ -181,8 +184,9 @@ class Snapshots:
             module = self._local.module = copy.deepcopy(self._skeleton)
         with torch.inference_mode():
             if self._stream is None:
-                y = functional_call(module, snapshot.tensors, (x,))
+                y = functional_call(module, snapshot.tensors, inputs)
             else:
                 with torch.cuda.stream(self._stream):  # after the snapshot's copy
-                    y = functional_call(module, snapshot.tensors, (x.to(self._device),)).cpu()
+                    moved = tuple(t.to(self._device) for t in inputs)
+                    y = functional_call(module, snapshot.tensors, moved).cpu()
         return y.detach(), snapshot.version

@@ -89,7 +89,7 @@ def test_while_predictions_come_a_job_end_publishes_so_none_waits_for_a_step() -
         ready = snapshots.ready()
         assert ready is not None and ready.version == 2
         # What it reads is the parameters after step 2, not the live ones of step 3.
-        _, version = snapshots.predict(torch.ones(1, 5), ready)
+        _, version = snapshots.predict(torch.ones(1, 5), snapshot=ready)
         assert version == 2
         live = dict(trainer.module.named_parameters())["0.weight"]
         assert not torch.equal(ready.tensors["0.weight"], live)
