@@ -48,7 +48,7 @@ BLOCKS: dict[str, list[str]] = {
     "docs/bring-your-own-model.md": ["fragment", "flags"],
     "docs/deploy.md": [
         *("docker", "docker", "text", "docker", "docker", "docker"),
-        *("kubectl", "yaml", "kubectl", "kubectl", "kubectl", "docker"),
+        *("kubectl", "yaml", "kubectl", "kubectl", "kubectl", "docker", "docker"),
     ],
     "docs/durability.md": ["fragment"],
     "docs/observability.md": ["prometheus"],

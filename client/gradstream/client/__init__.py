@@ -16,7 +16,13 @@ from gradstream.client._errors import (
     Unavailable,
 )
 from gradstream.client._export import export_module
-from gradstream.client._models import CheckpointInfo, ModelInfo, ParameterInfo, StepResult
+from gradstream.client._models import (
+    CheckpointInfo,
+    ModelInfo,
+    ParameterInfo,
+    Prediction,
+    StepResult,
+)
 from gradstream.client._producer import ProducerStream
 from gradstream.wire import SpecError
 
@@ -34,6 +40,7 @@ __all__ = [
     "NotFound",
     "ParameterInfo",
     "PermissionDenied",
+    "Prediction",
     "ProducerStream",
     "ResourceExhausted",
     "SpecError",

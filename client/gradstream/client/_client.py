@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 import numpy.typing as npt
@@ -15,6 +15,7 @@ from gradstream.client._errors import BatchRejected, from_rpc_error
 from gradstream.client._models import (
     CheckpointInfo,
     ModelInfo,
+    Prediction,
     StepResult,
     model_info,
     step_result,
@@ -160,10 +161,16 @@ class Client:
 
     # -- inference and inspection -------------------------------------------------------
 
-    def predict(self, name: str, x: Any) -> Array:
-        """The model's output on x (inference mode, nothing recorded)."""
+    @overload
+    def predict(self, name: str, x: Any, *, with_step: Literal[False] = False) -> Array: ...
+    @overload
+    def predict(self, name: str, x: Any, *, with_step: Literal[True]) -> Prediction: ...
+    def predict(self, name: str, x: Any, *, with_step: bool = False) -> Array | Prediction:
+        """The model's output on x (inference mode, nothing recorded); with ``with_step``, a
+        ``Prediction``: the output and the step of the parameters it was computed with."""
         response = self._call(self._stub.Predict, pb.PredictRequest(name=name, x=to_proto(x)))
-        return from_proto(response.y, "y")
+        y = from_proto(response.y, "y")
+        return Prediction(y, response.step) if with_step else y
 
     def gradients(
         self,

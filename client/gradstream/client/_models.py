@@ -27,6 +27,18 @@ class StepResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Prediction:
+    """A model's output and the step of the parameters that computed it.
+
+    ``step`` is at least the model's step in every Train answer received before the
+    request was sent (docs/serving.md).
+    """
+
+    y: Any  # numpy array, (rows, out_features)
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointInfo:
     """A checkpoint the server wrote: its name, step and every producer's durable sequence."""
 

@@ -774,7 +774,8 @@ class _Watch:
 )
 @connection_options
 def predict(name: str, data: str, delimiter: str, header: bool | None, **kwargs: Any) -> int:
-    """Run the model on inputs (every column) and print the outputs as CSV."""
+    """Run the model on inputs (every column) and print the outputs as CSV (the step of
+    the parameters used goes to stderr)."""
     conn = _connection(kwargs)
     options = _table_options("-1", header, delimiter, False)
     source = _source(
@@ -782,8 +783,10 @@ def predict(name: str, data: str, delimiter: str, header: bool | None, **kwargs:
     )
     x, _, _ = source.load()
     with connect(conn) as client:
-        out = client.predict(name, x)
+        prediction = client.predict(name, x, with_step=True)
+    out = prediction.y
     np.savetxt(sys.stdout, out.reshape(len(out), -1), delimiter=",", fmt="%.8g")
+    click.echo(f"predicted with the parameters of step {prediction.step}", err=True)
     return 0
 
 
