@@ -16,7 +16,13 @@ from gradstream.client._errors import (
     Unavailable,
 )
 from gradstream.client._export import export_module
-from gradstream.client._models import CheckpointInfo, ModelInfo, ParameterInfo, StepResult
+from gradstream.client._models import (
+    CheckpointInfo,
+    InputInfo,
+    ModelInfo,
+    ParameterInfo,
+    StepResult,
+)
 from gradstream.client._producer import ProducerStream
 from gradstream.wire import SpecError
 
@@ -28,6 +34,7 @@ __all__ = [
     "DataLoss",
     "FailedPrecondition",
     "GradstreamError",
+    "InputInfo",
     "Internal",
     "InvalidArgument",
     "ModelInfo",

@@ -34,7 +34,7 @@ def input_items(inputs: Mapping[Any, Any], field: str = "inputs") -> list[tuple[
     for name, value in inputs.items():
         if not isinstance(name, str):
             raise TypeError(
-                f"{field}: key {name!r} is a {type(name).__name__}, not a string; "
+                f"{field}: key {name!r} ({type(name).__name__}) is not a string; "
                 "inputs are named by strings (see the model's inputs in get_model)"
             )
         if not name:
