@@ -136,7 +136,7 @@ class Client:
         return model_info(self._call(self._stub.CreateModel, request).model)
 
     def get_model(self, name: str) -> ModelInfo:
-        """Spec, step, device, inputs, parameter shapes, frozen set and autograd chain of a model."""
+        """Spec, step, device, inputs, parameter shapes, frozen set, autograd chain of a model."""
         return model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name)).model)
 
     def list_models(self) -> list[ModelInfo]:

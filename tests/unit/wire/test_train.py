@@ -144,7 +144,7 @@ def _named_data(message: memoryview) -> dict[str, memoryview]:
     return found
 
 
-_NAMES = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=9)
+_NAMES = st.text(st.characters(codec="utf-8"), min_size=1, max_size=9)
 
 
 @st.composite
