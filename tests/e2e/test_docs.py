@@ -43,7 +43,10 @@ PAGES = sorted(
     for p in [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("examples/**/*.md")]
 )
 BLOCKS: dict[str, list[str]] = {
-    "README.md": ["make", "run", "dist", "run", "run", "run", "run", "flags", "spec", "text"],
+    "README.md": [
+        *("make", "run", "dist", "run", "run", "run", "run", "run"),
+        *("flags", "spec", "spec", "text"),
+    ],
     "docs/architecture.md": ["text", "text"],
     "docs/bring-your-own-model.md": ["fragment", "flags"],
     "docs/deploy.md": [
