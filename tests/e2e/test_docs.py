@@ -48,7 +48,7 @@ BLOCKS: dict[str, list[str]] = {
         *("flags", "spec", "spec", "text"),
     ],
     "docs/architecture.md": ["text", "text"],
-    "docs/bring-your-own-model.md": ["fragment", "flags"],
+    "docs/bring-your-own-model.md": ["fragment", "flags", "fragment"],
     "docs/deploy.md": [
         *("docker", "docker", "text", "docker", "docker", "docker"),
         *("kubectl", "yaml", "kubectl", "kubectl", "kubectl", "docker"),
