@@ -79,7 +79,7 @@ class ClickLog:
             - 1.0
         )
         clicked = rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))
-        inputs = {
+        inputs: dict[str, np.ndarray] = {
             "user": user[:, None],  # (rows, 1): a bag of one id
             "item": item[:, None],
             "category": history,  # (rows, 3): the last three clicked categories
