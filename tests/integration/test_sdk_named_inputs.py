@@ -245,8 +245,8 @@ def test_malformed_inputs_fail_on_the_client_and_the_model_is_unchanged(
     client.create_model(name, SPEC)
     before = client.parameters(name)
     inputs, y = make_batches(1, weighted=False)[0]
-    with pytest.raises(TypeError, match=re.escape("batch 1: inputs: key 7 (int) is not a string")):
-        list(client.train(name, [(inputs, y), ({**inputs, 7: inputs["user"]}, y)]))
+    with pytest.raises(TypeError, match=re.escape("batch 0: inputs: key 7 (int) is not a string")):
+        list(client.train(name, [({**inputs, 7: inputs["user"]}, y), (inputs, y)]))
     with pytest.raises(ValueError, match="batch 0: y is None"):
         list(client.train(name, [(inputs, None)]))
     with pytest.raises(TypeError, match="key 7"):
