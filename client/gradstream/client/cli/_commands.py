@@ -304,7 +304,7 @@ def _read_text(path: str, flag: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the whole description as JSON.")
 @connection_options
 def info(name: str, as_json: bool, **kwargs: Any) -> int:
-    """Show a model: spec, step, device, inputs, parameters (frozen or not), autograd chain."""
+    """Show a model: spec, step, inputs, parameters, autograd chain, device."""
     with connect(_connection(kwargs)) as client:
         model = client.get_model(name)
     parameters = {
