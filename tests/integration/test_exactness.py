@@ -13,6 +13,8 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from gradstream.client import Client, export_module
+from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import to_proto
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 LOSSES = ["mse", "l1", "huber", "cross_entropy", "bce_with_logits"]
@@ -25,8 +27,46 @@ OPTIMIZERS: dict[str, Any] = {
 }
 
 
+class PlainEmbeddingMLP(nn.Module):
+    """``embedding_mlp`` as issue 14 item 3 says: an ``EmbeddingBag`` per table on its 2-D
+    ids, ``cat([table_1(ids_1), ..., table_k(ids_k), dense], dim=1)``, then the mlp."""
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleDict(
+            {
+                t["input"]: nn.EmbeddingBag(t["num_embeddings"], t["dim"], mode=t["mode"])
+                for t in arch["embeddings"]
+            }
+        )
+        width = sum(t["dim"] for t in arch["embeddings"]) + arch["dense_features"]
+        self.mlp = plain_module({**arch, "kind": "mlp", "in_features": width})
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = [table(inputs[name]) for name, table in self.embeddings.items()]
+        if "dense" in inputs:
+            features.append(inputs["dense"])
+        out: torch.Tensor = self.mlp(torch.cat(features, dim=1))
+        return out
+
+
+class FeaturesAndIds(nn.Module):
+    """A user's two-input network for an ``exported`` program: floats and a bag of ids."""
+
+    def __init__(self, arch: dict[str, Any], table: int, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(table, dim)
+        self.mlp = plain_module({**arch, "kind": "mlp", "in_features": arch["in_features"] + dim})
+
+    def forward(self, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.mlp(torch.cat([features, self.table(ids).sum(1)], dim=1))
+        return out
+
+
 def plain_module(arch: dict[str, Any]) -> nn.Module:
     """The architecture written out by hand, as a user would in a notebook."""
+    if arch["kind"] == "embedding_mlp":
+        return PlainEmbeddingMLP(arch)
     if arch["kind"] == "linear":
         return nn.Linear(arch["in_features"], arch["out_features"], bias=arch["bias"])
     widths = [arch["in_features"], *arch["hidden"], arch["out_features"]]
@@ -185,7 +225,7 @@ CLIPS = st.sampled_from(
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> dict[str, Any]:
-    kind = draw(st.sampled_from(["linear", "mlp", "exported"]))
+    kind = draw(st.sampled_from(["linear", "mlp", "exported", "embedding_mlp", "exported_ids"]))
     loss_kind = draw(st.sampled_from(LOSSES))
     in_f = draw(st.integers(1, 5))
     out_f = draw(st.integers(2 if loss_kind == "cross_entropy" else 1, 4))
@@ -199,14 +239,34 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         else [],
         "activation": draw(st.sampled_from(sorted(ACTIVATIONS))),
     }
+    if kind == "embedding_mlp":
+        arch["kind"] = kind
+        del arch["in_features"]
+        arch["dense_features"] = draw(st.integers(0, 3))
+        arch["embeddings"] = [
+            {
+                "input": f"ids{i}",
+                "num_embeddings": draw(st.integers(1, 12)),
+                "dim": draw(st.integers(1, 4)),
+                "mode": draw(st.sampled_from(["sum", "mean", "max"])),
+            }
+            for i in range(draw(st.integers(1, 3)))
+        ]
     optimizer = draw(optimizers())
+    bag = draw(st.integers(1, 3))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(draw(st.integers(0, 2**31)))
-        module = plain_module(arch)
+        module = (
+            FeaturesAndIds(arch, table=9, dim=3) if kind == "exported_ids" else plain_module(arch)
+        )
     program = None
     if kind == "exported":  # the same mlp, as the client's torch.export archive
         program = export_module(module, (torch.zeros(2, in_f),))
         arch = {"kind": "exported", "in_features": in_f, "out_features": out_f}
+    if kind == "exported_ids":  # two inputs: features (rows, in_f) and ids (rows, bag)
+        example = (torch.zeros(2, in_f), torch.zeros(2, bag, dtype=torch.int64))
+        program = export_module(module, example)
+        arch = {"kind": "exported", "out_features": out_f, "ids": (9, bag), "features": in_f}
     names = [n for n, _ in module.named_parameters()]
     frozen = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names) - 1))
     spec = {
@@ -228,9 +288,13 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     clip = draw(CLIPS)
     if clip is not None:
         spec["clip_grad"] = clip
+    if kind == "exported_ids":
+        ids = arch.pop("ids")
+        features = arch.pop("features")
     return {
         "spec": spec,
         "program": program,
+        "inputs": {"features": features, "ids": ids} if kind == "exported_ids" else None,
         "weighted": draw(st.booleans()),
         "seed": draw(st.integers(0, 2**31)),
         "batches": draw(st.integers(1, 9)),
@@ -239,15 +303,36 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
 
 
 def make_batches(
-    spec: dict[str, Any], weighted: bool, count: int, seed: int
+    spec: dict[str, Any],
+    weighted: bool,
+    count: int,
+    seed: int,
+    program_inputs: dict[str, Any] | None = None,
 ) -> list[tuple[Any, ...]]:
+    """(x, y[, w]) batches; x is a dict of named inputs for a model with several."""
     rng = np.random.default_rng(seed)
     arch, loss = spec["architecture"], spec["loss"]["kind"]
     dtype = np.float32 if spec["dtype"] == "float32" else np.float64
     batches: list[tuple[Any, ...]] = []
     for _ in range(count):
         rows = int(rng.integers(1, 7))
-        x = rng.uniform(-1, 1, (rows, arch["in_features"])).astype(dtype)
+        x: Any
+        if program_inputs is not None:
+            table, bag = program_inputs["ids"]
+            x = {
+                "features": rng.uniform(-1, 1, (rows, program_inputs["features"])).astype(dtype),
+                "ids": rng.integers(0, table, (rows, bag)),
+            }
+        elif arch["kind"] == "embedding_mlp":
+            bag = int(rng.integers(1, 4))
+            x = {
+                t["input"]: rng.integers(0, t["num_embeddings"], (rows, bag))
+                for t in arch["embeddings"]
+            }
+            if arch["dense_features"]:
+                x["dense"] = rng.uniform(-1, 1, (rows, arch["dense_features"])).astype(dtype)
+        else:
+            x = rng.uniform(-1, 1, (rows, arch["in_features"])).astype(dtype)
         if loss == "cross_entropy":
             y: Any = rng.integers(0, arch["out_features"], rows).astype(np.int64)
         elif loss == "bce_with_logits":
@@ -317,9 +402,15 @@ def plain_loop(
     for i, batch in enumerate(batches):
         if i % k == 0:
             optimizer.zero_grad(set_to_none=True)
-        x, y = torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
+        y = torch.from_numpy(batch[1])
         w = torch.from_numpy(batch[2]) if len(batch) == 3 else None
-        plain_loss(spec["loss"], module(x), y, w).backward()
+        if isinstance(batch[0], dict) and program is not None:  # the program's positional inputs
+            out = module(*(torch.from_numpy(v) for v in batch[0].values()))
+        elif isinstance(batch[0], dict):
+            out = module({k: torch.from_numpy(v) for k, v in batch[0].items()})
+        else:
+            out = module(torch.from_numpy(batch[0]))
+        plain_loss(spec["loss"], out, y, w).backward()
         if i % k == k - 1:
             if clip is not None and "max_norm" in clip:
                 nn.utils.clip_grad_norm_(module.parameters(), clip["max_norm"], clip["norm_type"])
@@ -342,10 +433,16 @@ def test_service_equals_plain_pytorch_loop_bitwise(client: Client, case: dict[st
     client.create_model(name, spec, program=case["program"])
     try:
         initial = client.parameters(name)
-        batches = make_batches(spec, case["weighted"], case["batches"], case["seed"])
-        results = list(client.train(name, batches, batches_per_message=case["per_message"]))
+        batches = make_batches(
+            spec, case["weighted"], case["batches"], case["seed"], case["inputs"]
+        )
+        if isinstance(batches[0][0], dict):
+            outcomes = train_named(client, name, batches, case["per_message"])
+        else:
+            results = list(client.train(name, batches, batches_per_message=case["per_message"]))
+            outcomes = [r.outcome for r in results]
         k = spec["accumulate_steps"]
-        assert [r.outcome for r in results] == [
+        assert outcomes == [
             "APPLIED" if i % k == k - 1 else "ACCUMULATED" for i in range(len(batches))
         ]
         got = client.parameters(name)
@@ -359,3 +456,22 @@ def test_service_equals_plain_pytorch_loop_bitwise(client: Client, case: dict[st
             assert got[n].tobytes() == initial[n].tobytes()
     finally:
         client.delete_model(name)
+
+
+def train_named(
+    client: Client, name: str, batches: list[tuple[Any, ...]], per_message: int
+) -> list[str]:
+    """Batches of named inputs on a raw Train stream (Batch.inputs), ``per_message`` a message."""
+    requests = [pb.TrainRequest(open=pb.TrainOpen(model=name))]
+    for start in range(0, len(batches), per_message):
+        message = pb.TrainRequest()
+        for inputs, y, *weight in batches[start : start + per_message]:
+            batch = message.batches.add(y=to_proto(y))
+            if weight:
+                batch.sample_weight.CopyFrom(to_proto(weight[0]))
+            for key, value in inputs.items():
+                batch.inputs.add(name=key, tensor=to_proto(value))
+        requests.append(message)
+    responses = list(client._stub.Train(iter(requests)))
+    results = [r for response in responses[1:] for r in response.results]
+    return [pb.Outcome.Name(r.outcome).removeprefix("OUTCOME_") for r in results]

@@ -6,32 +6,45 @@ small batch, a numpy call costs a fraction of a torch op's dispatch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from gradstream.server.errors import InvalidArgument, ResourceExhausted
-from gradstream.server.models import activation_row_bytes
-from gradstream.server.spec import ModelSpec
+from gradstream.server.models import activation_row_bytes, model_inputs
+from gradstream.server.spec import InputSpec, ModelSpec
 
 Array = npt.NDArray[Any]
+T = TypeVar("T")
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype(np.float32),
     "float64": np.dtype(np.float64),
 }
+_IDS = (np.dtype(np.int64), np.dtype(np.int32))  # int32 is widened to int64
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """A validated (x, y[, weight]) on the CPU, in the model's dtype (labels int64)."""
+    """A validated (inputs, y[, weight]) on the CPU, floats in the model's dtype, ids int64.
+
+    ``x`` is the model's first declared input (its only one for ``linear`` and ``mlp``),
+    ``more`` the others in declaration order: the module is called ``module(x, *more)``.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     weight: torch.Tensor | None = None
     sequence: int = 0
+    more: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """Every input, in declaration order."""
+        return (self.x, *self.more)
 
 
 class BatchChecker:
@@ -47,8 +60,14 @@ class BatchChecker:
         max_rows: int = 0,
         max_bytes: int = 0,
         max_activation_bytes: int = 0,
+        inputs: tuple[InputSpec, ...] | None = None,
     ) -> None:
-        self.in_features = spec.architecture.in_features
+        # What every batch must carry (``models.model_inputs``; given when already known).
+        self.declared = model_inputs(spec) if inputs is None else inputs
+        first = self.declared[0]
+        # One float input of fixed width: the path of every linear and mlp batch, kept lean.
+        self.single = len(self.declared) == 1 and first.kind == "float" and len(first.shape) == 1
+        self.in_features = first.shape[0] if self.single else spec.architecture.in_features
         self.out_features = spec.architecture.out_features
         self.classes = spec.loss.kind == "cross_entropy"
         self.dtype = _NUMPY_DTYPES[spec.dtype]
@@ -61,6 +80,101 @@ class BatchChecker:
     def inputs(self, x: Array, field: str = "x", quote: bool = True) -> torch.Tensor:
         """x as (N, in_features) with N >= 1, finite, in the model's dtype."""
         return torch.from_numpy(self._inputs(x, field, quote))
+
+    def arrange(
+        self, x: T | None, named: Sequence[tuple[str, T]], field: str = ""
+    ) -> list[tuple[str, T]]:
+        """The given inputs in declaration order, each with the field that names it.
+
+        ``x`` is the model's input when it has exactly one (whatever its name), ``named``
+        are ``(name, value)`` pairs: each declared input exactly once, nothing else.
+        """
+        prefix = f"{field}." if field else ""
+        if x is not None and named:
+            raise InvalidArgument(f"{prefix}inputs", "set x or inputs, not both")
+        if x is not None or not named:
+            if len(self.declared) != 1:
+                raise InvalidArgument(
+                    f"{prefix}x" if x is not None else f"{prefix}inputs",
+                    f"the model takes {len(self.declared)} inputs ({self._listed()}); "
+                    "send them by name in inputs",
+                )
+            if x is None:
+                raise InvalidArgument(f"{prefix}x", "is missing")
+            return [(f"{prefix}x", x)]
+        given: dict[str, T] = {}
+        known = {i.name for i in self.declared}
+        for index, (name, value) in enumerate(named):
+            where = f"{prefix}inputs[{index}].name"
+            if name in given:
+                raise InvalidArgument(where, f"{name!r} is given twice; each input once")
+            if name not in known:
+                raise InvalidArgument(
+                    where, f"{name!r} is not an input of this model; it takes {self._listed()}"
+                )
+            given[name] = value
+        missing = [i for i in self.declared if i.name not in given]
+        if missing:
+            raise InvalidArgument(
+                f"{prefix}inputs",
+                f"misses {', '.join(_describe(i) for i in missing)}; "
+                f"the model takes {self._listed()}",
+            )
+        return [(f"{prefix}inputs[{i.name}]", given[i.name]) for i in self.declared]
+
+    def features(
+        self, arrays: Sequence[Array], fields: Sequence[str], quote: bool = True
+    ) -> tuple[torch.Tensor, ...]:
+        """Every input checked against its declaration (``arrange``'s order), as tensors.
+
+        Same rows in each, at least one; floats finite in the model's dtype; ids int64
+        (int32 widened) within their table; the batch limits count every input.
+        """
+        if self.single:
+            return (torch.from_numpy(self._inputs(arrays[0], fields[0], quote)),)
+        rows = 0
+        out: list[Array] = []
+        for declared, array, field in zip(self.declared, arrays, fields, strict=True):
+            if declared.kind == "float":
+                _floating(array, field)
+            elif array.dtype not in _IDS:
+                raise InvalidArgument(
+                    field,
+                    f"has dtype {array.dtype.name}; {declared.name!r} takes integer ids "
+                    "(int64, or int32 widened)",
+                )
+            trailing = array.shape[1:]
+            if array.ndim != 1 + len(declared.shape) or any(
+                want >= 0 and got != want
+                for got, want in zip(trailing, declared.shape, strict=True)
+            ):
+                raise InvalidArgument(
+                    field, f"has shape {list(array.shape)}, the model expects {_shape(declared)}"
+                )
+            if array.shape[0] == 0:
+                raise InvalidArgument(field, "is an empty batch (0 rows)")
+            if out and array.shape[0] != rows:
+                raise InvalidArgument(
+                    field,
+                    f"has {array.shape[0]} rows, {fields[0]} has {rows}; every input one row each",
+                )
+            rows = array.shape[0]
+            if array.size == 0:
+                raise InvalidArgument(field, f"has shape {list(array.shape)}, an empty row")
+            if self.max_rows and rows > self.max_rows:
+                raise ResourceExhausted(
+                    f"{field}: max_batch_rows: has {rows} rows, the limit is {self.max_rows}"
+                )
+            if declared.kind == "float":
+                out.append(_converted(array, self.dtype, field, quote))
+            else:
+                out.append(_ids(array, declared.ids_below, field, quote))
+        self._check_bytes(sum(a.nbytes for a in arrays), fields[0])
+        self._check_activations(rows, fields[0])
+        return tuple(torch.from_numpy(a) for a in out)
+
+    def _listed(self) -> str:
+        return ", ".join(_describe(i) for i in self.declared)
 
     def targets(self, y: Array, rows: int, field: str = "y", quote: bool = True) -> torch.Tensor:
         """y for ``rows`` rows: class labels in range, or finite values shaped like the output."""
@@ -97,22 +211,34 @@ class BatchChecker:
         field: str = "batch",
         *,
         quote: bool = True,
+        more: Sequence[Array] = (),
+        fields: Sequence[str] = (),
     ) -> Batch:
         """A whole training batch, every part checked.
 
-        ``quote=False`` keeps the values themselves out of error messages (for bytes
-        read from a segment, which must not be echoed back).
+        ``x`` and ``more`` are the inputs in declaration order (``arrange``), named by
+        ``fields`` (default: ``<field>.x``). ``quote=False`` keeps the values themselves
+        out of error messages (for bytes read from a segment, which must not be echoed back).
         """
-        inputs = self._inputs(x, f"{field}.x", quote)
-        self._check_bytes(x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes), field)
-        rows = inputs.shape[0]
+        if more or not self.single:
+            inputs = self.features((x, *more), fields or (f"{field}.x",), quote)
+            size = sum(a.nbytes for a in more)
+        else:
+            inputs = (
+                torch.from_numpy(self._inputs(x, fields[0] if fields else f"{field}.x", quote)),
+            )
+            size = 0
+        size += x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes)
+        self._check_bytes(size, field)
+        rows = inputs[0].shape[0]
         return Batch(
-            x=torch.from_numpy(inputs),
+            x=inputs[0],
             y=self.targets(y, rows, f"{field}.y", quote),
             weight=None
             if weight is None
             else self.weights(weight, rows, f"{field}.sample_weight", quote),
             sequence=sequence,
+            more=inputs[1:],
         )
 
     def _check_bytes(self, size: int, field: str) -> None:
@@ -186,6 +312,26 @@ def _converted(array: Array, dtype: np.dtype[Any], field: str, quote: bool) -> A
         converted = array.astype(dtype, copy=False)
     _finite(converted, field, quote, "" if converted is array else f" as {dtype.name}")
     return converted
+
+
+def _ids(ids: Array, bound: int, field: str, quote: bool) -> Array:
+    """Ids as int64, each in [0, bound) when the input has a bound (an embedding table)."""
+    ids = ids.astype(np.int64, copy=False)
+    if bound:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= bound:
+            bad = f"id {low if low < 0 else high}" if quote else "an id"
+            raise InvalidArgument(field, f"{bad} is out of range [0, {bound})")
+    return ids
+
+
+def _shape(declared: InputSpec) -> str:
+    sizes = ", ".join("any" if d < 0 else str(d) for d in declared.shape)
+    return f"(rows, {sizes})"
+
+
+def _describe(declared: InputSpec) -> str:
+    return f"{declared.name} ({declared.kind} {_shape(declared)})"
 
 
 def _floating(a: Array, field: str) -> None:

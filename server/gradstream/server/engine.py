@@ -21,6 +21,7 @@ from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.errors import FailedPrecondition, GradstreamError, InvalidArgument
 from gradstream.server.models import (
     build_module,
+    example_inputs,
     forward_function,
     loss_function,
     loss_value,
@@ -35,7 +36,7 @@ from gradstream.server.optim import (
     set_lr,
 )
 from gradstream.server.snapshot import Snapshots
-from gradstream.server.spec import ModelSpec, OptimizerSpec, RMSpropSpec, SGDSpec
+from gradstream.server.spec import InputSpec, ModelSpec, OptimizerSpec, RMSpropSpec, SGDSpec
 
 # Nodes of the loss's autograd graph that GetModel lists at most.
 MAX_CHAIN_NODES = 1024
@@ -129,6 +130,7 @@ class ModelInfo:
     autograd_chain: tuple[str, ...]
     nonfinite_streak: int
     lr: float = 0.0  # what the next step uses: the schedule's current value
+    inputs: tuple[InputSpec, ...] = ()  # what every batch must carry, in declaration order
 
 
 @dataclass(slots=True)
@@ -201,12 +203,15 @@ class LocalGradients:
 
     def accumulate(self, trainer: Trainer, batch: Batch) -> float:
         """The seed's ``loss_fn(model(x), y).backward()``, with the loss checked first."""
-        x, y, w = batch.x, batch.y, batch.weight
+        x, y, w, more = batch.x, batch.y, batch.weight, batch.more
         if not trainer._on_cpu:
             x = x.to(trainer.device, non_blocking=True)
             y = y.to(trainer.device, non_blocking=True)
             w = None if w is None else w.to(trainer.device, non_blocking=True)
-        loss = trainer._loss(trainer._forward(x), y, w)
+            more = tuple(t.to(trainer.device, non_blocking=True) for t in more)
+        # The inputs in declaration order; a one-input model's call stays a plain one.
+        output = trainer._forward(x, *more) if more else trainer._forward(x)
+        loss = trainer._loss(output, y, w)
         # The loss is checked before backward so a bad batch adds nothing to the
         # gradients already accumulated; what is still pending stays pending.
         loss_number = loss.item()
@@ -484,7 +489,8 @@ class Trainer:
             return staged.copy_(t)
 
         weight = None if batch.weight is None else pinned(batch.weight)
-        return Batch(pinned(batch.x), pinned(batch.y), weight, batch.sequence)
+        more = tuple(pinned(t) for t in batch.more)
+        return Batch(pinned(batch.x), pinned(batch.y), weight, batch.sequence, more)
 
     def _train_deferred(
         self,
@@ -523,7 +529,8 @@ class Trainer:
             x = item.x.to(self.device, non_blocking=True)
             y = item.y.to(self.device, non_blocking=True)
             w = None if item.weight is None else item.weight.to(self.device, non_blocking=True)
-            loss = self._loss(self._forward(x), y, w)
+            more = tuple(t.to(self.device, non_blocking=True) for t in item.more)
+            loss = self._loss(self._forward(x, *more), y, w)
             finite = torch.isfinite(loss)
             self._step_bad.add_(~finite)
             _backward(torch.where(finite, loss, 0.0), self._grad_seed)
@@ -691,27 +698,29 @@ class Trainer:
 
     # -- inspection and inference --------------------------------------------------------
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's output in inference mode: detached, no graph kept."""
+    def predict(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The model's output on its inputs (declaration order) in inference mode, detached."""
         with torch.inference_mode():
-            output: torch.Tensor = self.module(x.to(self.device))
+            output: torch.Tensor = self.module(*(t.to(self.device) for t in inputs))
             return output.detach()
 
     def gradients(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | tuple[torch.Tensor, ...],
         y: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
         grad_output: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], float | None]:
         """d loss / d theta, or the vector-Jacobian product v^T (d output / d theta).
 
-        ``torch.autograd.grad`` leaves every ``.grad`` alone: nothing accumulates, nothing steps.
+        ``x`` is the input, or every input in declaration order. ``torch.autograd.grad``
+        leaves every ``.grad`` alone: nothing accumulates, nothing steps.
         """
         trainable = {n: p for n, p in self._params.items() if p.requires_grad}
         if not trainable:
             raise FailedPrecondition(f"model {self.name!r} has no trainable parameters")
-        output = self.module(x.to(self.device))
+        inputs = x if isinstance(x, tuple) else (x,)
+        output = self.module(*(t.to(self.device) for t in inputs))
         if grad_output is not None:
             if grad_output.shape != output.shape:
                 raise InvalidArgument(
@@ -826,6 +835,7 @@ class Trainer:
             autograd_chain=self.autograd_chain(),
             nonfinite_streak=self.nonfinite_streak,
             lr=self.lr,
+            inputs=self.checker.declared,
         )
 
     @property
@@ -835,19 +845,16 @@ class Trainer:
 
     def autograd_chain(self) -> tuple[str, ...]:
         """The ``grad_fn`` names of the loss on one zero row, breadth first (the seed's grad_fn)."""
-        x = torch.zeros(
-            1,
-            self.spec.architecture.in_features,
-            device=self.device,
-            dtype=next(iter(self._params.values())).dtype,
-        )
+        dtype = next(iter(self._params.values())).dtype
+        rows = 1
+        inputs = example_inputs(self.checker.declared, rows, dtype, self.device)
         if self.spec.loss.kind == "cross_entropy":
-            y = torch.zeros(1, dtype=torch.int64, device=self.device)
+            y = torch.zeros(rows, dtype=torch.int64, device=self.device)
         else:
             y = torch.zeros(
-                1, self.spec.architecture.out_features, device=self.device, dtype=x.dtype
+                rows, self.spec.architecture.out_features, device=self.device, dtype=dtype
             )
-        loss = loss_value(self.spec.loss, self.module(x), y, None)
+        loss = loss_value(self.spec.loss, self.module(*inputs), y, None)
         names: list[str] = []
         seen: set[int] = set()
         frontier = collections.deque([loss.grad_fn])

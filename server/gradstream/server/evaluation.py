@@ -286,5 +286,5 @@ def evaluate_batches(trainer: Trainer, evaluation: Evaluation, batches: Sequence
     Returns the step the model was at: nothing here steps it.
     """
     for batch in batches:
-        evaluation.add(trainer.predict(batch.x), batch.y, batch.weight)
+        evaluation.add(trainer.predict(*batch.inputs), batch.y, batch.weight)
     return trainer.step

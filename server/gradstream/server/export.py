@@ -11,12 +11,17 @@ onnx           ``model.onnx``: ``torch.onnx.export`` (needs the ``export`` extra
 triton         ``<model>/config.pbtxt`` + ``<model>/<step>/model.onnx``: a Triton repository
 =============  ==========================================================================
 
-Inputs are named ``x`` (rows, in_features) and outputs ``y`` (rows, out_features) in every
-format that names them.
+Inputs are named as the model declares them (``models.model_inputs``: ``x`` (rows,
+in_features) for ``linear`` and ``mlp``; each table's ids and ``dense`` for
+``embedding_mlp``), in declaration order, and the output ``y`` (rows, out_features), in
+every format that names them. The row dimension, and any input size declared free (an
+id bag's length), are dynamic.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import threading
 from collections.abc import Generator
@@ -27,19 +32,20 @@ from typing import Any
 
 import safetensors.torch
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import nn
 
 from gradstream.server.engine import Trainer
 from gradstream.server.errors import FailedPrecondition, InvalidArgument
-from gradstream.server.models import DTYPES, build_module
-from gradstream.server.spec import ModelSpec, parse_spec
+from gradstream.server.models import DTYPES, build_module, example_inputs, model_inputs
+from gradstream.server.spec import InputSpec, ModelSpec, parse_spec
 
 CHUNK_BYTES = 1024 * 1024
 SAFETENSORS_FILE = "model.safetensors"
 PT2_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
 TRITON_CONFIG = "config.pbtxt"
-_TRITON_TYPES = {"float32": "TYPE_FP32", "float64": "TYPE_FP64"}
+_TRITON_TYPES = {"float32": "TYPE_FP32", "float64": "TYPE_FP64", "integer": "TYPE_INT64"}
 # torch.export and the ONNX exporter trace with process-wide state (dynamo's caches,
 # the exporter's registries): one export at a time.
 _EXPORT_LOCK = threading.Lock()
@@ -128,18 +134,54 @@ def load_safetensors(path: Path) -> tuple[nn.Module, ModelSpec, int]:
     return rebuild(ModelCopy(metadata["gradstream.model"], spec, step, state)), spec, step
 
 
-def _example(spec: ModelSpec) -> torch.Tensor:
-    # Two rows: torch.export specializes a dimension of size 0 or 1.
-    return torch.zeros(2, spec.architecture.in_features, dtype=DTYPES[spec.dtype])
+def _example(spec: ModelSpec) -> tuple[tuple[InputSpec, ...], tuple[torch.Tensor, ...], Any]:
+    """The inputs, two rows of each (torch.export specializes a size of 0 or 1), and their
+    dynamic dimensions: the rows, shared by all, and each size declared free."""
+    inputs = model_inputs(spec)
+    batch = torch.export.Dim("batch")
+    dynamic = tuple(
+        {
+            0: batch,
+            **{
+                1 + i: torch.export.Dim(f"{spec_.name}_{1 + i}")
+                for i, d in enumerate(spec_.shape)
+                if d < 0
+            },
+        }
+        for spec_ in inputs
+    )
+    return inputs, example_inputs(inputs, 2, DTYPES[spec.dtype]), dynamic
+
+
+def _free_sizes(spec: ModelSpec) -> contextlib.AbstractContextManager[Any]:
+    """Where an input has a free size (an id bag), trace sizes as free of 0/1 specializing.
+
+    ``EmbeddingBag`` on (rows, bag) ids makes offsets with ``arange``; traced the usual
+    way, that guards the row count to be at least 2, and one-row requests fail.
+    """
+    if any(d < 0 for i in model_inputs(spec) for d in i.shape):
+        # install_config_module adds patch() at import time; its stubs do not know it.
+        patched: contextlib.AbstractContextManager[Any] = fx_config.patch(  # type: ignore[attr-defined]
+            backed_size_oblivious=True
+        )
+        return patched
+    return contextlib.nullcontext()
+
+
+def _dynamic_for(module: nn.Module, dynamic: Any) -> Any:
+    """``dynamic`` shaped like ``module.forward``'s parameters: one entry per parameter, so
+    inputs gathered by ``*inputs`` (``embedding_mlp``) take theirs as one tuple."""
+    kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+    return (dynamic,) if kinds and kinds[0] is inspect.Parameter.VAR_POSITIONAL else dynamic
 
 
 def write_pt2(copy: ModelCopy, path: Path) -> Path:
     """``torch.export`` of the eval-mode module; the row count is a dynamic dimension."""
     module = rebuild(copy)
-    batch = torch.export.Dim("batch")
-    with _EXPORT_LOCK:
+    _, example, dynamic = _example(copy.spec)
+    with _EXPORT_LOCK, _free_sizes(copy.spec):
         program = torch.export.export(
-            module, (_example(copy.spec),), dynamic_shapes=({0: batch},), strict=False
+            module, example, dynamic_shapes=_dynamic_for(module, dynamic), strict=False
         )
         torch.export.save(program, str(path))
     return path
@@ -154,14 +196,14 @@ def write_onnx(copy: ModelCopy, path: Path) -> Path:
             "onnx export needs the onnx and onnxscript packages: pip install 'gradstream[export]'"
         ) from None
     module = rebuild(copy)
-    batch = torch.export.Dim("batch")
-    with _EXPORT_LOCK:
+    inputs, example, dynamic = _example(copy.spec)
+    with _EXPORT_LOCK, _free_sizes(copy.spec):
         program: Any = torch.onnx.export(
             module,
-            (_example(copy.spec),),
-            input_names=["x"],
+            example,
+            input_names=[i.name for i in inputs],
             output_names=["y"],
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=_dynamic_for(module, dynamic),
             dynamo=True,
             external_data=False,
             verbose=False,
@@ -177,19 +219,23 @@ def triton_config(copy: ModelCopy, max_batch_size: int = 0) -> str:
     include it as -1 (any number of rows).
     """
     arch = copy.spec.architecture
-    data_type = _TRITON_TYPES[copy.spec.dtype]
     lead = [] if max_batch_size > 0 else [-1]
 
-    def tensor(name: str, width: int) -> str:
-        dims = ", ".join(str(d) for d in [*lead, width])
+    def tensor(name: str, data_type: str, sizes: tuple[int, ...]) -> str:
+        dims = ", ".join(str(d) for d in [*lead, *sizes])
         return f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: [ {dims} ]\n  }}'
 
+    inputs = ",\n".join(
+        tensor(i.name, _TRITON_TYPES[copy.spec.dtype if i.kind == "float" else "integer"], i.shape)
+        for i in model_inputs(copy.spec)
+    )
+    output = tensor("y", _TRITON_TYPES[copy.spec.dtype], (arch.out_features,))
     return (
         f'name: "{copy.name}"\n'
         'backend: "onnxruntime"\n'
         f"max_batch_size: {max_batch_size}\n"
-        f"input [\n{tensor('x', arch.in_features)}\n]\n"
-        f"output [\n{tensor('y', arch.out_features)}\n]\n"
+        f"input [\n{inputs}\n]\n"
+        f"output [\n{output}\n]\n"
         "version_policy: { latest: { num_versions: 1 } }\n"
     )
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from gradstream.server.errors import InvalidArgument
+from gradstream.server.spec import InputKind, InputSpec
 
 FIELD = "program"
 # Members of a pt2 package holding one program named "model", under its root folder.
@@ -377,13 +378,34 @@ def _check_graph(program: torch.export.ExportedProgram) -> None:
         raise InvalidArgument(FIELD, f"calls {target!r}; only ATen operators and arithmetic")
 
 
-def _user_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[str, Any]]:
-    """The program's user inputs (not its parameters, buffers or constants) and their shapes."""
+def _user_inputs(program: torch.export.ExportedProgram) -> list[tuple[str, Any]]:
+    """The program's user inputs (not its parameters, buffers or constants), as traced values."""
     names = list(program.graph_signature.user_inputs)
     values = {
         node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"
     }
-    return [(name, getattr(values.get(name), "shape", None)) for name in names]
+    return [(name, values.get(name)) for name in names]
+
+
+def _input_spec(name: str, value: Any) -> InputSpec:
+    """How batches must carry one user input: its dtype's kind and its sizes after the rows."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is None or dtype is None or len(shape) < 1:
+        raise InvalidArgument(
+            FIELD, f"input {name!r} is {shape}; every input is a tensor of rows (rows, ...)"
+        )
+    if dtype.is_floating_point:
+        kind: InputKind = "float"
+    elif dtype in (torch.int64, torch.int32):
+        kind = "integer"
+    else:
+        raise InvalidArgument(
+            FIELD, f"input {name!r} has dtype {dtype}; inputs are floating point or int64/int32"
+        )
+    # A size torch traced as a symbol is free (any size); a number is fixed.
+    trailing = tuple(d if isinstance(d, int) else -1 for d in shape[1:])
+    return InputSpec(name, kind, trailing)
 
 
 def _mutated_buffers(program: torch.export.ExportedProgram) -> list[str]:
@@ -411,20 +433,18 @@ def _mutated_buffers(program: torch.export.ExportedProgram) -> list[str]:
     return sorted(found)
 
 
-def features(data: bytes, max_bytes: int) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a program the single-``x`` pipeline can train.
+def signature(data: bytes, max_bytes: int) -> tuple[tuple[InputSpec, ...], int, int]:
+    """``(inputs, in_features, out_features)`` of a program gradstream can train.
 
-    Until batches carry named inputs, the program's one user input takes the batch's ``x``
-    (rows, in_features) and its one output is (rows, out_features); others are refused.
+    Each user input is a tensor of rows, float or integer, taken by its name; the one
+    output is (rows, out_features). ``in_features`` is the width of a one-input program's
+    (rows, width) input (what ``x`` carries), else the elements of one row of every input
+    (a free size counted as 1). Anything else is refused.
     """
     program = load_program(data, max_bytes)
-    inputs = _user_input_shapes(program)
-    if len(inputs) != 1:
-        raise InvalidArgument(
-            FIELD,
-            f"has {len(inputs)} user inputs ({', '.join(n for n, _ in inputs)}); "
-            "until batches carry named inputs, an exported program takes exactly one, x",
-        )
+    inputs = tuple(_input_spec(name, value) for name, value in _user_inputs(program))
+    if not inputs:
+        raise InvalidArgument(FIELD, "has no user inputs; a model reads at least one")
     mutated = _mutated_buffers(program)
     if mutated:
         # Checkpoints hold parameters and optimizer state, not buffers: a restart would
@@ -434,9 +454,6 @@ def features(data: bytes, max_bytes: int) -> tuple[int, int]:
             f"updates buffers {', '.join(mutated)} as it runs (batch norm traced in train "
             "mode); export it in eval mode, or without them",
         )
-    name, shape = inputs[0]
-    if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
-        raise InvalidArgument(FIELD, f"input {name!r} has shape {shape}; x is (rows, in_features)")
     outputs = next(node for node in program.graph.nodes if node.op == "output").args[0]
     out_shapes = [getattr(o.meta.get("val"), "shape", None) for o in outputs]
     if len(out_shapes) != 1 or out_shapes[0] is None or len(out_shapes[0]) != 2:
@@ -446,7 +463,8 @@ def features(data: bytes, max_bytes: int) -> tuple[int, int]:
     out = out_shapes[0][1]
     if not isinstance(out, int):
         raise InvalidArgument(FIELD, f"its output's width is {out}, not a fixed number")
-    return int(shape[1]), int(out)
+    in_features = sum(math.prod(max(d, 1) for d in i.shape) for i in inputs)
+    return inputs, in_features, int(out)
 
 
 def build(data: bytes) -> torch.nn.Module:

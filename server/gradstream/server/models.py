@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from gradstream.server.errors import InvalidArgument
-from gradstream.server.spec import ArchitectureSpec, LossSpec, ModelSpec
+from gradstream.server.spec import ArchitectureSpec, InputSpec, LossSpec, ModelSpec
 
 ArchitectureBuilder = Callable[[ArchitectureSpec], nn.Module]
 ENTRY_POINT_GROUP = "gradstream.architectures"
@@ -49,8 +49,9 @@ def _mlp(spec: ArchitectureSpec) -> nn.Module:
 class EmbeddingMLP(nn.Module):
     """``embedding_mlp``: an ``EmbeddingBag`` per id input, then ``dense``, then an mlp.
 
-    ``forward`` takes the inputs by name: each table's int64 ids as (rows, bag), and
-    ``dense`` as (rows, dense_features) when the spec has dense features.
+    ``forward`` takes its inputs positionally, in declaration order (``model_inputs``):
+    each table's int64 ids as (rows, bag) in the listed order, then ``dense`` as
+    (rows, dense_features) when the spec has dense features.
     """
 
     def __init__(self, spec: ArchitectureSpec) -> None:
@@ -64,29 +65,15 @@ class EmbeddingMLP(nn.Module):
         self.mlp = _mlp(spec)
         self.dense_features = spec.dense_features
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The mlp of ``cat([table_1(ids_1), ..., table_k(ids_k), dense], dim=1)``."""
-        features = [table(inputs[name]) for name, table in self.embeddings.items()]
+        features = [
+            table(ids) for table, ids in zip(self.embeddings.values(), inputs, strict=False)
+        ]
         if self.dense_features:
-            features.append(inputs["dense"])
+            features.append(inputs[len(self.embeddings)])
         output: torch.Tensor = self.mlp(torch.cat(features, dim=1))
         return output
-
-    def out_of_range(self, inputs: Mapping[str, torch.Tensor]) -> str | None:
-        """Why a batch's ids do not fit their tables (input, id and range named), or None."""
-        for name, table in self.embeddings.items():
-            assert isinstance(table, nn.EmbeddingBag)
-            ids = inputs[name]
-            if ids.numel() == 0:
-                continue
-            low, high = int(ids.min()), int(ids.max())
-            bad = low if low < 0 else high if high >= table.num_embeddings else None
-            if bad is not None:
-                return (
-                    f"{name}: id {bad} is out of range; the table has ids "
-                    f"0..{table.num_embeddings - 1}"
-                )
-        return None
 
 
 def _embedding_mlp(spec: ArchitectureSpec) -> nn.Module:
@@ -98,10 +85,6 @@ def _exported(spec: ArchitectureSpec) -> nn.Module:
     from gradstream.server.exported import build
 
     return build(spec.program)
-
-
-# Built-ins that read named inputs, which Train and Predict do not carry yet.
-NAMED_INPUT_ARCHITECTURES = frozenset({"embedding_mlp"})
 
 
 @functools.cache
@@ -118,19 +101,49 @@ def architectures() -> dict[str, ArchitectureBuilder]:
     return found
 
 
-def build_module(spec: ModelSpec, device: torch.device, *, named_inputs: bool = False) -> nn.Module:
-    """The spec's network with its initial parameters, on ``device`` in the spec's dtype.
+def model_inputs(spec: ModelSpec) -> tuple[InputSpec, ...]:
+    """The inputs a spec's module takes, in the order it takes them.
 
-    An architecture that reads named inputs is built only for a caller that passes them
-    (``named_inputs``); the single-``x`` step pipeline refuses it here, at create.
+    ``linear``, ``mlp`` and plug-ins: one float ``x`` of (rows, in_features).
+    ``embedding_mlp``: each table's ids (rows, bag) in the listed order, then ``dense``.
+    ``exported``: the program's user inputs, by name, as it declares them.
     """
+    arch = spec.architecture
+    if arch.kind == "embedding_mlp":
+        tables = tuple(
+            InputSpec(e.input, "integer", (-1,), e.num_embeddings) for e in arch.embeddings
+        )
+        dense = (InputSpec("dense", "float", (arch.dense_features,)),)
+        return tables + dense if arch.dense_features else tables
+    if arch.kind == "exported":
+        # Imported here: the archive checks are only needed by servers that get one.
+        from gradstream.server.exported import signature
+
+        return signature(arch.program, 0)[0]
+    return (InputSpec("x", "float", (arch.in_features,)),)
+
+
+def example_inputs(
+    inputs: Sequence[InputSpec], rows: int, dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Zeros shaped like a batch of ``rows`` rows (ids 0, and 2 where any size is accepted).
+
+    Two, not one: torch.export specializes a dimension of size 0 or 1.
+    """
+    return tuple(
+        torch.zeros(
+            (rows, *(2 if d < 0 else d for d in i.shape)),
+            dtype=dtype if i.kind == "float" else torch.int64,
+            device=device,
+        )
+        for i in inputs
+    )
+
+
+def build_module(spec: ModelSpec, device: torch.device) -> nn.Module:
+    """The spec's network with its initial parameters, on ``device`` in the spec's dtype."""
     builders = architectures()
     kind = spec.architecture.kind
-    if kind in NAMED_INPUT_ARCHITECTURES and not named_inputs:
-        raise InvalidArgument(
-            "spec.architecture.kind",
-            f"{kind!r} reads named inputs, which this server's Train and Predict do not carry yet",
-        )
     if kind not in builders:
         known = ", ".join(sorted(builders))
         raise InvalidArgument(
@@ -192,15 +205,20 @@ def _measured_row_bytes(spec: ModelSpec) -> int:
 
     # An archive's tensors load on the CPU only; its module is moved to meta once built.
     loaded = builder(spec.architecture) if spec.architecture.kind == "exported" else None
+    dtype = DTYPES[spec.dtype]
+    declared = model_inputs(spec)  # off the meta device: a program loads its own tensors
 
     def cost(rows: int) -> int:
         saved[0] = 0
         with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if loaded is not None:
-                module = loaded.to(device="meta", dtype=DTYPES[spec.dtype])
+                module = loaded.to(device="meta", dtype=dtype)
             else:
-                module = builder(spec.architecture).to(DTYPES[spec.dtype])
-            out = module(torch.empty(rows, spec.architecture.in_features, requires_grad=True))
+                module = builder(spec.architecture).to(dtype)
+            inputs = example_inputs(declared, rows, dtype, torch.device("meta"))
+            for value in inputs:
+                value.requires_grad_(value.is_floating_point())
+            out = module(*inputs)
             return int(saved[0] + out.numel() * out.element_size())
 
     # An exported program's row dimension may exclude 1 (torch specializes a size of 1).

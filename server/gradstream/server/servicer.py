@@ -15,8 +15,9 @@ import grpc
 import torch
 
 from gradstream.server import exported
+from gradstream.server.batches import BatchChecker
 from gradstream.server.checkpoint import Checkpointer
-from gradstream.server.codec import decode, decode_array, encode
+from gradstream.server.codec import decode, decode_array, decode_wire, encode
 from gradstream.server.engine import (
     ModelInfo,
     Outcome,
@@ -36,11 +37,11 @@ from gradstream.server.export import CHUNK_BYTES, ExportFormat, chunks, copy_mod
 from gradstream.server.metrics import Metrics
 from gradstream.server.publishing import Publisher
 from gradstream.server.registry import ModelRegistry
-from gradstream.server.session import TrainSession
+from gradstream.server.session import TrainSession, checked
 from gradstream.server.shm import open_shared_memory
 from gradstream.server.spec import parse_spec
 from gradstream.server.tokens import may_read
-from gradstream.server.wire import TrainMessage, parse_train_request
+from gradstream.server.wire import TrainMessage, batch_of, named_of, parse_train_request, tensor_of
 from gradstream.server.worker import ModelWorker
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import spec_from_proto, spec_to_proto
@@ -144,11 +145,13 @@ class TrainerServicer:
         return pb.CreateModelResponse(model=_info(info))
 
     async def _with_program(self, data: dict[str, Any], program: bytes) -> dict[str, Any]:
-        """The spec with CreateModel's archive, and the widths of ``x`` and the output it reads."""
+        """The spec with CreateModel's archive, and the widths of its inputs and output."""
         arch = dict(data.get("architecture") or {})
         if arch.get("kind") == "exported":
             # Size first, then the checks, then torch: nothing of the archive runs.
-            widths = await asyncio.to_thread(exported.features, program, self.max_program_bytes)
+            _, *widths = await asyncio.to_thread(
+                exported.signature, program, self.max_program_bytes
+            )
             for field, width in zip(("in_features", "out_features"), widths, strict=True):
                 given = arch.setdefault(field, width)
                 if given != width:
@@ -205,11 +208,11 @@ class TrainerServicer:
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         worker = self.registry.get(request.name)
         if self._predict_pool is not None:
-            job = functools.partial(_predict, worker.trainer, request.x)
+            job = functools.partial(_predict, worker.trainer, request)
             y, step = await asyncio.get_running_loop().run_in_executor(self._predict_pool, job)
             return pb.PredictResponse(y=encode(y), step=step)
-        x = worker.trainer.checker.inputs(decode_array(request.x, "x"))
-        y, step = await worker.run(lambda t: (t.predict(x).cpu(), t.step))
+        inputs = _inputs(worker.trainer.checker, request)
+        y, step = await worker.run(lambda t: (t.predict(*inputs).cpu(), t.step))
         return pb.PredictResponse(y=encode(y), step=step)
 
     def close(self) -> None:
@@ -238,16 +241,8 @@ class TrainerServicer:
                 )
             batches = []
             for batch in request.batches:
-                field = f"batches[{index}]"  # counted over the whole stream
-                weight = batch.sample_weight if batch.HasField("sample_weight") else None
-                batches.append(
-                    checker.batch(
-                        decode_array(batch.x, f"{field}.x"),
-                        decode_array(batch.y, f"{field}.y"),
-                        None if weight is None else decode_array(weight, f"{field}.sample_weight"),
-                        field=field,
-                    )
-                )
+                # Counted over the whole stream; the same checks as a Train batch.
+                batches.append(checked(checker, batch_of(batch), f"batches[{index}]"))
                 index += 1
             if batches:
                 job = functools.partial(evaluate_batches, evaluation=evaluation, batches=batches)
@@ -297,7 +292,8 @@ class TrainerServicer:
     ) -> pb.ComputeGradientsResponse:
         worker = self.registry.get(request.name)
         checker = worker.trainer.checker
-        x = checker.inputs(decode_array(request.x, "x"))
+        inputs = _inputs(checker, request)
+        rows = inputs[0].shape[0]
         has_y, has_v = request.HasField("y"), request.HasField("grad_output")
         if has_y == has_v:
             raise InvalidArgument(
@@ -305,16 +301,14 @@ class TrainerServicer:
             )
         y = weight = vector = None
         if has_y:
-            y = checker.targets(decode_array(request.y, "y"), x.shape[0])
+            y = checker.targets(decode_array(request.y, "y"), rows)
             if request.HasField("sample_weight"):
-                weight = checker.weights(
-                    decode_array(request.sample_weight, "sample_weight"), x.shape[0]
-                )
+                weight = checker.weights(decode_array(request.sample_weight, "sample_weight"), rows)
         else:
             vector = checker.grad_output(decode_array(request.grad_output, "grad_output"))
 
         def gradients(trainer: Trainer) -> tuple[dict[str, torch.Tensor], float | None]:
-            grads, loss = trainer.gradients(x, y, weight, vector)
+            grads, loss = trainer.gradients(inputs, y, weight, vector)
             return {n: g.cpu() for n, g in grads.items()}, loss
 
         grads, loss = await worker.run(gradients)
@@ -414,6 +408,7 @@ def _info(info: ModelInfo) -> pb.ModelInfo:
         autograd_chain=info.autograd_chain,
         nonfinite_streak=info.nonfinite_streak,
         lr=info.lr,
+        inputs=[pb.InputInfo(name=i.name, kind=i.kind, shape=i.shape) for i in info.inputs],
     )
 
 
@@ -449,6 +444,17 @@ def _apply_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def _predict(trainer: Trainer, x: pb.Tensor) -> tuple[torch.Tensor, int]:
-    """On a Predict thread: decode and check x (hardening's checks), predict on the snapshot."""
-    return trainer.snapshots.predict(trainer.checker.inputs(decode_array(x, "x")))
+def _predict(trainer: Trainer, request: pb.PredictRequest) -> tuple[torch.Tensor, int]:
+    """On a Predict thread: decode and check the inputs (hardening's checks), predict on the
+    snapshot."""
+    return trainer.snapshots.predict(*_inputs(trainer.checker, request))
+
+
+def _inputs(
+    checker: BatchChecker, request: pb.PredictRequest | pb.ComputeGradientsRequest
+) -> tuple[torch.Tensor, ...]:
+    """A request's x or named inputs, checked against the model's, in declaration order."""
+    given = checker.arrange(tensor_of(request, "x"), named_of(request.inputs))
+    return checker.features(
+        [decode_wire(tensor, field) for field, tensor in given], [field for field, _ in given]
+    )

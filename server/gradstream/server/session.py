@@ -72,21 +72,37 @@ class Reply:
     last_durable_sequence: int = 0
 
 
+def checked(
+    checker: BatchChecker, batch: WireBatch, field: str, segment: SharedSegment | None = None
+) -> Batch:
+    """A wire batch checked against the model's inputs, or InvalidArgument naming the field."""
+    quote = segment is None  # a segment's bytes are never echoed back
+    inputs: list[tuple[str, WireTensor | None]]
+    if checker.single and batch.x is not None and not batch.inputs:
+        # The one-x batch of linear and mlp: no per-input bookkeeping on the hot path.
+        inputs, more = [(f"{field}.x", batch.x)], False
+    else:
+        inputs, more = checker.arrange(batch.x, batch.inputs, field), True
+    arrays = [decode_wire(tensor, where, segment) for where, tensor in inputs]
+    weight = batch.sample_weight
+    return checker.batch(
+        arrays[0],
+        decode_wire(batch.y, f"{field}.y", segment),
+        None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
+        batch.sequence,
+        field,
+        quote=quote,
+        more=arrays[1:],
+        fields=[where for where, _ in inputs] if more else (),
+    )
+
+
 def decode(
     checker: BatchChecker, batch: WireBatch, index: int, segment: SharedSegment | None
 ) -> Batch | Rejected:
     """A wire batch as a checked batch, or the rejection that names what is wrong with it."""
-    field = f"batches[{index}]"
     try:
-        weight = batch.sample_weight
-        return checker.batch(
-            decode_wire(batch.x, f"{field}.x", segment),
-            decode_wire(batch.y, f"{field}.y", segment),
-            None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
-            batch.sequence,
-            field,
-            quote=segment is None,  # a segment's bytes are never echoed back
-        )
+        return checked(checker, batch, f"batches[{index}]", segment)
     except (InvalidArgument, ResourceExhausted) as exc:  # this batch alone; the stream goes on
         return Rejected(str(exc), batch.sequence)
 
@@ -317,5 +333,8 @@ def _mean_batch_bytes(batches: list[WireBatch]) -> float:
     def size(t: WireTensor | None) -> int:
         return 0 if t is None else t.shared[1] if t.shared is not None else len(t.data)
 
-    total = sum(size(b.x) + size(b.y) + size(b.sample_weight) for b in batches)
+    total = sum(
+        size(b.x) + size(b.y) + size(b.sample_weight) + sum(size(t) for _, t in b.inputs)
+        for b in batches
+    )
     return total / len(batches)

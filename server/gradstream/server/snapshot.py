@@ -119,16 +119,20 @@ class Snapshots:
                     assert self._latest is not None
                     return self._latest
 
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The output on the newest snapshot (on the CPU) and that snapshot's step."""
+    def predict(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The output on the newest snapshot (on the CPU) and that snapshot's step.
+
+        ``inputs`` are the model's inputs in declaration order.
+        """
         snapshot = self.newest()
         module: nn.Module | None = getattr(self._local, "module", None)
         if module is None:
             module = self._local.module = copy.deepcopy(self._skeleton)
         with torch.inference_mode():
             if self._stream is None:
-                y = functional_call(module, snapshot.tensors, (x,))
+                y = functional_call(module, snapshot.tensors, inputs)
             else:
                 with torch.cuda.stream(self._stream):  # after the snapshot's copy
-                    y = functional_call(module, snapshot.tensors, (x.to(self._device),)).cpu()
+                    moved = tuple(t.to(self._device) for t in inputs)
+                    y = functional_call(module, snapshot.tensors, moved).cpu()
         return y.detach(), snapshot.version

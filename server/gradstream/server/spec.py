@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -31,6 +32,22 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 _BLAMED = re.compile(r"^([a-z_.]+): (.*)$", re.DOTALL)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+InputKind = Literal["float", "integer"]
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """One input a model declares (``ModelInfo.inputs``); every batch is checked against it.
+
+    The module takes its inputs positionally, in declaration order.
+    """
+
+    name: str
+    kind: InputKind  # float: any floating dtype, converted to the model's; integer: int64 ids
+    shape: tuple[int, ...]  # the sizes after the row dimension; -1 where any size is accepted
+    ids_below: int = 0  # integer inputs: every id lies in [0, ids_below); 0: not bounded
 
 
 class _Spec(BaseModel):

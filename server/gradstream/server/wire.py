@@ -13,7 +13,9 @@ and what is rejected with which error, is protobuf's own behaviour.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gradstream.v1 import trainer_pb2 as pb
 
@@ -38,6 +40,8 @@ class WireBatch:
     y: WireTensor | None = None
     sample_weight: WireTensor | None = None
     sequence: int = 0
+    # Batch.inputs: (name, tensor) in the order sent; a NamedTensor without a tensor is None.
+    inputs: list[tuple[str, WireTensor | None]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -66,22 +70,31 @@ def from_message(message: pb.TrainRequest) -> TrainMessage:
     """The same structure from a parsed protobuf message."""
     return TrainMessage(
         open=message.open if message.HasField("open") else None,
-        batches=[
-            WireBatch(
-                x=_tensor_of(b, "x"),
-                y=_tensor_of(b, "y"),
-                sample_weight=_tensor_of(b, "sample_weight"),
-                sequence=b.sequence,
-            )
-            for b in message.batches
-        ],
+        batches=[batch_of(b) for b in message.batches],
     )
 
 
-def _tensor_of(batch: pb.Batch, name: str) -> WireTensor | None:
-    if not batch.HasField(name):
+def batch_of(batch: pb.Batch) -> WireBatch:
+    """A parsed Batch message's fields (its tensors' data are the message's ``bytes``)."""
+    return WireBatch(
+        x=tensor_of(batch, "x"),
+        y=tensor_of(batch, "y"),
+        sample_weight=tensor_of(batch, "sample_weight"),
+        sequence=batch.sequence,
+        inputs=named_of(batch.inputs),
+    )
+
+
+def named_of(inputs: Iterable[pb.NamedTensor]) -> list[tuple[str, WireTensor | None]]:
+    """Parsed NamedTensor messages as ``(name, tensor)``, in order."""
+    return [(n.name, tensor_of(n, "tensor")) for n in inputs]
+
+
+def tensor_of(message: Any, name: str) -> WireTensor | None:
+    """The Tensor field ``name`` of a parsed message; None when it is not set."""
+    if not message.HasField(name):
         return None
-    t: pb.Tensor = getattr(batch, name)
+    t: pb.Tensor = getattr(message, name)
     shared = (t.shared.offset, t.shared.length) if t.HasField("shared") else None
     return WireTensor(t.dtype, tuple(t.shape), t.data, shared)
 
@@ -158,7 +171,32 @@ def _batch(buf: memoryview) -> WireBatch:
                 raise _Fallback
             assert isinstance(value, int)
             batch.sequence = value
+        elif number == 5:
+            if wire_type != 2:
+                raise _Fallback
+            assert isinstance(value, memoryview)
+            batch.inputs.append(_named(value))
     return batch
+
+
+def _named(buf: memoryview) -> tuple[str, WireTensor | None]:
+    name: str | None = None
+    tensor: WireTensor | None = None
+    for number, wire_type, value in _fields(buf):
+        if number in (1, 2) and wire_type != 2:
+            raise _Fallback
+        if number == 1:
+            assert isinstance(value, memoryview)
+            try:
+                name = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Fallback from None  # protobuf refuses a string that is not UTF-8
+        elif number == 2:
+            if tensor is not None:
+                raise _Fallback  # a repeated singular message would merge: protobuf's job
+            assert isinstance(value, memoryview)
+            tensor = _tensor(value)
+    return name or "", tensor
 
 
 def _tensor(buf: memoryview) -> WireTensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gradstream.server.errors import InvalidArgument
-from gradstream.server.models import EmbeddingMLP, build_module
+from gradstream.server.models import build_module, example_inputs, model_inputs
 from gradstream.server.registry import parameter_count
 from gradstream.server.spec import ModelSpec, parse_spec
 
@@ -77,7 +77,7 @@ def _inputs(rows: int, dense: int, seed: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dense", [5, 0])
 def test_embedding_mlp_is_bitwise_the_hand_built_module(dense: int) -> None:
     spec = _spec(dense)
-    ours = build_module(spec, torch.device("cpu"), named_inputs=True)
+    ours = build_module(spec, torch.device("cpu"))
     torch.manual_seed(7)  # the spec's seed; construction order is the listed one
     theirs = HandBuilt(dense)
     names = [n for n, _ in ours.named_parameters()]
@@ -95,34 +95,32 @@ def test_embedding_mlp_is_bitwise_the_hand_built_module(dense: int) -> None:
         inputs = _inputs(16, dense, step)
         y = torch.randn(16, 2, generator=torch.Generator().manual_seed(100 + step))
         ids = [inputs[t["input"]] for t in TABLES]
+        ordered = [inputs[i.name] for i in model_inputs(spec)]  # declaration order
         opt_a.zero_grad()
-        nn.functional.mse_loss(ours(inputs), y).backward()
+        nn.functional.mse_loss(ours(*ordered), y).backward()
         opt_a.step()
         opt_b.zero_grad()
         nn.functional.mse_loss(theirs(ids, inputs.get("dense")), y).backward()
         opt_b.step()
-        assert torch.equal(ours(inputs), theirs(ids, inputs.get("dense")))
+        assert torch.equal(ours(*ordered), theirs(ids, inputs.get("dense")))
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
-def test_out_of_range_ids_are_named_with_the_input_and_the_range() -> None:
-    module = build_module(_spec(), torch.device("cpu"), named_inputs=True)
-    assert isinstance(module, EmbeddingMLP)
-    inputs = _inputs(4, 5, 0)
-    assert module.out_of_range(inputs) is None
-    inputs["item"][2, 1] = 30
-    assert module.out_of_range(inputs) == "item: id 30 is out of range; the table has ids 0..29"
-    inputs["item"][2, 1] = 0
-    inputs["tags"][0, 0] = -1
-    assert module.out_of_range(inputs) == "tags: id -1 is out of range; the table has ids 0..19"
+@pytest.mark.parametrize("dense", [5, 0])
+def test_it_declares_one_integer_input_per_table_then_dense(dense: int) -> None:
+    declared = model_inputs(_spec(dense))
+    tables = [(t["input"], "integer", (-1,), t["num_embeddings"]) for t in TABLES]
+    assert [(i.name, i.kind, i.shape, i.ids_below) for i in declared] == tables + (
+        [("dense", "float", (dense,), 0)] if dense else []
+    )
+    module = build_module(_spec(dense), torch.device("cpu"))
+    assert module(*example_inputs(declared, 3, torch.float32)).shape == (3, 2)
 
 
-def test_the_single_input_pipeline_refuses_it_at_create() -> None:
-    with pytest.raises(InvalidArgument) as caught:
-        build_module(_spec(), torch.device("cpu"))
-    assert caught.value.field == "spec.architecture.kind"
-    assert "named inputs" in caught.value.message
+def test_linear_and_mlp_declare_one_float_x() -> None:
+    spec = parse_spec({"architecture": {"kind": "mlp", "in_features": 3, "out_features": 1}})
+    assert [(i.name, i.kind, i.shape) for i in model_inputs(spec)] == [("x", "float", (3,))]
 
 
 def test_tables_count_toward_the_parameter_limit_without_being_allocated() -> None:

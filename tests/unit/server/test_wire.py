@@ -28,6 +28,10 @@ def batches(draw: st.DrawFn) -> pb.Batch:
     for name in ("x", "y", "sample_weight"):
         if draw(st.booleans()):
             getattr(batch, name).CopyFrom(draw(tensors))
+    for _ in range(draw(st.integers(0, 3))):
+        named = batch.inputs.add(name=draw(st.text(max_size=6)))
+        if draw(st.booleans()):  # a NamedTensor may leave its tensor out
+            named.tensor.CopyFrom(draw(tensors))
     return batch
 
 
@@ -52,7 +56,16 @@ def plain(message: TrainMessage) -> Any:
 
     return (
         None if message.open is None else message.open.SerializeToString(),
-        [(tensor(b.x), tensor(b.y), tensor(b.sample_weight), b.sequence) for b in message.batches],
+        [
+            (
+                tensor(b.x),
+                tensor(b.y),
+                tensor(b.sample_weight),
+                b.sequence,
+                [(name, tensor(t)) for name, t in b.inputs],
+            )
+            for b in message.batches
+        ],
     )
 
 
@@ -74,6 +87,27 @@ def test_large_messages_are_views_of_the_received_bytes() -> None:
     assert message.batches[0].x is not None
     view = message.batches[0].x.data
     assert isinstance(view, memoryview) and view.obj is data
+
+
+def test_named_inputs_of_large_messages_are_views_of_the_received_bytes() -> None:
+    request = pb.TrainRequest()
+    batch = request.batches.add()
+    for name in ("user", "dense"):
+        tensor = batch.inputs.add(name=name).tensor
+        tensor.dtype, tensor.data = pb.DATA_TYPE_INT64, b"\x02" * wire.ZERO_COPY_BYTES
+        tensor.shape[:] = [wire.ZERO_COPY_BYTES // 8]
+    data = request.SerializeToString()
+    message = parse_train_request(data)
+    [(first, a), (second, b)] = message.batches[0].inputs
+    assert (first, second) == ("user", "dense")
+    for t in (a, b):
+        assert t is not None and isinstance(t.data, memoryview) and t.data.obj is data
+    # A name that is not UTF-8 is left to protobuf, which refuses it.
+    bad = data.replace(b"user", b"\xff\xfeer")
+    with pytest.raises(wire._Fallback):
+        wire._request(memoryview(bad))
+    with pytest.raises(DecodeError):
+        parse_train_request(bad)
 
 
 def test_unpacked_shape_and_repeated_open_are_read_like_protobuf() -> None:
