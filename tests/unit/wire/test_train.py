@@ -201,6 +201,12 @@ def test_named_inputs_parse_to_the_protobuf_message_with_aligned_data(batches: l
         if len(view) >= ALIGN_MIN_BYTES:
             offset = np.frombuffer(view, np.uint8).ctypes.data - base
             assert offset % ALIGN == 0, where
+    # The server's zero-copy reader sees the same names and bytes.
+    for wire, ref in zip(read_in_place(memoryview(data)).batches, expected.batches, strict=True):
+        assert [n for n, _ in wire.inputs] == [n.name for n in ref.inputs]
+        for (_, got), want in zip(wire.inputs, ref.inputs, strict=True):
+            assert got is not None and bytes(got.data) == want.tensor.data
+            assert got.shape == tuple(want.tensor.shape)
 
 
 def test_positional_parts_and_batch_parts_encode_alike() -> None:
