@@ -75,10 +75,15 @@ def create(client: Client, name: str, spec: dict[str, Any], program: bytes = b""
 
 
 def train(
-    client: Client, name: str, batches: Sequence[pb.Batch], shared_memory: str = ""
+    client: Client,
+    name: str,
+    batches: Sequence[pb.Batch],
+    shared_memory: str = "",
+    producer: str = "",
 ) -> list[pb.StepResult]:
+    opened = pb.TrainOpen(model=name, shared_memory=shared_memory, producer_id=producer)
     requests = [
-        pb.TrainRequest(open=pb.TrainOpen(model=name, shared_memory=shared_memory)),
+        pb.TrainRequest(open=opened),
         pb.TrainRequest(batches=batches),
     ]
     responses = list(stub(client).Train(iter(requests)))
@@ -428,27 +433,38 @@ def test_named_inputs_may_lie_in_shared_memory(client: Client, name: str) -> Non
     assert rejected.reason == "batches[0].inputs[user]: an id is out of range [0, 50)"
 
 
-def test_embedding_mlp_restores_from_its_checkpoint(tmp_path: Path) -> None:
-    settings = server_settings(checkpoint_dir=tmp_path, checkpoint_every_steps=1)
-    batches = [pb.Batch(inputs=named(inputs(4, i)), y=to_proto(target(4, i))) for i in range(6)]
+def test_embedding_mlp_restores_from_its_checkpoint_and_its_producer_resumes(
+    tmp_path: Path,
+) -> None:
+    # Predict through the worker queue here (no Predict threads): the other path.
+    settings = server_settings(checkpoint_dir=tmp_path, checkpoint_every_steps=1, predict_threads=0)
+    batches = [
+        pb.Batch(inputs=named(inputs(4, i)), y=to_proto(target(4, i)), sequence=i + 1)
+        for i in range(6)
+    ]
     with BackgroundServer(settings) as server, Client(server.target) as client:
         create(client, "ctr", SPEC)
-        train(client, "ctr", batches[:3])
+        train(client, "ctr", batches[:3], producer="p")
         before = state(server, client, "ctr", gradients=False)  # a restore keeps no .grad
     with BackgroundServer(settings) as server, Client(server.target) as client:
         assert state(server, client, "ctr", gradients=False) == before
-        assert [
-            i.name for i in stub(client).GetModel(pb.GetModelRequest(name="ctr")).model.inputs
-        ] == [
-            "user",
-            "item",
-            "dense",
+        model = stub(client).GetModel(pb.GetModelRequest(name="ctr")).model
+        assert [i.name for i in model.inputs] == ["user", "item", "dense"]
+        # The producer re-sends from its start: what the checkpoint holds is DUPLICATE.
+        results = train(client, "ctr", batches, producer="p")
+        assert [pb.Outcome.Name(r.outcome) for r in results] == [
+            *["OUTCOME_DUPLICATE"] * 3,
+            *["OUTCOME_APPLIED"] * 3,
         ]
-        train(client, "ctr", batches[3:])
         resumed = client.parameters("ctr")
-    want = textbook_names(textbook([(inputs(4, i), target(4, i)) for i in range(6)]))
-    for key, value in want.items():
+        probe = inputs(3, 77)
+        served = predict(client, "ctr", probe)
+    module = textbook([(inputs(4, i), target(4, i)) for i in range(6)])
+    for key, value in textbook_names(module).items():
         assert torch.equal(torch.from_numpy(np.asarray(resumed[key])), value), key
+    with torch.no_grad():
+        want = module(*(torch.from_numpy(probe[k]) for k in ("user", "item", "dense")))
+    assert torch.equal(torch.from_numpy(served), want)
 
 
 class Scored(nn.Module):
@@ -517,6 +533,15 @@ def test_an_exported_program_with_a_float_and_an_id_input_trains_bitwise(
         ],
     )
     assert refused.reason.startswith("batches[0].inputs[ids]: has dtype float64")
+    # Ids that index the program's table directly are checked against its rows.
+    (refused,) = train(
+        client,
+        name,
+        [pb.Batch(inputs=named({**probe, "ids": probe["ids"] + 20}), y=to_proto(batches[0][1]))],
+    )
+    high = int(probe["ids"].max()) + 20
+    assert refused.reason == f"batches[0].inputs[ids]: id {high} is out of range [0, 20)"
+    assert all(got[k].tobytes() == v.tobytes() for k, v in client.parameters(name).items())
 
 
 def test_every_export_format_of_embedding_mlp_computes_what_predict_does(

@@ -60,10 +60,8 @@ class BatchChecker:
         max_rows: int = 0,
         max_bytes: int = 0,
         max_activation_bytes: int = 0,
-        inputs: tuple[InputSpec, ...] | None = None,
     ) -> None:
-        # What every batch must carry (``models.model_inputs``; given when already known).
-        self.declared = model_inputs(spec) if inputs is None else inputs
+        self.declared = model_inputs(spec)  # what every batch must carry, in this order
         first = self.declared[0]
         # One float input of fixed width: the path of every linear and mlp batch, kept lean.
         self.single = len(self.declared) == 1 and first.kind == "float" and len(first.shape) == 1
@@ -156,7 +154,7 @@ class BatchChecker:
             if out and array.shape[0] != rows:
                 raise InvalidArgument(
                     field,
-                    f"has {array.shape[0]} rows, {fields[0]} has {rows}; every input one row each",
+                    f"has {array.shape[0]} rows, {fields[0]} has {rows}; inputs have equal rows",
                 )
             rows = array.shape[0]
             if array.size == 0:
@@ -220,16 +218,15 @@ class BatchChecker:
         ``fields`` (default: ``<field>.x``). ``quote=False`` keeps the values themselves
         out of error messages (for bytes read from a segment, which must not be echoed back).
         """
-        if more or not self.single:
-            inputs = self.features((x, *more), fields or (f"{field}.x",), quote)
-            size = sum(a.nbytes for a in more)
+        if self.single and not more:  # one x: the lean path of every linear and mlp batch
+            checked = self._inputs(x, fields[0] if fields else f"{field}.x", quote)
+            self._check_bytes(x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes), field)
+            inputs: tuple[torch.Tensor, ...] = (torch.from_numpy(checked),)
         else:
-            inputs = (
-                torch.from_numpy(self._inputs(x, fields[0] if fields else f"{field}.x", quote)),
-            )
-            size = 0
-        size += x.nbytes + y.nbytes + (0 if weight is None else weight.nbytes)
-        self._check_bytes(size, field)
+            named = fields or [f"{field}.inputs[{i.name}]" for i in self.declared]
+            inputs = self.features((x, *more), named, quote)
+            size = sum(a.nbytes for a in (x, *more)) + y.nbytes
+            self._check_bytes(size + (0 if weight is None else weight.nbytes), field)
         rows = inputs[0].shape[0]
         return Batch(
             x=inputs[0],

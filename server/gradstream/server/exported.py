@@ -387,7 +387,31 @@ def _user_inputs(program: torch.export.ExportedProgram) -> list[tuple[str, Any]]
     return [(name, values.get(name)) for name in names]
 
 
-def _input_spec(name: str, value: Any) -> InputSpec:
+# ATen ops that look rows up in a table: (table, ids, ...) as their first two arguments.
+_LOOKUPS = ("embedding", "embedding_bag", "_embedding_bag", "_embedding_bag_forward_only")
+
+
+def _id_bounds(program: torch.export.ExportedProgram) -> dict[str, int]:
+    """For each user input that indexes a table directly, the table's row count.
+
+    An id past a table's end is an IndexError in the middle of a step; with the bound
+    known, such a batch is refused before it runs, naming the input and the range.
+    """
+    bounds: dict[str, int] = {}
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace != "aten" or target._opname not in _LOOKUPS or len(node.args) < 2:
+            continue
+        table, ids = node.args[0], node.args[1]
+        rows = getattr(getattr(table, "meta", {}).get("val"), "shape", (None,))[0]
+        if isinstance(ids, torch.fx.Node) and ids.op == "placeholder" and isinstance(rows, int):
+            bounds[ids.name] = min(rows, bounds.get(ids.name, rows))
+    return bounds
+
+
+def _input_spec(name: str, value: Any, ids_below: int = 0) -> InputSpec:
     """How batches must carry one user input: its dtype's kind and its sizes after the rows."""
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
@@ -405,7 +429,7 @@ def _input_spec(name: str, value: Any) -> InputSpec:
         )
     # A size torch traced as a symbol is free (any size); a number is fixed.
     trailing = tuple(d if isinstance(d, int) else -1 for d in shape[1:])
-    return InputSpec(name, kind, trailing)
+    return InputSpec(name, kind, trailing, ids_below if kind == "integer" else 0)
 
 
 def _mutated_buffers(program: torch.export.ExportedProgram) -> list[str]:
@@ -442,7 +466,10 @@ def signature(data: bytes, max_bytes: int) -> tuple[tuple[InputSpec, ...], int, 
     (a free size counted as 1). Anything else is refused.
     """
     program = load_program(data, max_bytes)
-    inputs = tuple(_input_spec(name, value) for name, value in _user_inputs(program))
+    bounds = _id_bounds(program)
+    inputs = tuple(
+        _input_spec(name, value, bounds.get(name, 0)) for name, value in _user_inputs(program)
+    )
     if not inputs:
         raise InvalidArgument(FIELD, "has no user inputs; a model reads at least one")
     mutated = _mutated_buffers(program)

@@ -77,14 +77,19 @@ def checked(
 ) -> Batch:
     """A wire batch checked against the model's inputs, or InvalidArgument naming the field."""
     quote = segment is None  # a segment's bytes are never echoed back
-    inputs: list[tuple[str, WireTensor | None]]
+    weight = batch.sample_weight
     if checker.single and batch.x is not None and not batch.inputs:
         # The one-x batch of linear and mlp: no per-input bookkeeping on the hot path.
-        inputs, more = [(f"{field}.x", batch.x)], False
-    else:
-        inputs, more = checker.arrange(batch.x, batch.inputs, field), True
+        return checker.batch(
+            decode_wire(batch.x, f"{field}.x", segment),
+            decode_wire(batch.y, f"{field}.y", segment),
+            None if weight is None else decode_wire(weight, f"{field}.sample_weight", segment),
+            batch.sequence,
+            field,
+            quote=quote,
+        )
+    inputs = checker.arrange(batch.x, batch.inputs, field)
     arrays = [decode_wire(tensor, where, segment) for where, tensor in inputs]
-    weight = batch.sample_weight
     return checker.batch(
         arrays[0],
         decode_wire(batch.y, f"{field}.y", segment),
@@ -93,7 +98,7 @@ def checked(
         field,
         quote=quote,
         more=arrays[1:],
-        fields=[where for where, _ in inputs] if more else (),
+        fields=[where for where, _ in inputs],
     )
 
 

@@ -22,6 +22,7 @@ from gradstream.server.batches import Batch
 from gradstream.server.collectives import Collectives, Header, Op
 from gradstream.server.config import Settings
 from gradstream.server.engine import GradientSource, Trainer, TrainerFactory, TrainerState
+from gradstream.server.errors import FailedPrecondition
 from gradstream.server.metrics import RankMetrics
 from gradstream.server.models import loss_value
 from gradstream.server.spec import InitSpec, LossSpec, ModelSpec
@@ -172,6 +173,12 @@ class LeaderGradients:
     """
 
     def __init__(self, trainer: Trainer, group: Collectives, metrics: RankMetrics) -> None:
+        if not trainer.checker.single:
+            # Followers size each shard from the spec; a free size (an id bag) is not in it.
+            raise FailedPrecondition(
+                f"model {trainer.name!r} takes named inputs; data-parallel mode trains models "
+                "of one float input x (run it on a single-process server)"
+            )
         self.group = group
         self.metrics = metrics
         self.model_id = group.new_model_id()

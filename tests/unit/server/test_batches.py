@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from gradstream.server.batches import BatchChecker
 from gradstream.server.config import Settings
@@ -69,3 +70,47 @@ def test_a_spec_deeper_than_the_layer_limit_is_refused_before_it_is_built() -> N
     check_depth(deep, 65)
     with pytest.raises(ResourceExhausted, match=r"max_model_layers: .* 65 layers, the limit is 64"):
         check_depth(deep, 64)
+
+
+CTR = parse_spec(
+    {
+        "architecture": {
+            "kind": "embedding_mlp",
+            "embeddings": [{"input": "user", "num_embeddings": 10, "dim": 2}],
+            "dense_features": 3,
+            "out_features": 1,
+        }
+    }
+)
+
+
+def _ctr(rows: int, bag: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((rows, bag), np.int64), np.zeros((rows, 3), np.float32)
+
+
+def test_int32_ids_are_widened_and_floats_take_the_model_dtype() -> None:
+    checker = BatchChecker(CTR)
+    ids, dense = _ctr(2)
+    batch = checker.batch(
+        ids.astype(np.int32),
+        np.zeros((2, 1)),
+        more=[dense.astype(np.float64)],
+        fields=["b.inputs[user]", "b.inputs[dense]"],
+    )
+    assert batch.x.dtype == torch.int64 and batch.more[0].dtype == torch.float32
+    assert [t.shape for t in batch.inputs] == [(2, 4), (2, 3)]
+
+
+def test_the_batch_limits_count_every_input() -> None:
+    ids, dense = _ctr(8)  # 256 bytes of ids, 96 of dense, 32 of y
+    fields = ["b.inputs[user]", "b.inputs[dense]"]
+    y = np.zeros((8, 1), np.float32)
+    BatchChecker(CTR, max_bytes=384).batch(ids, y, more=[dense], fields=fields)
+    with pytest.raises(ResourceExhausted, match=r"max_batch_bytes: has 352 bytes"):
+        BatchChecker(CTR, max_bytes=300).features([ids, dense], fields)
+    with pytest.raises(ResourceExhausted, match=r"^b: max_batch_bytes: has 384 bytes"):
+        BatchChecker(CTR, max_bytes=383).batch(ids, y, field="b", more=[dense], fields=fields)
+    with pytest.raises(ResourceExhausted, match=r"b.inputs\[user\]: max_batch_rows: has 8 rows"):
+        BatchChecker(CTR, max_rows=7).features([ids, dense], fields)
+    with pytest.raises(ResourceExhausted, match="max_activation_bytes"):
+        BatchChecker(CTR, max_activation_bytes=8).features([ids, dense], fields)

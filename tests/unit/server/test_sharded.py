@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from gradstream.server.collectives import Collectives, Topology
 from gradstream.server.config import Settings
 from gradstream.server.engine import StepKind, TrainerFactory
+from gradstream.server.errors import FailedPrecondition
 from gradstream.server.follower import Follower
 from gradstream.server.main import build
 from gradstream.server.models import loss_value
@@ -134,3 +135,24 @@ def test_every_rank_builds_its_trainers_alike() -> None:
     trainers = [f.build("m", spec) for f in (TrainerFactory(cpu), follower)]
     assert trainers[0].kind is trainers[1].kind
     assert trainers[0].optimizer.defaults == trainers[1].optimizer.defaults
+
+
+def test_a_model_of_named_inputs_is_refused_in_data_parallel_mode() -> None:
+    """Followers size their shards from the spec; an id bag's length is not in it."""
+    spec = parse_spec(
+        {
+            "architecture": {
+                "kind": "embedding_mlp",
+                "embeddings": [{"input": "user", "num_embeddings": 4, "dim": 2}],
+                "out_features": 1,
+            }
+        }
+    )
+    cpu = torch.device("cpu")
+    group = Collectives(Topology(rank=0, world_size=1, local_rank=0), cpu, timeout=30.0)
+    try:
+        leader = build(Settings(device="cpu"), group, cpu).registry.factory
+        with pytest.raises(FailedPrecondition, match="takes named inputs; data-parallel mode"):
+            leader.build("ctr", spec)
+    finally:
+        group.close()
