@@ -23,11 +23,10 @@ from gradstream.bench.scenarios import SCENARIOS, Scenario
 from gradstream.server.app import intra_op_threads
 from gradstream.server.config import Settings
 from gradstream.server.engine import TrainerFactory, TrainOptions
-from gradstream.server.servicer import _result
+from gradstream.server.servicer import _train_response
 from gradstream.server.session import decode, train_message
 from gradstream.server.spec import ModelSpec
 from gradstream.server.wire import parse_train_request
-from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire.tensor import wire_array
 from gradstream.wire.train import MessageBuilder, encode_batch
 
@@ -60,7 +59,7 @@ def split(scenario: Scenario, seconds: float) -> dict[str, float]:
         t2 = time.thread_time()
         results, error = train_message(trainer, items, options)
         t3 = time.thread_time()
-        pb.TrainResponse(results=[_result(r) for r in results]).SerializeToString()
+        _train_response(results, 0).SerializeToString()
         t4 = time.thread_time()
         assert error is None and len(results) == len(items)
         totals["parse"] += t1 - t0

@@ -79,3 +79,76 @@ def test_ingest_split_prints_each_part_per_batch() -> None:
         assert line.startswith(name), line
         for part in ("parse", "decode", "train", "reply", "total"):
             assert f"{part} " in line, line
+
+
+def test_bench_optimizer_adam_trains_every_contender_with_adam(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "gradstream.client.cli", "bench", "medium", "--quick"),
+            *("--optimizer", "adam", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["machine"].endswith("optimizer adam")
+    r = data["results"]["medium"]
+    for contender in ("loop", "trainer", "service", "shm"):
+        assert r[contender]["steps_per_s"] > 0
+    assert r["service_vs_loop"] == r["service"]["steps_per_s"] / r["loop"]["steps_per_s"]
+
+
+def test_bench_scenarios_take_the_optimizer_at_the_same_lr() -> None:
+    from gradstream.bench.scenarios import SCENARIOS, scenario
+
+    adam = scenario("medium", "adam")
+    assert adam.spec["optimizer"] == {
+        "kind": "adam",
+        "lr": SCENARIOS["medium"].spec["optimizer"]["lr"],
+    }
+    assert scenario("medium", "sgd") is SCENARIOS["medium"]
+    assert SCENARIOS["medium"].spec["optimizer"]["kind"] == "sgd"  # the table is not changed
+
+
+def test_bench_soak_quick_reports_rss_growth_and_its_samples(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "gradstream.client.cli", "bench", "soak", "--quick"),
+            *("--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "RSS growth over 20 s after warm-up" in result.stdout
+    assert "over its second half" in result.stdout
+    soak = json.loads(out.read_text())["results"]["soak"]["service"]
+    samples = soak["rss_samples"]
+    assert len(samples) >= 3 and all(rss > 10_000_000 for _, rss in samples)
+    assert [t for t, _ in samples] == sorted(t for t, _ in samples)
+    assert samples[-1][1] == soak["server_rss_bytes"]
+    assert soak["rss_growth"] == (soak["server_rss_bytes"] - samples[0][1]) / samples[0][1]
+    assert soak["steps_per_s"] > 0
+
+
+def test_step_profile_prints_server_cpu_per_step_and_both_profiles() -> None:
+    script = Path(__file__).parents[2] / "benchmarks" / "step_profile.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "small", "--seconds", "0.5", "--profile"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("small: ") and "steps/s; server CPU us per step:" in first, first
+    assert "worker " in first and "event loop " in first
+    assert "--- profile worker" in result.stdout
+    assert "--- profile event loop" in result.stdout

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from gradstream.bench.loop import run_loop
-from gradstream.bench.scenarios import SCENARIOS, Scenario
+from gradstream.bench.scenarios import OPTIMIZERS, SCENARIOS, Scenario, scenario
 from gradstream.client import Client
 from gradstream.client._local import LocalServer
 from gradstream.server.app import intra_op_threads
@@ -116,6 +116,7 @@ def run_trainer(scenario: Scenario, seconds: float, device: str, threads: int) -
         "gradstream.bench.trainer",
         *("--scenario", scenario.name, "--seconds", str(seconds), "--device", device),
         *("--threads", str(intra_op_threads(Settings(threads=threads)))),
+        *("--optimizer", scenario.spec["optimizer"]["kind"]),
     )
 
 
@@ -198,34 +199,39 @@ def _total(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("steps_per_s", "samples_per_s", "bytes_per_s")
     }
     total["producers"] = [r["steps_per_s"] for r in runs]
+    total["client_cores"] = [r.get("client_cores", 0.0) for r in runs]
     total["server_threads"] = runs[0].get("server_threads", {})
     return total
 
 
-def run_fan_in(seconds: float, device: str, threads: int, producers: int = 4) -> dict[str, Any]:
+def run_fan_in(
+    seconds: float, device: str, threads: int, optimizer: str = "sgd", producers: int = 4
+) -> dict[str, Any]:
     """One producer, then ``producers`` at once, into one model (medium's stream)."""
     model = "bench-fan-in"
-    with _with_models(device, threads, [model], SCENARIOS["medium"]) as server:
+    with _with_models(device, threads, [model], scenario("medium", optimizer)) as server:
         args = ["--scenario", "medium", "--model", model, "--existing"]
         one = _total(run_clients(server, [args], seconds))
         many = _total(run_clients(server, [args] * producers, seconds))
     return {"one": one, "many": many}
 
 
-def run_models(seconds: float, device: str, threads: int, models: int = 2) -> dict[str, Any]:
+def run_models(
+    seconds: float, device: str, threads: int, optimizer: str = "sgd", models: int = 2
+) -> dict[str, Any]:
     """One model with its producer, then ``models`` models each with its own, at once."""
     names = [f"bench-models-{i}" for i in range(models)]
-    with _with_models(device, threads, names, SCENARIOS["medium"]) as server:
+    with _with_models(device, threads, names, scenario("medium", optimizer)) as server:
         args = [["--scenario", "medium", "--model", n, "--existing"] for n in names]
         one = _total(run_clients(server, args[:1], seconds))
         many = _total(run_clients(server, args, seconds))
     return {"one": one, "many": many}
 
 
-def run_serve(seconds: float, device: str, threads: int) -> dict[str, Any]:
+def run_serve(seconds: float, device: str, threads: int, optimizer: str = "sgd") -> dict[str, Any]:
     """Batch-1 predictions idle, training alone, then both at once (medium's model)."""
     model = "bench-serve"
-    with _with_models(device, threads, [model], SCENARIOS["medium"]) as server:
+    with _with_models(device, threads, [model], scenario("medium", optimizer)) as server:
         train = ["--scenario", "medium", "--model", model, "--existing"]
         predict = [*train, "--predict"]
         (idle,) = run_clients(server, [predict], seconds)
@@ -246,7 +252,12 @@ GROUP_RATIOS: dict[str, dict[str, tuple[str, str, str, bool]]] = {
 }
 
 
-def run_soak(seconds: float, device: str) -> dict[str, Any]:
+def _rss_at(samples: list[tuple[float, int]], when: float) -> int:
+    """The first RSS sampled at or after ``when`` seconds (the last one if none was)."""
+    return next((rss for t, rss in samples if t >= when), samples[-1][1])
+
+
+def run_soak(seconds: float, device: str, optimizer: str = "sgd") -> dict[str, Any]:
     """A steady medium stream for ``seconds``; server RSS sampled from after warm-up to the end."""
     scenario = SCENARIOS["soak"]
     with LocalServer("--device", device) as server:
@@ -263,17 +274,28 @@ def run_soak(seconds: float, device: str) -> dict[str, Any]:
                 "soak",
                 "--seconds",
                 str(seconds),
+                "--optimizer",
+                optimizer,
             ],
             stdout=subprocess.PIPE,
             text=True,
         )
+        start = time.monotonic()
         time.sleep(min(10.0, seconds / 5))
         first = _rss_bytes(pid)
         peak = first
+        # (seconds since start, RSS) every few seconds: a leak keeps climbing to the end,
+        # the allocator's high-water mark of the messages in flight levels off.
+        samples: list[tuple[float, int]] = [(time.monotonic() - start, first)]
         while child.poll() is None:
-            peak = max(peak, _rss_bytes(pid))
+            rss = _rss_bytes(pid)
+            peak = max(peak, rss)
+            now = time.monotonic() - start
+            if now - samples[-1][0] >= max(1.0, seconds / 60):
+                samples.append((round(now, 1), rss))
             time.sleep(0.5)
         last = _rss_bytes(pid)
+        samples.append((round(time.monotonic() - start, 1), last))
         out, _ = child.communicate()
         result: dict[str, Any] = json.loads(out)
     result.update(
@@ -281,6 +303,9 @@ def run_soak(seconds: float, device: str) -> dict[str, Any]:
         rss_after_warmup_bytes=first,
         rss_peak_bytes=peak,
         rss_growth=(last - first) / first,
+        rss_growth_second_half=(last - _rss_at(samples, seconds / 2))
+        / _rss_at(samples, seconds / 2),
+        rss_samples=samples,
         seconds=seconds,
         rows=scenario.rows,
     )
@@ -375,7 +400,10 @@ def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
         f"{'':<8} "
         + _ratio_text(f"{many} {label}/1", ratios["many_vs_one"])
         + f"   per producer: {', '.join(f'{v:,.0f}' for v in r['many']['producers'])}",
-        f"{'':<8} server threads (cores): {_threads_text(r['many']['server_threads'])}",
+        f"{'':<8} server threads (cores): {_threads_text(r['many']['server_threads'])}"
+        + f"; clients: {', '.join(f'{c:.2f}' for c in r['many']['client_cores'])}",
+        f"{'':<8} with 1: server threads {_threads_text(r['one']['server_threads'])}"
+        + f"; client: {r['one']['client_cores'][0]:.2f}",
     ]
 
 
@@ -391,7 +419,9 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(_row(name, "service", s))
             lines.append(
                 f"{'':<8} RSS growth over {s['seconds']:.0f} s after warm-up: "
-                f"{s['rss_growth'] * 100:+.2f}%"
+                f"{s['rss_growth'] * 100:+.2f}%, over its second half "
+                f"{s['rss_growth_second_half'] * 100:+.2f}% "
+                f"(peak {s['rss_peak_bytes'] / 1e6:.0f} MB)"
             )
             continue
         if name in GROUPS:
@@ -420,6 +450,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         )
         lines.append(
             f"{'':<8} server threads (cores): {_threads_text(r['service']['server_threads'])}"
+            + f"; client: {r['service'].get('client_cores', 0.0):.2f}"
         )
         if len(r["rounds"]["loop"]) > 1:
             spread = "   ".join(f"{c} {min(v):,.0f}-{max(v):,.0f}" for c, v in r["rounds"].items())
@@ -430,11 +461,13 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
 DEFAULT = ("small", "medium", "large", "fan-in", "models", "serve")
 
 
-def _run_group(name: str, repeat: int, seconds: float, device: str, threads: int) -> dict[str, Any]:
+def _run_group(
+    name: str, repeat: int, seconds: float, device: str, threads: int, *, optimizer: str
+) -> dict[str, Any]:
     """A concurrent scenario's rounds: each part's median round and the ratios per round."""
     rounds: dict[str, list[dict[str, Any]]] = {}
     for _ in range(repeat):
-        for part, run in GROUPS[name](seconds, device, threads).items():
+        for part, run in GROUPS[name](seconds, device, threads, optimizer).items():
             rounds.setdefault(part, []).append(run)
     chosen = {
         part: _median(runs, "steps_per_s" if "steps_per_s" in runs[0] else "latency_p99_s")
@@ -470,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads for the loop and the server (0: torch's default)",
     )
     parser.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=OPTIMIZERS,
+        help="every model's optimizer (the loop's too), at the scenario's lr",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=3,
@@ -487,24 +526,34 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for name in chosen:
         if name == "soak":
-            results[name] = {"service": run_soak(20.0 if args.quick else args.seconds, args.device)}
+            results[name] = {
+                "service": run_soak(
+                    20.0 if args.quick else args.seconds, args.device, args.optimizer
+                )
+            }
             continue
         if name in GROUPS:
-            results[name] = _run_group(name, repeat, duration, args.device, args.threads)
+            results[name] = _run_group(
+                name, repeat, duration, args.device, args.threads, optimizer=args.optimizer
+            )
             continue
-        scenario = SCENARIOS[name]
+        chosen_scenario = scenario(name, args.optimizer)
         rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in CONTENDERS}
         # Contenders alternate within each round, so a slow spell of the machine does not
         # land on one of them only; each one's median round is reported.
         for _ in range(repeat):
-            rounds["loop"].append(run_loop(scenario, duration, args.device))
-            rounds["trainer"].append(run_trainer(scenario, duration, args.device, args.threads))
-            rounds["raw"].append(run_raw(scenario, duration))
+            rounds["loop"].append(run_loop(chosen_scenario, duration, args.device))
+            rounds["trainer"].append(
+                run_trainer(chosen_scenario, duration, args.device, args.threads)
+            )
+            rounds["raw"].append(run_raw(chosen_scenario, duration))
             rounds["service"].append(
-                run_service(scenario, duration, args.device, threads=args.threads)
+                run_service(chosen_scenario, duration, args.device, threads=args.threads)
             )
             rounds["shm"].append(
-                run_service(scenario, duration, args.device, shared=True, threads=args.threads)
+                run_service(
+                    chosen_scenario, duration, args.device, shared=True, threads=args.threads
+                )
             )
         chosen_runs = {c: _median(runs) for c, runs in rounds.items()}
         ratios = _round_ratios(rounds, {k: (*v, True) for k, v in RATIOS.items()})
@@ -518,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, torch threads: loop "
         f"{torch.get_num_threads()}, server {server_threads}, "
-        f"torch {torch.__version__}, device {args.device}"
+        f"torch {torch.__version__}, device {args.device}, optimizer {args.optimizer}"
         + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
     )
     print(f"gradstream bench on {machine}{' (--quick: smoke test only)' if args.quick else ''}")

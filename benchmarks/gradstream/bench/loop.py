@@ -31,7 +31,12 @@ def run_loop(scenario: Scenario, seconds: float, device: str) -> dict[str, float
     model = build(scenario.spec, scenario.features).to(dev)
     optimizer_spec = scenario.spec["optimizer"]
     assert isinstance(optimizer_spec, dict)
-    optimizer = torch.optim.SGD(model.parameters(), lr=float(optimizer_spec["lr"]))
+    lr = float(optimizer_spec["lr"])
+    optimizer: torch.optim.Optimizer
+    if optimizer_spec["kind"] == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     # Batches arrive from the host, as they would from a producer.
     host = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in scenario.batches()]
     steps = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -89,3 +89,20 @@ SCENARIOS: dict[str, Scenario] = {
 SCENARIOS["soak"] = Scenario(
     "soak", 256, 64, SCENARIOS["medium"].spec, notes="medium's stream, held for --seconds"
 )
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def scenario(name: str, optimizer: str = "sgd") -> Scenario:
+    """The scenario ``name`` with its model trained by ``optimizer`` at the same lr.
+
+    ``adam`` is ``torch.optim.Adam`` with torch's defaults besides the lr, on every
+    contender (the loop builds the same class).
+    """
+    base = SCENARIOS[name]
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
+    if optimizer == base.spec["optimizer"]["kind"]:
+        return base
+    lr = base.spec["optimizer"]["lr"]
+    return replace(base, spec={**base.spec, "optimizer": {"kind": optimizer, "lr": lr}})

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gradstream.bench.scenarios import SCENARIOS
+from gradstream.bench.scenarios import OPTIMIZERS, SCENARIOS, scenario
 from gradstream.client import Client
 
 BARRIER_TIMEOUT_S = 120.0
@@ -46,17 +46,18 @@ def run(
     create: bool = True,
     barrier: Path | None = None,
     index: int = 0,
+    optimizer: str = "sgd",
 ) -> dict[str, Any]:
     """Warm up, then stream for ``seconds``; latency is batch yielded -> its result received."""
-    scenario = SCENARIOS[scenario_name]
-    batches = scenario.batches()
+    chosen = scenario(scenario_name, optimizer)
+    batches = chosen.batches()
     sent: list[float] = []
-    name = model or f"bench-{scenario.name}"
+    name = model or f"bench-{chosen.name}"
     with Client(target, timeout=None) as client:
         if create:
             if name in {m.name for m in client.list_models()}:
                 client.delete_model(name)
-            client.create_model(name, scenario.spec)
+            client.create_model(name, chosen.spec)
 
         def stream(until: float, stamps: list[float] | None) -> Iterator[tuple[Any, Any]]:
             i = 0
@@ -66,13 +67,13 @@ def run(
                 yield batches[i % len(batches)]
                 i += 1
 
-        per_message = scenario.batches_per_message
+        per_message = chosen.batches_per_message
         warmup = stream(time.perf_counter() + min(0.5, seconds / 4), None)
         for _ in client.train(name, warmup, batches_per_message=per_message, shared_memory=shared):
             pass
         wait_barrier(barrier, index)
         latencies: list[float] = []
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         steps = 0
         for result in client.train(
             name,
@@ -84,13 +85,15 @@ def run(
             steps += 1
             assert result.outcome == "APPLIED", result
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
         if create:
             client.delete_model(name)
     lat = np.array(latencies) if latencies else np.zeros(1)
     return {
-        **scenario.rates(steps, elapsed),
+        **chosen.rates(steps, elapsed),
         "latency_p50_s": float(np.percentile(lat, 50)),
         "latency_p99_s": float(np.percentile(lat, 99)),
+        "client_cores": cpu / elapsed,  # this process's CPU (every thread) over the window
     }
 
 
@@ -139,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--existing", action="store_true", help="the model exists: neither create nor delete it"
     )
+    parser.add_argument(
+        "--optimizer", default="sgd", choices=OPTIMIZERS, help="for a model it creates"
+    )
     parser.add_argument("--predict", action="store_true", help="batch-1 predictions, no training")
     parser.add_argument("--barrier", type=Path, help="start measuring with the other processes")
     parser.add_argument("--index", type=int, default=0, help="this process's name in --barrier")
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             create=not args.existing,
             barrier=args.barrier,
             index=args.index,
+            optimizer=args.optimizer,
         )
     json.dump(result, sys.stdout)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gradstream.bench.scenarios import SCENARIOS, Scenario
+from gradstream.bench.scenarios import OPTIMIZERS, SCENARIOS, Scenario, scenario
 from gradstream.server.batches import Batch
 from gradstream.server.engine import TrainerFactory, TrainOptions
 from gradstream.server.spec import ModelSpec
@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, required=True, help="torch intra-op threads")
+    parser.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result: dict[str, Any] = run_trainer(SCENARIOS[args.scenario], args.seconds, args.device)
+    result: dict[str, Any] = run_trainer(
+        scenario(args.scenario, args.optimizer), args.seconds, args.device
+    )
     json.dump(result, sys.stdout)
 
 

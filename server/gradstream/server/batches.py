@@ -305,8 +305,11 @@ def _converted(array: Array, dtype: np.dtype[Any], field: str, quote: bool) -> A
     Zero-copy when the wire dtype is the model's. Checked after, not before: a
     float64 1e300 is finite, and infinite once in a float32 model.
     """
-    with np.errstate(over="ignore"):
-        converted = array.astype(dtype, copy=False)
+    if array.dtype == dtype:  # nothing to convert; errstate alone costs a small batch's check
+        converted = array
+    else:
+        with np.errstate(over="ignore"):
+            converted = array.astype(dtype, copy=False)
     _finite(converted, field, quote, "" if converted is array else f" as {dtype.name}")
     return converted
 

@@ -446,11 +446,16 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_streak += 1
             return Outcome.SKIPPED_NONFINITE, loss, "gradient is not finite"
-        with torch.no_grad():
+        # torch.no_grad()'s two calls, without building the context manager each step.
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
             # Clipping: after the last micro-batch's backward, before the step.
             if self._clip is not None:
                 self.grad_norm = self._clip(self._param_list)
             self._raw_step()
+        finally:
+            torch._C._set_grad_enabled(enabled)
         # The schedule steps once per applied step, on every path (no schedule is DEFERRED).
         if self.schedule is not None:
             self.schedule.step()

@@ -60,12 +60,15 @@ class SmoothedLoss:
         self.alpha = 2.0 / (window + 1)
         self.ema = 0.0
 
-    def add(self, losses: Iterable[float]) -> None:
+    def add(self, losses: list[float]) -> None:
         """Count losses in the order they were computed."""
-        for loss in losses:
-            first = not self.losses
-            self.losses.append(loss)
-            self.ema = loss if first else self.ema + self.alpha * (loss - self.ema)
+        if not losses:
+            return
+        ema, start = (self.ema, 0) if self.losses else (losses[0], 1)
+        for loss in losses[start:]:  # the same update as one at a time, without the lookups
+            ema = ema + self.alpha * (loss - ema)
+        self.ema = ema
+        self.losses.extend(losses)
 
     @property
     def mean(self) -> float:
@@ -377,21 +380,20 @@ class Metrics:
         if not self.enabled:
             return
         applied = samples = batches = 0
-        loss: float | None = None
         losses: list[float] = []
         for result, rows in results:
             batches += 1
-            match result.outcome:
-                case Outcome.APPLIED | Outcome.ACCUMULATED:
-                    applied += result.outcome is Outcome.APPLIED
-                    samples += rows
-                    if result.loss is not None:
-                        loss = result.loss
-                        losses.append(loss)
-                case Outcome.SKIPPED_NONFINITE:
-                    self.steps_skipped.labels(model, _skip_label(result.reason)).inc()
-                case Outcome.REJECTED:
-                    self.batches_rejected.labels(model, rejected_label(result.reason)).inc()
+            outcome = result.outcome
+            if outcome is Outcome.APPLIED or outcome is Outcome.ACCUMULATED:
+                applied += outcome is Outcome.APPLIED
+                samples += rows
+                if result.loss is not None:
+                    losses.append(result.loss)
+            elif outcome is Outcome.SKIPPED_NONFINITE:
+                self.steps_skipped.labels(model, _skip_label(result.reason)).inc()
+            elif outcome is Outcome.REJECTED:
+                self.batches_rejected.labels(model, rejected_label(result.reason)).inc()
+        loss = losses[-1] if losses else None
         if applied:
             self.train_steps.labels(model).inc(applied)
         if samples:

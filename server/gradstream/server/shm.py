@@ -2,10 +2,11 @@
 
 The segment is never mapped: a producer can shrink a file under a mapping, and a
 read past its new end is a SIGBUS that kills the server. Each tensor is copied out
-with ``pread`` instead, which returns short when the file shrank: that batch is
-refused, nothing faults. The copy is also what is checked and then trained, so
-rewriting the segment after a batch was sent cannot slip bytes past the checks
-(docs/decisions.md, "Shared memory is read, never mapped").
+with ``preadv``, straight into the buffer the batch's tensor then uses; a read comes
+back short when the file shrank: that batch is refused, nothing faults. The copy is
+also what is checked and then trained, so rewriting the segment after a batch was
+sent cannot slip bytes past the checks (docs/decisions.md, "Shared memory is read,
+never mapped").
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import re
 import stat
 import weakref
+
+import numpy as np
 
 from gradstream.server.errors import InvalidArgument, PermissionDenied
 
@@ -28,8 +31,9 @@ _FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 class SharedSegment:
     """A producer's segment, opened read-only; slicing it copies the bytes out.
 
-    ``segment[a:b]`` is ``bytes`` read with ``pread`` (``len(segment)`` is the size at
-    open). A segment that shrank since raises InvalidArgument instead of faulting.
+    ``segment[a:b]`` is a writable view of a fresh buffer the bytes were read into with
+    ``preadv`` (``len(segment)`` is the size at open). A segment that shrank since
+    raises InvalidArgument instead of faulting.
     """
 
     def __init__(self, name: str, fd: int, size: int) -> None:
@@ -43,15 +47,21 @@ class SharedSegment:
     def __len__(self) -> int:
         return self._size
 
-    def __getitem__(self, span: slice) -> bytes:
+    def __getitem__(self, span: slice) -> memoryview:
         start, stop, _ = span.indices(self._size)
         length = max(0, stop - start)
-        data = os.pread(self._fd, length, start)
-        if len(data) != length:
-            raise InvalidArgument(
-                "open.shared_memory",
-                f"segment {self.name!r} shrank: bytes [{start}, {stop}) are no longer in it",
-            )
+        # Read straight into the buffer the batch's tensor will use: one copy, no
+        # intermediate bytes, and no zero-filling (as bytearray would) of what is overwritten.
+        data = np.empty(length, dtype=np.uint8).data
+        done = 0
+        while done < length:
+            got = os.preadv(self._fd, [data[done:]], start + done)
+            if got == 0:
+                raise InvalidArgument(
+                    "open.shared_memory",
+                    f"segment {self.name!r} shrank: bytes [{start}, {stop}) are no longer in it",
+                )
+            done += got
         return data
 
 

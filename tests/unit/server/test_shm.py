@@ -52,3 +52,17 @@ def test_names_are_matched_whole_and_remote_peers_refused(tmp_path: Path) -> Non
         open_shared_memory("gradstream-a\n", PEER, str(tmp_path))
     with pytest.raises(PermissionDenied, match="server's host"):
         open_shared_memory("gradstream-a", "ipv4:10.0.0.1:5555", str(tmp_path))
+
+
+def test_a_segment_shrunk_inside_a_span_is_an_error_and_reads_are_writable_copies(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gradstream-b"
+    path.write_bytes(bytes(range(256)) * 64)
+    segment = open_shared_memory(path.name, PEER, str(tmp_path))
+    data = segment[1000:9000]
+    assert bytes(data) == (bytes(range(256)) * 64)[1000:9000]
+    assert not data.readonly  # the tensor over it is the server's own copy
+    os.truncate(path, 5000)  # the first part of the span is still there, the rest is not
+    with pytest.raises(InvalidArgument, match=r"shrank: bytes \[1000, 9000\)"):
+        segment[1000:9000]
