@@ -228,9 +228,11 @@ class Client:
                     if message.ByteSize() >= message_bytes:
                         yield message
                         message = pb.EvaluateRequest()
-            except Exception as exc:  # gRPC would only say "Exception iterating requests!"
+            except Exception as exc:
+                # Raised here, gRPC would log it and say only "Exception iterating
+                # requests!": end the stream instead, and raise it in the caller's thread.
                 failed.append(exc)
-                raise
+                return
             yield message
 
         try:
@@ -239,6 +241,8 @@ class Client:
             if failed:
                 raise failed[0] from None
             raise from_rpc_error(exc) from None
+        if failed:
+            raise failed[0]
         return {
             "loss": response.loss,
             **dict(response.metrics),
