@@ -362,19 +362,30 @@ def test_a_bad_batch_is_refused_naming_the_input_and_changes_nothing(
     assert pb.Outcome.Name(result.outcome) == "OUTCOME_REJECTED"
     assert result.reason.startswith(f"batches[0].{field}: "), result.reason
     assert reason in result.reason
-    for call in (
-        lambda: stub(client).Predict(
-            pb.PredictRequest(name=trained, x=x_proto, inputs=_pairs(pairs))
+    evaluated = [
+        pb.EvaluateRequest(open=pb.EvaluateOpen(model=trained)),
+        pb.EvaluateRequest(batches=[batch]),
+    ]
+    for call, prefix in (
+        (
+            lambda: stub(client).Predict(
+                pb.PredictRequest(name=trained, x=x_proto, inputs=_pairs(pairs))
+            ),
+            "",
         ),
-        lambda: stub(client).ComputeGradients(
-            pb.ComputeGradientsRequest(name=trained, x=x_proto, inputs=_pairs(pairs), y=y)
+        (
+            lambda: stub(client).ComputeGradients(
+                pb.ComputeGradientsRequest(name=trained, x=x_proto, inputs=_pairs(pairs), y=y)
+            ),
+            "",
         ),
+        (lambda: stub(client).Evaluate(iter(evaluated)), "batches[0]."),
     ):
         with pytest.raises(grpc.RpcError) as caught:
             call()
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         details = caught.value.details() or ""
-        assert details.startswith(f"{field}: "), details
+        assert details.startswith(f"{prefix}{field}: "), details
         assert reason in details
     assert state(server, client, trained) == before
     # The stream and the model go on.

@@ -228,6 +228,23 @@ def test_only_the_newest_k_are_kept_and_leftovers_go_at_the_next_start(tmp_path:
     ]
 
 
+def test_writers_killed_before_their_prune_never_pile_up_beyond_keep_plus_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = Trainer("m", parse_spec(SPEC), CPU)
+    real = ck._write_checkpoint
+
+    def killed_after_rename(*args: object, **kwargs: object) -> Path:
+        real(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # stands in for SIGKILL between the rename and the prune
+
+    monkeypatch.setattr(ck, "_write_checkpoint", killed_after_rename)
+    for _ in range(4):  # four writers in a row, each killed at the same moment
+        with pytest.raises(KeyboardInterrupt):
+            ck.write(tmp_path / "m", ck.take(trainer), keep=2)
+        assert len(list((tmp_path / "m").iterdir())) <= 3
+
+
 WIDE = {"architecture": {"kind": "linear", "in_features": 1000, "out_features": 100}}
 
 

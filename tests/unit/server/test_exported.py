@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gradstream.server.errors import InvalidArgument
-from gradstream.server.exported import check_archive, load_program
+from gradstream.server.exported import check_archive, load_program, signature
 
 LIMIT = 1 << 20
 
@@ -236,3 +236,39 @@ def test_a_plain_archive_trains_bitwise_like_the_module() -> None:
             opt.step()
     for a, b in zip(module.parameters(), eager.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class _Inputs(nn.Module):
+    """Floats of a fixed width, a bag of ids of free length, and a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(7, 2)
+        self.linear = nn.Linear(3 + 2, 1)
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = (self.table(ids) * mask.unsqueeze(-1)).sum(1)
+        out: torch.Tensor = self.linear(torch.cat([dense, pooled], dim=1))
+        return out
+
+
+def _save(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(module, example, dynamic_shapes=dynamic), buffer)
+    return buffer.getvalue()
+
+
+def test_the_signature_declares_each_user_input_by_name_kind_and_sizes() -> None:
+    rows, bag = torch.export.Dim("rows"), torch.export.Dim("bag")
+    example = (torch.randn(4, 3), torch.randint(0, 7, (4, 5)), torch.ones(4, 5))
+    dynamic = ({0: rows}, {0: rows, 1: bag}, {0: rows, 1: bag})
+    inputs, in_features, out_features = signature(_save(_Inputs(), example, dynamic), 0)
+    assert [(i.name, i.kind, i.shape, i.ids_below) for i in inputs] == [
+        ("dense", "float", (3,), 0),
+        ("ids", "integer", (-1,), 7),  # passed straight to the table: its rows bound the ids
+        ("mask", "float", (-1,), 0),
+    ]
+    assert (in_features, out_features) == (3 + 1 + 1, 1)
+    boolean = (example[0], example[1], torch.ones(4, 5, dtype=torch.bool))
+    with pytest.raises(InvalidArgument, match=r"input 'mask' has dtype torch.bool; inputs are"):
+        signature(_save(_Inputs(), boolean, dynamic), 0)
