@@ -9,13 +9,15 @@ kinds and trailing shapes a model expects; the server checks every batch against
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
-from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire.tensor import TensorFormatError, from_proto, to_proto, wire_array
+
+if TYPE_CHECKING:  # protobuf's container type lives in an internal module
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 Part = tuple[npt.NDArray[Any], int]  # an array as it travels and its DataType code
 
