@@ -60,6 +60,7 @@ BLOCKS: dict[str, list[str]] = {
     "docs/security.md": ["tokens", "run", "run", "run", "kubectl", "yaml"],
     "docs/semantics.md": ["text"],  # pseudo-code with elisions (`lr=..., ...`)
     "docs/serving.md": ["flags", "text", "text"],  # serve flags, a layout, Triton's command
+    "docs/testing.md": ["text", "text"],  # pytest and make commands, run by the tests themselves
 }
 FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
