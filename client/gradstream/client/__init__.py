@@ -18,6 +18,7 @@ from gradstream.client._errors import (
 from gradstream.client._export import export_module
 from gradstream.client._models import (
     CheckpointInfo,
+    InputInfo,
     ModelInfo,
     ParameterInfo,
     Prediction,
@@ -34,6 +35,7 @@ __all__ = [
     "DataLoss",
     "FailedPrecondition",
     "GradstreamError",
+    "InputInfo",
     "Internal",
     "InvalidArgument",
     "ModelInfo",
