@@ -15,7 +15,7 @@ DIST ?= dist
 BUF := .tools/node_modules/.bin/buf
 PROTO_OUT ?= proto
 
-.PHONY: install demo serve dist test lint format proto dashboard tools bench images image-test clean
+.PHONY: install demo serve dist test lint format proto dashboard tools bench images image-test mutate clean
 
 # The server extra alone (torch and the service): enough for `make demo` and `make serve`.
 $(SERVER_STAMP): pyproject.toml
@@ -91,5 +91,10 @@ images:
 image-test: install
 	GRADSTREAM_IMAGE_TEST=1 $(BIN)/python -m pytest -q -rs -s --durations=3 -p no:cacheprovider tests/deploy/test_image.py
 
+# Mutation testing of the training and admission core (docs/testing.md): mutmut, one worker,
+# prints the score. Slow (tens of minutes); not part of `make test` or CI.
+mutate: install
+	$(BIN)/python -m tools.mutate
+
 clean:
-	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache dist
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache dist .mutate

@@ -194,14 +194,18 @@ def write(
     """Write a snapshot atomically as the model's newest checkpoint, then keep the newest ``keep``.
 
     ``requested``: a client asked for it; those are retained apart from the server's own.
-    Short of space, the checkpoints this write would retire anyway go first (never
-    the last one). A failed write leaves no temporary directory behind.
+    Leftovers of a writer killed before its prune go first; short of space, so do
+    the checkpoints this write would retire anyway (never the last one). A failed
+    write leaves no temporary directory behind.
     Not safe against a concurrent writer of the same model: the caller serializes.
     """
     created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     if created:
         _fsync_dir(model_dir.parent)
+    # A writer killed between its rename and its prune leaves keep + 1; retire those
+    # first so that crash after crash the directory never holds more than keep + 1.
+    _prune(model_dir, keep, requested)
     data = safetensors.torch.save(snapshot.tensors)
     meta = _meta(snapshot, data)
     size = len(data) + len(meta) + len(snapshot.program)

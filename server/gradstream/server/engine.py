@@ -572,7 +572,9 @@ class Trainer:
         tensors = [t for d in pending for t in (d.loss, d.bad) if t is not None]
         # The fused kernel may have written the parameters, applied or not.
         self.snapshots.changed()
-        values = iter(torch.stack([t.double().reshape(()) for t in tensors]).tolist())
+        # Nothing to read when every batch was a DUPLICATE (a producer's re-send) or none ran.
+        read = torch.stack([t.double().reshape(()) for t in tensors]).tolist() if tensors else []
+        values = iter(read)
         results = []
         for d in pending:
             if d.loss is None:

@@ -72,8 +72,10 @@ class ModelWorker:
             try:
                 # busy: a prediction copies the parameters itself only while no job runs.
                 with self.trainer.snapshots.busy:
-                    result = job(self.trainer)
-                    self.trainer.snapshots.publish_if_wanted()
+                    try:
+                        result = job(self.trainer)
+                    finally:
+                        self.trainer.snapshots.settle()
             except BaseException as exc:  # delivered to the awaiting handler
                 loop.call_soon_threadsafe(_settle, future, None, exc)
             else:

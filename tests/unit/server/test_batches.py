@@ -11,6 +11,7 @@ from gradstream.server.config import Settings
 from gradstream.server.errors import InvalidArgument, ResourceExhausted
 from gradstream.server.spec import check_depth, parse_spec
 
+SMALL = {"architecture": {"kind": "linear", "in_features": 1, "out_features": 1}}
 WIDE = parse_spec(
     {"architecture": {"kind": "mlp", "in_features": 1, "out_features": 1, "hidden": [4096]}}
 )
@@ -70,6 +71,19 @@ def test_a_spec_deeper_than_the_layer_limit_is_refused_before_it_is_built() -> N
     check_depth(deep, 65)
     with pytest.raises(ResourceExhausted, match=r"max_model_layers: .* 65 layers, the limit is 64"):
         check_depth(deep, 64)
+
+
+def test_a_grad_output_is_floating_finite_and_in_the_models_dtype() -> None:
+    checker = BatchChecker(parse_spec(dict(SMALL, dtype="float64")))
+    vector = checker.grad_output(np.array([[1.5]], np.float32))
+    assert vector.dtype == torch.float64 and vector.tolist() == [[1.5]]
+    with pytest.raises(InvalidArgument) as caught:
+        checker.grad_output(np.array([[1]], np.int64))
+    assert str(caught.value) == "grad_output: has dtype int64, expected floating point"
+    float32 = BatchChecker(parse_spec(SMALL))
+    with pytest.raises(InvalidArgument) as caught:
+        float32.grad_output(np.array([[1e300]]), field="v")
+    assert str(caught.value) == "v: contains a non-finite value (inf) as float32"
 
 
 CTR = parse_spec(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import json
@@ -11,12 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from gradstream.server import checkpoint as ck
 from gradstream.server.batches import Batch
 from gradstream.server.engine import Outcome, Trainer, TrainerFactory, TrainOptions
 from gradstream.server.errors import DataLoss
+from gradstream.server.metrics import Metrics
 from gradstream.server.spec import parse_spec
+from gradstream.server.worker import ModelWorker
 from tests.conftest import SmallVolume
 
 CPU = torch.device("cpu")
@@ -228,6 +232,23 @@ def test_only_the_newest_k_are_kept_and_leftovers_go_at_the_next_start(tmp_path:
     ]
 
 
+def test_writers_killed_before_their_prune_never_pile_up_beyond_keep_plus_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = Trainer("m", parse_spec(SPEC), CPU)
+    real = ck._write_checkpoint
+
+    def killed_after_rename(*args: object, **kwargs: object) -> Path:
+        real(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # stands in for SIGKILL between the rename and the prune
+
+    monkeypatch.setattr(ck, "_write_checkpoint", killed_after_rename)
+    for _ in range(4):  # four writers in a row, each killed at the same moment
+        with pytest.raises(KeyboardInterrupt):
+            ck.write(tmp_path / "m", ck.take(trainer), keep=2)
+        assert len(list((tmp_path / "m").iterdir())) <= 3
+
+
 WIDE = {"architecture": {"kind": "linear", "in_features": 1000, "out_features": 100}}
 
 
@@ -287,3 +308,25 @@ def test_an_unwritable_directory_is_found_before_serving(tmp_path: Path) -> None
         ck.check_directory(blocker / "checkpoints")
     ck.check_directory(tmp_path / "fresh")
     assert list((tmp_path / "fresh").iterdir()) == []
+
+
+def test_the_durable_sequence_is_the_producers_mark_in_the_newest_checkpoint(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        trainer = Trainer("m", parse_spec(SPEC), CPU)
+        worker = ModelWorker(trainer)
+        checkpointer = ck.Checkpointer(tmp_path, Metrics(CollectorRegistry()))
+        try:
+            assert checkpointer.durable_sequence("m", "p") == 0
+            _train(trainer, _batches(3))
+            await checkpointer.save(worker)
+            _train(trainer, _batches(5)[3:])  # applied, not yet durable
+            assert trainer.producers == {"p": 5}
+            assert checkpointer.durable_sequence("m", "p") == 3
+            assert checkpointer.durable_sequence("m", "q") == 0
+            assert checkpointer.durable_sequence("n", "p") == 0
+        finally:
+            worker.close()
+
+    asyncio.run(main())
