@@ -469,7 +469,8 @@ def add_to_server(servicer: TrainerServicer, server: grpc.aio.Server) -> None:
 
 
 def _apply_threads(count: int) -> None:
-    # OpenMP's thread count is per thread (see worker.py): each Predict thread takes torch's.
+    # One count for the process in torch 2.13; set per thread for builds where it is not
+    # (see worker.py).
     torch.set_num_threads(count)
 
 
