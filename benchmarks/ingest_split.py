@@ -5,7 +5,7 @@
 For each scenario: the message's bytes as the SDK writes them, then, timed with
 ``time.thread_time`` (CPU of this thread only, so other load on the machine slows it less
 than wall time would): parse (``wire.parse_train_request``), decode and check every batch
-(``session.decode``), train (``session.train_message`` on the server's Trainer) and the
+(``session.decode_message``), train (``session.train_message`` on the server's Trainer) and the
 reply (the ``TrainResponse`` built and serialized). In
 the service parse, decode and reply run on the event loop (or, for large batches, the check on the
 worker) and the last on the model's worker, under one GIL. Not a throughput benchmark:
@@ -24,7 +24,7 @@ from gradstream.server.app import intra_op_threads
 from gradstream.server.config import Settings
 from gradstream.server.engine import TrainerFactory, TrainOptions
 from gradstream.server.servicer import _train_response
-from gradstream.server.session import decode, train_message
+from gradstream.server.session import decode_message, train_message
 from gradstream.server.spec import ModelSpec
 from gradstream.server.wire import parse_train_request
 from gradstream.wire.tensor import wire_array
@@ -55,7 +55,7 @@ def split(scenario: Scenario, seconds: float) -> dict[str, float]:
         t0 = time.thread_time()
         message = parse_train_request(data)
         t1 = time.thread_time()
-        items = [decode(trainer.checker, b, i, None) for i, b in enumerate(message.batches)]
+        items = decode_message(trainer.checker, message.batches)
         t2 = time.thread_time()
         results, error = train_message(trainer, items, options)
         t3 = time.thread_time()

@@ -117,8 +117,69 @@ def test_the_schema_check_can_fail(tmp_path: Path) -> None:
 
 
 def test_three_services() -> None:
-    """gradstream, Prometheus and Grafana."""
-    assert set(_services()) == {"gradstream", "prometheus", "grafana"}
+    """gradstream, Prometheus and Grafana; Triton only with its profile."""
+    default = {n for n, s in _services().items() if not s.get("profiles")}
+    assert default == {"gradstream", "prometheus", "grafana"}
+    assert set(_services()) - default == {"triton"}
+    assert _services()["triton"]["profiles"] == ["triton"]
+
+
+def _flags(service: dict[str, Any]) -> dict[str, str]:
+    """--name=value arguments of a service's command."""
+    return dict(a.removeprefix("--").partition("=")[::2] for a in service["command"][1:])
+
+
+def _volume(service: dict[str, Any], container_path: str) -> tuple[str, str]:
+    """(named volume, mode) mounted at container_path."""
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if target == container_path:
+            return source, (mode or ["rw"])[0]
+    raise AssertionError(f"nothing is mounted at {container_path}")
+
+
+def test_triton_polls_the_repository_gradstream_exports() -> None:
+    """Triton reads, read-only and in poll mode, the volume gradstream continuously exports
+    a Triton repository to; the server accepts those settings and would export."""
+    gradstream, triton = _services()["gradstream"], _services()["triton"]
+    env = gradstream["environment"]
+    settings = Settings(**{k.removeprefix("GRADSTREAM_").lower(): v for k, v in env.items()})
+    assert settings.export_format == "triton"
+    assert settings.export_dir is not None
+    assert settings.export_every_steps or settings.export_every_seconds
+    assert settings.export_keep >= 1
+    flags = _flags(triton)
+    assert triton["command"][0] == "tritonserver"
+    assert flags["model-control-mode"] == "poll"
+    assert int(flags["repository-poll-secs"]) > 0
+    exports, mode = _volume(gradstream, str(settings.export_dir))
+    assert mode == "rw"
+    assert _volume(triton, flags["model-repository"]) == (exports, "ro")
+    assert exports in load_compose()["volumes"]
+    # The image has the directory, owned by the server's user, so a new volume is too.
+    copied = [r for w, r in dockerfile_instructions() if w == "COPY" and "--chown=10001" in r]
+    assert any(r.split()[-1] == str(settings.export_dir) for r in copied), copied
+
+
+def test_gradstream_image_has_the_export_extra() -> None:
+    """Triton exports need onnx: compose builds the image with the export extra."""
+    extras = _services()["gradstream"]["build"]["args"]["GRADSTREAM_EXTRAS"].split(",")
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(extras) == {"server", "export"}
+    assert set(extras) <= set(declared["optional-dependencies"])
+    args = [r for w, r in dockerfile_instructions() if w == "ARG"]
+    assert "GRADSTREAM_EXTRAS=server" in args  # the default image stays without it
+
+
+def test_triton_ports_are_published_where_it_listens() -> None:
+    """Triton's HTTP, gRPC and metrics ports reach the laptop (loopback only)."""
+    triton = _services()["triton"]
+    holder = _services()[_netns("triton")]
+    published = {int(str(p).split(":")[-1]) for p in holder["ports"]}
+    own = {int(_flags(triton)[f"{kind}-port"]) for kind in ("http", "grpc", "metrics")}
+    assert own <= published
+    # Nothing else in the shared namespace listens on them.
+    assert not own & _listening()[_netns("triton")]
 
 
 def test_gradstream_builds_the_cpu_target() -> None:

@@ -245,8 +245,10 @@ def test_predict_reads_stdin_and_prints_csv(served: BackgroundServer) -> None:
 
         with Client(served.target) as client:
             client.set_parameters("lin", {k: np.array(v, np.float32) for k, v in weights.items()})
-        out = gradstream("predict", "lin", "-", *target, stdin="a,b\n1,1\n2,0.5\n").stdout
-        assert out.split() == ["3.5", "3.5"]
+        result = gradstream("predict", "lin", "-", *target, stdin="a,b\n1,1\n2,0.5\n")
+        assert result.stdout.split() == ["3.5", "3.5"]
+        # The step of the parameters used, on stderr: stdout stays CSV.
+        assert "predicted with the parameters of step 0" in result.stderr
     finally:
         gradstream("delete", "lin", *target)
 

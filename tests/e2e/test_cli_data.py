@@ -298,3 +298,96 @@ def test_a_table_is_streamed_not_read_whole_first(served: BackgroundServer) -> N
     finally:
         process.kill()
         gradstream("delete", "streamed", *target)
+
+
+CTR = {
+    "architecture": {
+        "kind": "embedding_mlp",
+        "embeddings": [
+            {"input": "user", "num_embeddings": 10, "dim": 2, "mode": "sum"},
+            {"input": "category", "num_embeddings": 5, "dim": 2, "mode": "mean"},
+        ],
+        "dense_features": 2,
+        "hidden": [3],
+        "out_features": 1,
+    },
+    "init": {"kind": "seed", "seed": 0},
+    "loss": {"kind": "bce_with_logits"},
+    "optimizer": {"kind": "sgd", "lr": 0.1},
+}
+
+
+def test_columns_map_to_named_inputs(served: BackgroundServer, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    user = rng.integers(0, 10, ROWS)
+    categories = rng.integers(0, 5, (ROWS, 2))
+    dense = (rng.integers(-64, 64, (ROWS, 2)) / 32).astype(np.float32)  # exact in text
+    clicked = rng.integers(0, 2, ROWS)
+    path = tmp_path / "clicks.csv"
+    # Columns in an order of their own; dense's two columns are given in reverse.
+    table = np.column_stack([dense[:, 1], clicked, categories, user, dense[:, 0]])
+    write_csv(path, table, "f2,clicked,cat1,cat2,user_id,f1")
+    flags: tuple[str, ...] = (
+        "--input",
+        "user=user_id",
+        "--input",
+        "category=cat1,cat2",
+        "--input",
+        "dense=f1,f2",
+    )
+    flags += ("--y-columns", "clicked")
+    target = ("--target", served.target)
+    with Client(served.target) as client:
+        client.create_model("ctr-cli", CTR)
+        client.create_model("ctr-sdk", CTR)
+        try:
+            info = gradstream("info", "ctr-cli", *target).stdout
+            assert "input user: integer, shape (rows, any)" in info
+            assert "input dense: float, shape (rows, 2)" in info
+            gradstream(
+                "train", "ctr-cli", str(path), *flags, "--batch-size", "16", "--quiet", *target
+            )
+            sdk = [
+                (
+                    {"user": user[r, None], "category": categories[r], "dense": dense[r]},
+                    clicked[r, None].astype(np.float32),
+                )
+                for r in batches(ROWS, 16)
+            ]
+            list(client.train("ctr-sdk", sdk))
+            assert_bitwise(client.parameters("ctr-cli"), client.parameters("ctr-sdk"))
+
+            new = tmp_path / "new.csv"
+            write_csv(new, np.delete(table, 1, axis=1), "f2,cat1,cat2,user_id,f1")
+            predicted = gradstream("predict", "ctr-cli", str(new), *flags[:6], *target).stdout
+            inputs = {"user": user[:, None], "category": categories, "dense": dense}
+            expected = client.predict("ctr-cli", inputs).reshape(-1)
+            np.testing.assert_allclose(np.loadtxt(predicted.splitlines()), expected, rtol=1e-7)
+            evaluated = json.loads(gradstream("eval", "ctr-cli", str(path), *flags, *target).stdout)
+            assert evaluated["rows"] == ROWS and 0 < evaluated["log_loss"] < 1
+
+            line = one_line_error(
+                gradstream(
+                    "train", "ctr-cli", str(path), *flags[:4], *flags[6:], *target, check=False
+                ),
+                1,
+            )
+            assert "the model's input 'dense' has no --input dense=" in line
+            line = one_line_error(
+                gradstream(
+                    "train",
+                    "ctr-cli",
+                    str(path),
+                    *flags[:4],
+                    "--input",
+                    "dense=f1",
+                    *flags[6:],
+                    *target,
+                    check=False,
+                ),
+                1,
+            )
+            assert "column 'f2' is in no --input" in line
+        finally:
+            client.delete_model("ctr-cli")
+            client.delete_model("ctr-sdk")

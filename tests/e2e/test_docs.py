@@ -43,12 +43,15 @@ PAGES = sorted(
     for p in [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("examples/**/*.md")]
 )
 BLOCKS: dict[str, list[str]] = {
-    "README.md": ["make", "run", "dist", "run", "run", "run", "run", "flags", "spec", "text"],
+    "README.md": [
+        *("make", "run", "dist", "run", "run", "run", "run", "run"),
+        *("flags", "spec", "spec", "text"),
+    ],
     "docs/architecture.md": ["text", "text"],
-    "docs/bring-your-own-model.md": ["fragment", "flags"],
+    "docs/bring-your-own-model.md": ["fragment", "flags", "fragment"],
     "docs/deploy.md": [
         *("docker", "docker", "text", "docker", "docker", "docker"),
-        *("kubectl", "yaml", "kubectl", "kubectl", "kubectl", "docker"),
+        *("kubectl", "yaml", "kubectl", "kubectl", "kubectl", "docker", "docker"),
     ],
     "docs/durability.md": ["fragment"],
     "docs/observability.md": ["prometheus"],

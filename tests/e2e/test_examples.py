@@ -80,6 +80,19 @@ def test_exported_model(served: BackgroundServer) -> None:
     assert "trained 400 steps" in out and "deleted example-exported" in out
 
 
+def test_ctr_embedding(served: BackgroundServer) -> None:
+    out = run(
+        [sys.executable, str(EXAMPLES / "ctr_embedding.py")], {"GRADSTREAM_TARGET": served.target}
+    )
+    loss, chance = map(float, re.findall(r"log loss: ([0-9.]+) \(base rate's ([0-9.]+)\)", out)[0])
+    before, after = map(float, re.findall(r"roc auc: ([0-9.]+) before, ([0-9.]+) after", out)[0])
+    # Better than knowing only the click rate, and ranking clicks well above chance.
+    assert loss < chance - 0.03 and after > 0.65 and after > before, out
+    assert "inputs: user (integer), item (integer), category (integer), dense (float)" in out
+    assert "trained 300 steps" in out and re.search(r"exported ctr.safetensors, \d+ bytes", out)
+    assert "deleted example-ctr" in out
+
+
 def test_exactly_once_producer() -> None:
     out = run([sys.executable, str(EXAMPLES / "exactly_once_producer.py")])
     assert re.search(r"the model is at step 400, reconnects [1-9]", out), out

@@ -578,6 +578,15 @@ def test_every_export_format_of_embedding_mlp_computes_what_predict_does(
         with torch.no_grad():
             assert np.array_equal(module(*tensors).numpy(), want)
             assert np.array_equal(loaded(*tensors).numpy(), want)  # rows and bags are free
+    # The archive's user inputs carry the declared names, so it comes back as an
+    # `exported` model that takes the same named inputs and predicts the same.
+    program = torch.export.load(str(path))
+    assert program.graph_signature.user_inputs == order
+    back = {**SPEC, "architecture": {"kind": "exported"}, "schedule": None}
+    info = create(client, f"{name}-back", {k: v for k, v in back.items() if v}, path.read_bytes())
+    assert [i.name for i in info.inputs] == list(order)
+    for probe, want in zip(probes, expected, strict=True):
+        assert np.array_equal(predict(client, f"{name}-back", probe), want)
 
     ort = pytest.importorskip("onnxruntime")
     (path,) = client.export(name, "onnx", tmp_path / "model.onnx")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
-from gradstream.client import Client
-from gradstream.client._errors import InvalidArgument, ResourceExhausted
+from gradstream.client import Client, Prediction
+from gradstream.client._errors import InvalidArgument, NotFound, ResourceExhausted
 from gradstream.server.main import BackgroundServer
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
@@ -34,11 +37,16 @@ def _expected(step: int) -> np.ndarray:
     return (X * step + step).astype(np.float32)
 
 
-@pytest.fixture(params=[2, 0], ids=["snapshots", "worker"])
+@pytest.fixture(params=[(2, 1 << 18), (2, 0), (0, 0)], ids=["inline", "threads", "worker"])
 def served(request: pytest.FixtureRequest) -> Iterator[BackgroundServer]:
-    """A server with Predict on snapshots (2 threads), and one with snapshots off."""
+    """Predict on snapshots, small ones on the event loop; on snapshots, always on the 2
+    Predict threads; snapshots off."""
+    threads, inline = request.param
     settings = server_settings(
-        predict_threads=request.param, max_batch_rows=100, max_activation_bytes=600
+        predict_threads=threads,
+        predict_inline_work=inline,
+        max_batch_rows=100,
+        max_activation_bytes=600,
     )
     with BackgroundServer(settings) as running:
         yield running
@@ -116,3 +124,70 @@ def test_a_prediction_after_set_parameters_sees_them(served: BackgroundServer) -
         np.testing.assert_array_equal(client.predict("set", X), _expected(3))
         client.set_parameters("set", {"weight": np.full((1, 1), 5.0, np.float32)})
         np.testing.assert_array_equal(client.predict("set", X), X * 5 + 3)
+
+
+def test_the_sdk_returns_the_step_of_a_prediction_when_asked(served: BackgroundServer) -> None:
+    with Client(served.target) as client:
+        client.create_model("stepped", COUNTER)
+        list(client.train("stepped", [ONE_ROW] * 4))
+        prediction = client.predict("stepped", X, with_step=True)
+        assert isinstance(prediction, Prediction)
+        assert prediction.step == 4
+        np.testing.assert_array_equal(prediction.y, _expected(4))
+        # Without it: the array alone, as before.
+        plain = client.predict("stepped", X)
+        assert isinstance(plain, np.ndarray)
+        np.testing.assert_array_equal(plain, _expected(4))
+
+
+def test_a_prediction_waiting_for_a_deleted_models_copy_ends_with_not_found() -> None:
+    settings = server_settings(predict_threads=2)
+    with BackgroundServer(settings) as served, Client(served.target) as client:
+        client.create_model("gone", COUNTER)
+        list(client.train("gone", [ONE_ROW]))  # step 1, not copied: nobody predicted
+        worker = served.server.registry.get("gone")
+        running, release = threading.Event(), threading.Event()
+        # A job without a step boundary holds the worker: a prediction waits for it.
+        assert served._loop is not None
+
+        def hold(_: object) -> bool:
+            running.set()
+            return release.wait(60)
+
+        blocked = asyncio.run_coroutine_threadsafe(worker.run(hold), served._loop)
+        assert running.wait(30)
+        outcome: list[BaseException | np.ndarray] = []
+        predicting = threading.Thread(
+            target=lambda: outcome.append(_call(client.predict, "gone", X))
+        )
+        deleting = threading.Thread(target=lambda: _call(client.delete_model, "gone"))
+        try:
+            predicting.start()
+            deadline = time.monotonic() + 30
+            while not worker.trainer.snapshots.wanted and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert worker.trainer.snapshots.wanted, "the prediction did not wait"
+            deleting.start()  # waits for the blocked job to end, like any deletion
+            predicting.join(10)
+            # Answered while the job still runs: it does not wait for a deleted model.
+            assert not predicting.is_alive()
+            assert not release.is_set()
+            (error,) = outcome
+            assert isinstance(error, NotFound), error
+            assert "gone" in str(error) and "deleted" in str(error)
+        finally:
+            release.set()
+            blocked.result(30)
+            for thread in (predicting, deleting):
+                if thread.ident is not None:  # started
+                    thread.join(30)
+        with pytest.raises(NotFound):
+            client.predict("gone", X)
+
+
+def _call(function: Any, *args: Any) -> Any:
+    """The result, or the exception it raised."""
+    try:
+        return function(*args)
+    except Exception as exc:
+        return exc

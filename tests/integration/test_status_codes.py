@@ -243,7 +243,7 @@ def test_out_of_memory_is_resource_exhausted(
 
     client.create_model(name, SPEC)
 
-    def exhausted(self: object, x: Any) -> Any:
+    def exhausted(self: object, *inputs: Any, **snapshot: Any) -> Any:
         if error == "cuda":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         raise RuntimeError(

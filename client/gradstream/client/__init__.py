@@ -16,7 +16,14 @@ from gradstream.client._errors import (
     Unavailable,
 )
 from gradstream.client._export import export_module
-from gradstream.client._models import CheckpointInfo, ModelInfo, ParameterInfo, StepResult
+from gradstream.client._models import (
+    CheckpointInfo,
+    InputInfo,
+    ModelInfo,
+    ParameterInfo,
+    Prediction,
+    StepResult,
+)
 from gradstream.client._producer import ProducerStream
 from gradstream.wire import SpecError
 
@@ -28,12 +35,14 @@ __all__ = [
     "DataLoss",
     "FailedPrecondition",
     "GradstreamError",
+    "InputInfo",
     "Internal",
     "InvalidArgument",
     "ModelInfo",
     "NotFound",
     "ParameterInfo",
     "PermissionDenied",
+    "Prediction",
     "ProducerStream",
     "ResourceExhausted",
     "SpecError",

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 import numpy.typing as npt
@@ -15,16 +15,18 @@ from gradstream.client._errors import BatchRejected, from_rpc_error
 from gradstream.client._models import (
     CheckpointInfo,
     ModelInfo,
+    Prediction,
     StepResult,
     model_info,
     step_result,
 )
-from gradstream.client._outbox import BatchLike, Outbox
+from gradstream.client._outbox import BatchLike, Outbox, batch_parts
 from gradstream.client._producer import ProducerStream
 from gradstream.client._shm import SharedRing
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
-from gradstream.wire import from_proto, spec_to_proto, to_proto
+from gradstream.wire import from_proto, set_model_input, spec_to_proto, to_proto
+from gradstream.wire.train import proto_batch
 
 T = TypeVar("T")
 Array = npt.NDArray[Any]
@@ -135,7 +137,7 @@ class Client:
         return model_info(self._call(self._stub.CreateModel, request).model)
 
     def get_model(self, name: str) -> ModelInfo:
-        """Spec, step, device, parameter shapes, frozen set and autograd chain of a model."""
+        """Spec, step, device, inputs, parameter shapes, frozen set, autograd chain of a model."""
         return model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name)).model)
 
     def list_models(self) -> list[ModelInfo]:
@@ -160,22 +162,42 @@ class Client:
 
     # -- inference and inspection -------------------------------------------------------
 
-    def predict(self, name: str, x: Any) -> Array:
-        """The model's output on x (inference mode, nothing recorded)."""
-        response = self._call(self._stub.Predict, pb.PredictRequest(name=name, x=to_proto(x)))
-        return from_proto(response.y, "y")
+    @overload
+    def predict(
+        self, name: str, x_or_inputs: Any, *, with_step: Literal[False] = False
+    ) -> Array: ...
+    @overload
+    def predict(self, name: str, x_or_inputs: Any, *, with_step: Literal[True]) -> Prediction: ...
+    def predict(
+        self, name: str, x_or_inputs: Any, *, with_step: bool = False
+    ) -> Array | Prediction:
+        """The model's output (inference mode, nothing recorded); with ``with_step``, a
+        ``Prediction``: the output and the step of the parameters it was computed with.
+
+        ``x_or_inputs``: an array for a model with the single input ``x``, or a dict
+        name -> array of the model's named inputs (``get_model(name).inputs``).
+        """
+        request = pb.PredictRequest(name=name)
+        set_model_input(request, x_or_inputs)
+        response = self._call(self._stub.Predict, request)
+        y = from_proto(response.y, "y")
+        return Prediction(y, response.step) if with_step else y
 
     def gradients(
         self,
         name: str,
-        x: Any,
+        x_or_inputs: Any,
         y: Any = None,
         grad_output: Any = None,
         sample_weight: Any = None,
     ) -> dict[str, Array]:
         """Gradients of the loss on (x, y), or with ``grad_output`` = v the vector-Jacobian
-        product v^T J of the model output (the notebook's ``y.backward(vector)``). Nothing steps."""
-        request = pb.ComputeGradientsRequest(name=name, x=to_proto(x))
+        product v^T J of the model output (the notebook's ``y.backward(vector)``). Nothing steps.
+
+        ``x_or_inputs`` is an array or a dict of named inputs, as for ``predict``.
+        """
+        request = pb.ComputeGradientsRequest(name=name)
+        set_model_input(request, x_or_inputs)
         if y is not None:
             to_proto(y, request.y)
         if grad_output is not None:
@@ -197,27 +219,41 @@ class Client:
     ) -> dict[str, float]:
         """The model's loss and task metrics on ``(x, y[, sample_weight])`` batches; no step.
 
-        Returns ``loss`` (weighted and reduced as training does), the metrics of the
-        model's task (docs/evaluation.md), ``step`` (the step it was taken at) and
-        ``rows``. ``top_k`` asks a multiclass model for top-k accuracy too.
+        ``x`` is an array or a dict of named inputs, as for ``train``. Returns ``loss``
+        (weighted and reduced as training does), the metrics of the model's task
+        (docs/evaluation.md), ``step`` (the step it was taken at) and ``rows``. ``top_k``
+        asks a multiclass model for top-k accuracy too.
         """
+        failed: list[BaseException] = []  # the caller's batches failed: that is the error
 
         def requests() -> Iterator[pb.EvaluateRequest]:
             message = pb.EvaluateRequest(open=pb.EvaluateOpen(model=name, top_k=list(top_k)))
-            for batch in batches:
-                x, y, weight = (*batch, None)[:3]
-                added = message.batches.add(x=to_proto(x), y=to_proto(y))
-                if weight is not None:
-                    to_proto(weight, added.sample_weight)
-                if message.ByteSize() >= message_bytes:
-                    yield message
-                    message = pb.EvaluateRequest()
+            try:
+                for index, batch in enumerate(batches):
+                    if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
+                        raise TypeError(
+                            f"batch {index}: expected (x, y) or (x, y, sample_weight), x an "
+                            f"array or a dict of named inputs; got {type(batch).__name__}"
+                        )
+                    message.batches.append(proto_batch(batch_parts(batch, index)))
+                    if message.ByteSize() >= message_bytes:
+                        yield message
+                        message = pb.EvaluateRequest()
+            except Exception as exc:
+                # Raised here, gRPC would log it and say only "Exception iterating
+                # requests!": end the stream instead, and raise it in the caller's thread.
+                failed.append(exc)
+                return
             yield message
 
         try:
             response = self._stub.Evaluate(requests())
         except grpc.RpcError as exc:
+            if failed:
+                raise failed[0] from None
             raise from_rpc_error(exc) from None
+        if failed:
+            raise failed[0]
         return {
             "loss": response.loss,
             **dict(response.metrics),
@@ -310,6 +346,9 @@ class Client:
     ) -> Iterator[StepResult]:
         """Stream batches of ``(x, y)`` or ``(x, y, sample_weight)``; yields one result per batch.
 
+        ``x`` is an array for a model with the single input ``x``, or a dict name -> array
+        of the model's named inputs (``get_model(name).inputs``), e.g.
+        ``({"user": user_ids, "item": item_ids, "dense": features}, clicks)``.
         Several batches travel in one message (up to ``batches_per_message`` and
         ``message_bytes``), which is what makes small batches fast. From a lazy
         iterator, batches are sent as soon as they are produced. At most ``window``

@@ -27,6 +27,18 @@ class StepResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Prediction:
+    """A model's output and the step of the parameters that computed it.
+
+    ``step`` is at least the model's step in every Train answer received before the
+    request was sent (docs/serving.md).
+    """
+
+    y: Any  # numpy array, (rows, out_features)
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointInfo:
     """A checkpoint the server wrote: its name, step and every producer's durable sequence."""
 
@@ -44,6 +56,20 @@ class ParameterInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class InputInfo:
+    """One input a model takes: every batch, prediction and gradient request carries it.
+
+    ``kind`` is ``"float"`` (any floating dtype, converted to the model's) or
+    ``"integer"`` (ids: int64, or int32 widened); ``shape`` is the sizes after the row
+    dimension, -1 where any size is accepted (an id bag's length).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """A model as the server describes it."""
 
@@ -56,6 +82,8 @@ class ModelInfo:
     autograd_chain: list[str] = field(default_factory=list)
     nonfinite_streak: int = 0
     lr: float = 0.0  # what the next step uses: the schedule's current value
+    # What every batch carries: a single input named "x" is sent as x, several as a dict.
+    inputs: tuple[InputInfo, ...] = ()
 
 
 def step_result(message: pb.StepResult) -> StepResult:
@@ -81,4 +109,5 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         autograd_chain=list(message.autograd_chain),
         nonfinite_streak=message.nonfinite_streak,
         lr=message.lr,
+        inputs=tuple(InputInfo(i.name, i.kind, tuple(i.shape)) for i in message.inputs),
     )

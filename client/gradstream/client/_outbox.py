@@ -20,16 +20,23 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from gradstream.client._errors import ResourceExhausted
 from gradstream.client._shm import RingFull, SharedRing
 from gradstream.v1 import trainer_pb2 as pb
-from gradstream.wire import wire_array
-from gradstream.wire.train import MESSAGE_FRAMING, MessageBuilder, encode_batch, entry_bound
+from gradstream.wire import wire_array, wire_inputs
+from gradstream.wire.train import (
+    MESSAGE_FRAMING,
+    BatchParts,
+    MessageBuilder,
+    encode_batch,
+    entry_bound,
+)
 
-# (x, y), (x, y, sample_weight) or, for producers, (x, y, sample_weight_or_None, sequence)
+# (x, y), (x, y, sample_weight) or, for producers, (x, y, sample_weight_or_None, sequence),
+# where x is an array or a dict of the model's named inputs (name -> array).
 BatchLike = tuple[Any, Any] | tuple[Any, Any, Any] | tuple[Any, Any, Any, Any]
 _POLL = 0.1  # seconds between checks of a stop flag while waiting
 
@@ -117,7 +124,7 @@ class Outbox:
             explicit: bool | None = None
             for index, batch in enumerate(self._batches):
                 sequence, arrays, explicit = self._parse(batch, index, explicit)
-                parts = [wire_array(a) for a in arrays if a is not None]
+                parts = batch_parts(arrays, index)
                 bound = entry_bound(parts)
                 if self._limit and bound > self._limit:
                     # Splitting the batch would turn one optimizer step into several.
@@ -143,13 +150,15 @@ class Outbox:
         if not self.numbered:
             if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
                 raise TypeError(
-                    f"batch {index}: expected (x, y) or (x, y, sample_weight), got {type(batch)}"
+                    f"batch {index}: expected (x, y) or (x, y, sample_weight), x an array "
+                    f"or a dict of named inputs; got {_describe(batch)}"
                 )
             return 0, batch, None
         if not isinstance(batch, tuple | list) or len(batch) not in (2, 3, 4):
             raise TypeError(
                 f"batch {index}: expected (x, y), (x, y, sample_weight) or "
-                f"(x, y, sample_weight, sequence), got {type(batch)}"
+                f"(x, y, sample_weight, sequence), x an array or a dict of named inputs; "
+                f"got {_describe(batch)}"
             )
         given = len(batch) == 4
         if explicit is not None and given != explicit:
@@ -166,7 +175,7 @@ class Outbox:
             )
         return sequence, batch[:3], True
 
-    def _put(self, sequence: int, parts: list[tuple[Any, int]], bound: int) -> bool:
+    def _put(self, sequence: int, parts: BatchParts, bound: int) -> bool:
         """Add one batch to the open message once there is room; False if stopped first."""
         while True:
             with self._cond:
@@ -213,14 +222,14 @@ class Outbox:
         if full and self._on_full is not None:
             self._on_full()
 
-    def _add(self, sequence: int, parts: list[tuple[Any, int]]) -> None:
+    def _add(self, sequence: int, parts: BatchParts) -> None:
         """Encode one batch into the open message (called locked; RingFull adds nothing)."""
         message = self._open
         if self.ring is None:
             entry = encode_batch(parts, sequence=sequence, start=message.builder.size)
             cost = len(entry)
         else:
-            places, cost = self.ring.put([a for a, _ in parts])
+            places, cost = self.ring.put(parts.arrays())
             entry = encode_batch(parts, places, sequence)
         message.builder.add(entry)
         message.sequences.append(sequence)
@@ -263,6 +272,40 @@ class Outbox:
     def sending(self, opener: pb.TrainRequest, window: int, window_bytes: int) -> Sending:
         """A new call's requests; a producer's wait for ``Sending.resume``."""
         return Sending(self, opener, window, window_bytes, wait=self.numbered)
+
+
+def batch_parts(batch: Sequence[Any], index: int) -> BatchParts:
+    """``(x_or_inputs, y[, sample_weight])`` as it travels; a malformed one names batch ``index``.
+
+    ``x_or_inputs`` is an array (the model's single input ``x``) or a dict name -> array
+    (the model's named inputs, sent in the dict's order).
+    """
+    x, y, weight = (*batch, None)[:3]
+    where = f"batch {index}"
+    if x is None:
+        raise ValueError(f"{where}: x is None; give an array or a dict of named inputs")
+    if y is None:
+        raise ValueError(f"{where}: y is None; every batch needs its targets")
+    named = isinstance(x, Mapping)
+    return BatchParts(
+        y=_wire(y, f"{where}: y"),
+        x=None if named else _wire(x, f"{where}: x"),
+        sample_weight=None if weight is None else _wire(weight, f"{where}: sample_weight"),
+        inputs=tuple(wire_inputs(x, f"{where}: inputs")) if named else (),
+    )
+
+
+def _wire(value: Any, where: str) -> tuple[Any, int]:
+    try:
+        return wire_array(value)
+    except TypeError as exc:
+        raise TypeError(f"{where}: {exc}") from None
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, tuple | list):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return type(batch).__name__
 
 
 class Sending:

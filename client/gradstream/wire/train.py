@@ -4,8 +4,10 @@ Building ``pb.TrainRequest`` objects costs three copies of every array before gR
 takes its own (``tobytes``, the assignment into the message, ``SerializeToString``).
 Here each batch is encoded once, as the bytes of one ``batches`` entry of a TrainRequest,
 and a message is the concatenation of its entries (a protobuf message's fields may simply
-be concatenated). Each tensor's data of ``ALIGN_MIN_BYTES`` or more is placed at an offset
-of the message that is a multiple of ``ALIGN``, by a ``padding`` field that readers ignore;
+be concatenated). A batch's tensors are ``x`` or the model's named ``inputs``
+(``NamedTensor`` entries), ``y`` and ``sample_weight``. Each tensor's data of
+``ALIGN_MIN_BYTES`` or more is placed at an offset of the message that is a multiple of
+``ALIGN``, by a ``padding`` field that readers ignore;
 batches of only smaller tensors take protobuf's own (faster, for them) encoder.
 ``tests/unit/wire/test_train.py`` checks the bytes parse to what protobuf itself would
 write, and that the data is aligned.
@@ -14,6 +16,7 @@ write, and that the data is aligned.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +27,10 @@ from gradstream.wire.tensor import ALIGN
 
 # Tags: (field number << 3) | wire type (0 varint, 2 length-delimited).
 _BATCHES = b"\x12"  # TrainRequest.batches = 2
-_BATCH_FIELDS = (b"\x0a", b"\x12", b"\x1a")  # Batch.x = 1, y = 2, sample_weight = 3
+_INPUTS = 5  # Batch.inputs = 5 (x = 1, y = 2, sample_weight = 3)
+_NAMED = b"\x2a"  # its tag
+_NAME = b"\x0a"  # NamedTensor.name = 1
+_NAMED_TENSOR = b"\x12"  # NamedTensor.tensor = 2
 _SEQUENCE = 0x20  # Batch.sequence = 4
 _DTYPE = 0x08  # Tensor.dtype = 1
 _SHAPE = b"\x12"  # Tensor.shape = 2 (packed)
@@ -62,59 +68,111 @@ def _padding(size: int) -> bytes:
     return _PADDING + varint(size - 2) + bytes(size - 2) if size else b""
 
 
+Part = tuple[Array, int]  # an array as it travels (``wire_array``) and its DataType code
+
+
+@dataclass(frozen=True, slots=True)
+class BatchParts:
+    """One batch's tensors as they travel: ``x`` or named ``inputs``, ``y``, ``sample_weight``.
+
+    The arrays must be C-contiguous and little-endian (``wire_array`` makes them so).
+    """
+
+    y: Part | None = None
+    x: Part | None = None
+    sample_weight: Part | None = None
+    inputs: tuple[tuple[str, Part], ...] = ()
+
+    @classmethod
+    def of(cls, parts: BatchParts | Sequence[Part]) -> BatchParts:
+        """``parts`` itself, or the positional form ``[x, y]`` / ``[x, y, sample_weight]``."""
+        if isinstance(parts, BatchParts):
+            return parts
+        x, y, weight = (*parts, None, None, None)[:3]
+        return cls(y=y, x=x, sample_weight=weight)
+
+    def tensors(self) -> list[tuple[int, str, Part]]:
+        """(Batch field number, input name or "", part) of each tensor, in wire order.
+
+        Shared-memory places are given in this order.
+        """
+        fields = [(1, self.x), (2, self.y), (3, self.sample_weight)]
+        out = [(number, "", part) for number, part in fields if part is not None]
+        out += [(_INPUTS, name, part) for name, part in self.inputs]
+        return out
+
+    def arrays(self) -> list[Array]:
+        """The arrays in wire order (what a shared-memory ring holds)."""
+        return [array for _, _, (array, _) in self.tensors()]
+
+
 def encode_batch(
-    parts: Sequence[tuple[Array, int]],
+    parts: BatchParts | Sequence[Part],
     places: Sequence[tuple[int, int]] | None = None,
     sequence: int = 0,
     start: int = 0,
 ) -> bytes:
-    """One ``batches`` entry: ``(array, dtype code)`` for x, y and, if given, sample_weight.
+    """One ``batches`` entry of a TrainRequest (or an EvaluateRequest: the same field).
 
-    The arrays must be C-contiguous and little-endian (``wire_array`` makes them so).
-    With ``places`` the tensors carry (offset, length) in the shared-memory ring instead
-    of their bytes. ``start`` is where the entry will sit in its message: each tensor's
-    data (from ``ALIGN_MIN_BYTES``) is padded to a multiple of ``ALIGN`` from the message's
-    start, because the server uses large messages in place and unaligned floats cost it a
-    copy and a slower step (docs/performance.md).
+    ``parts`` is a ``BatchParts`` or, positionally, ``(array, dtype code)`` for x, y and,
+    if given, sample_weight. With ``places`` the tensors carry (offset, length) in the
+    shared-memory ring instead of their bytes, in ``BatchParts.tensors`` order.
+    ``start`` is where the entry will sit in its message: each tensor's data (from
+    ``ALIGN_MIN_BYTES``) is padded to a multiple of ``ALIGN`` from the message's start,
+    named inputs included, because the server uses large messages in place and unaligned
+    numbers cost it a copy and a slower step (docs/performance.md).
     """
-    if places is not None or all(a.nbytes < ALIGN_MIN_BYTES for a, _ in parts):
-        return _via_protobuf(parts, places, sequence)
+    batch = BatchParts.of(parts)
+    tensors = batch.tensors()
+    if places is not None or all(a.nbytes < ALIGN_MIN_BYTES for _, _, (a, _) in tensors):
+        return _via_protobuf(batch, places, sequence)
+    tags: list[bytes] = []
+    names: list[bytes] = []  # a NamedTensor's name field, b"" for x, y, sample_weight
     heads: list[bytes] = []
     datas: list[bytes | memoryview] = []
-    for array, code in parts:
+    for number, name, (array, code) in tensors:
         head = _field(_DTYPE, code)
         if array.ndim:
             shape = b"".join(varint(d) for d in array.shape)
             head += _SHAPE + varint(len(shape)) + shape
         data: bytes | memoryview = array.reshape(-1).view(np.uint8).data if array.nbytes else b""
+        tags.append(bytes(((number << 3) | 2,)))
+        encoded = name.encode()
+        names.append(_NAME + varint(len(encoded)) + encoded if encoded else b"")
         heads.append(head)
         datas.append(data)
     tail = _field(_SEQUENCE, sequence)
-    pads = [0] * len(parts)
+    pads = [0] * len(tensors)
 
-    def layout() -> tuple[list[int], int, list[int]]:
-        """Each tensor's length, the batch's length, where each data starts in the message."""
+    def layout() -> tuple[list[int], list[int], int, list[int]]:
+        """Each Tensor's length, each field's length, the batch's, where each data starts."""
         sizes = [
             len(h) + p + (len(_DATA) + len(varint(len(d))) if d else 0) + len(d)
             for h, p, d in zip(heads, pads, datas, strict=True)
         ]
-        body = sum(1 + len(varint(t)) + t for t in sizes) + len(tail)
+        # A named input wraps its Tensor in a NamedTensor: name, then the tensor field.
+        outers = [
+            len(n) + len(_NAMED_TENSOR) + len(varint(t)) + t if tag == _NAMED else t
+            for n, t, tag in zip(names, sizes, tags, strict=True)
+        ]
+        body = sum(1 + len(varint(o)) + o for o in outers) + len(tail)
         pos = start + len(_BATCHES) + len(varint(body))
         starts = []
-        for head, pad, data, size in zip(heads, pads, datas, sizes, strict=True):
-            starts.append(
-                pos + 1 + len(varint(size)) + len(head) + pad + 1 + len(varint(len(data)))
-            )
-            pos += 1 + len(varint(size)) + size
-        return sizes, body, starts
+        for i, (head, pad, data) in enumerate(zip(heads, pads, datas, strict=True)):
+            inner = pos + 1 + len(varint(outers[i]))
+            if tags[i] == _NAMED:
+                inner += len(names[i]) + len(_NAMED_TENSOR) + len(varint(sizes[i]))
+            starts.append(inner + len(head) + pad + 1 + len(varint(len(data))))
+            pos += 1 + len(varint(outers[i])) + outers[i]
+        return sizes, outers, body, starts
 
     # Padding one tensor lengthens the prefixes before it and moves the tensors after it:
     # align them in order, redoing the layout each time. A longer prefix can undo an
     # alignment (at 128 bytes a length takes two), so after 8 rounds padding stops taking
     # its shortest form, which lets the prefixes settle. The rounds are bounded: an
     # unaligned message would still be correct, only slower to check on the server.
-    for round_ in range(8 + 4 * len(parts)):
-        _, _, starts = layout()
+    for round_ in range(8 + 4 * len(tensors)):
+        *_, starts = layout()
         off = next(
             (i for i, d in enumerate(datas) if len(d) >= ALIGN_MIN_BYTES and starts[i] % ALIGN),
             None,
@@ -125,10 +183,13 @@ def encode_batch(
         if want > MAX_PADDING or (want > ALIGN + 1 and round_ < 8):
             want -= ALIGN
         pads[off] = want + ALIGN if want == 1 else want  # a field takes at least 2 bytes
-    tensors, body, _ = layout()
+    sizes, outers, body, _ = layout()
     pieces: list[bytes | memoryview] = [_BATCHES, varint(body)]
-    for i, (head, data, size) in enumerate(zip(heads, datas, tensors, strict=True)):
-        pieces += (_BATCH_FIELDS[i], varint(size), head, _padding(pads[i]))
+    for i, (head, data) in enumerate(zip(heads, datas, strict=True)):
+        pieces += (tags[i], varint(outers[i]))
+        if tags[i] == _NAMED:
+            pieces += (names[i], _NAMED_TENSOR, varint(sizes[i]))
+        pieces += (head, _padding(pads[i]))
         if data:
             pieces += (_DATA, varint(len(data)), data)
     pieces.append(tail)
@@ -137,25 +198,28 @@ def encode_batch(
 
 
 def proto_batch(
-    parts: Sequence[tuple[Array, int]],
+    parts: BatchParts | Sequence[Part],
     places: Sequence[tuple[int, int]] | None = None,
     sequence: int = 0,
 ) -> pb.Batch:
     """The same batch as a protobuf message (what ``encode_batch`` must be equivalent to)."""
-    batch = pb.Batch(sequence=sequence)
-    for i, (array, code) in enumerate(parts):
-        tensor = (batch.x, batch.y, batch.sample_weight)[i]
+    message = pb.Batch(sequence=sequence)
+    for i, (number, name, (array, code)) in enumerate(BatchParts.of(parts).tensors()):
+        if number == _INPUTS:
+            tensor = message.inputs.add(name=name).tensor
+        else:
+            tensor = (message.x, message.y, message.sample_weight)[number - 1]
         tensor.dtype = code  # type: ignore[assignment]
         tensor.shape[:] = array.shape
         if places is None:
             tensor.data = array.tobytes()
         else:
             tensor.shared.offset, tensor.shared.length = places[i]
-    return batch
+    return message
 
 
 def _via_protobuf(
-    parts: Sequence[tuple[Array, int]], places: Sequence[tuple[int, int]] | None, sequence: int
+    parts: BatchParts, places: Sequence[tuple[int, int]] | None, sequence: int
 ) -> bytes:
     # Nothing to align: protobuf's C encoder beats the Python one on tiny batches, and its
     # copies of a few bytes cost nothing.
@@ -188,9 +252,13 @@ class MessageBuilder:
 MESSAGE_FRAMING = 1024
 
 
-def entry_bound(parts: Sequence[tuple[Array, int]]) -> int:
+def entry_bound(parts: BatchParts | Sequence[Part]) -> int:
     """An upper bound of ``len(encode_batch(parts, ...))``, cheap to compute before encoding.
 
-    The arrays' bytes plus, per tensor, its framing and the most alignment padding it takes.
+    The arrays' bytes plus, per tensor, its framing, its name and the most alignment
+    padding it takes.
     """
-    return 24 + sum(a.nbytes + 32 + 11 * a.ndim + MAX_PADDING for a, _ in parts)
+    return 24 + sum(
+        a.nbytes + 32 + 11 * a.ndim + MAX_PADDING + (24 + len(name.encode()) if name else 0)
+        for _, name, (a, _) in BatchParts.of(parts).tensors()
+    )

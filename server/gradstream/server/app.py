@@ -116,6 +116,7 @@ class Server:
             publisher=self.publisher,
             eval_auc_max_scores=settings.eval_auc_max_scores,
             predict_threads=settings.predict_threads,
+            predict_inline_work=settings.predict_inline_work,
             export_max_batch_size=settings.export_max_batch_size,
             max_program_bytes=settings.max_program_bytes,
             # A chunk and its envelope fit in one message whatever max_message_bytes is.

@@ -238,6 +238,42 @@ class BatchChecker:
             more=inputs[1:],
         )
 
+    def block(
+        self, inputs: Sequence[Array], y: Array, weight: Array | None, like: Batch
+    ) -> list[torch.Tensor] | None:
+        """The value checks of ``batch`` over n batches stacked along a new first axis.
+
+        Every one of the n batches has the layout (dtypes, shapes) of ``like``, a batch
+        that passed ``batch``, so only the values are left to check: finite floats, labels
+        and ids in range, weights non-negative and not all zero in each batch. Returns
+        the inputs, y and the weight (when given) in ``like``'s shapes with the leading
+        n, or None when any value fails: the caller then checks each batch alone, so
+        the failing one is named as ``batch`` would name it.
+        """
+        n = inputs[0].shape[0]
+        try:
+            out: list[Array] = []
+            for declared, array in zip(self.declared, inputs, strict=True):
+                if self.single or declared.kind == "float":
+                    out.append(_converted(array, self.dtype, "", quote=False))
+                else:
+                    out.append(_ids(array, declared.ids_below, "", quote=False))
+            if self.classes:
+                if int(y.min()) < 0 or int(y.max()) >= self.out_features:
+                    return None
+                out.append(y.astype(np.int64, copy=False))
+            else:
+                out.append(_converted(y, self.dtype, "", quote=False))
+            if weight is not None:
+                w = _converted(weight, self.dtype, "", quote=False)
+                if (w < 0).any() or not (w > 0).reshape(n, -1).any(axis=1).all():
+                    return None
+                out.append(w)
+        except InvalidArgument:
+            return None
+        shapes = [*like.inputs, like.y] + ([] if like.weight is None else [like.weight])
+        return [torch.from_numpy(a.reshape(n, *t.shape)) for a, t in zip(out, shapes, strict=True)]
+
     def _check_bytes(self, size: int, field: str) -> None:
         if self.max_bytes and size > self.max_bytes:
             raise ResourceExhausted(

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
         "training (costs one extra copy of them per model); 0: off, Predict waits in the "
         "model's worker queue behind training",
     )
+    predict_inline_work: int = Field(
+        1 << 18,
+        ge=0,
+        description="a prediction of at most this many rows x parameters whose snapshot is "
+        "ready runs on the event loop instead of a Predict thread, which saves two thread "
+        "hand-offs (0: always on the Predict threads)",
+    )
     metrics_every: int = Field(
         10, gt=0, description="steps between samples of weight and gradient metrics"
     )

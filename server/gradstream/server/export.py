@@ -175,10 +175,35 @@ def _dynamic_for(module: nn.Module, dynamic: Any) -> Any:
     return (dynamic,) if kinds and kinds[0] is inspect.Parameter.VAR_POSITIONAL else dynamic
 
 
+def _named_forward(module: nn.Module, names: list[str]) -> nn.Module:
+    """Give a ``forward(*inputs)`` module a signature of the declared input names.
+
+    torch.export names an archive's user inputs after ``forward``'s parameters: without
+    this, ``embedding_mlp``'s would be ``inputs_0``... and the archive could not come back
+    as an ``exported`` model taking the same named inputs. Set on the instance, so the
+    parameter names stay the module's own.
+    """
+    signature = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+    positional = type(module).forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return positional(module, *signature.bind(*args, **kwargs).args)
+
+    forward.__signature__ = signature  # type: ignore[attr-defined]
+    module.forward = forward
+    return module
+
+
 def write_pt2(copy: ModelCopy, path: Path) -> Path:
-    """``torch.export`` of the eval-mode module; the row count is a dynamic dimension."""
+    """``torch.export`` of the eval-mode module; the row count is a dynamic dimension; the
+    user inputs carry the model's declared input names."""
     module = rebuild(copy)
-    _, example, dynamic = _example(copy.spec)
+    inputs, example, dynamic = _example(copy.spec)
+    kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+    if kinds and kinds[0] is inspect.Parameter.VAR_POSITIONAL:
+        module = _named_forward(module, [i.name for i in inputs])
     with _EXPORT_LOCK, _free_sizes(copy.spec):
         program = torch.export.export(
             module, example, dynamic_shapes=_dynamic_for(module, dynamic), strict=False

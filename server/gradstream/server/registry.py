@@ -150,6 +150,8 @@ class ModelRegistry:
             return
         worker = self.get(name)
         del self._workers[name]
+        # A prediction waiting for a copy fails now, not after the worker's queued jobs.
+        worker.trainer.snapshots.close(NotFound(f"model {name!r} was deleted"))
         await asyncio.to_thread(worker.close)
         await asyncio.to_thread(worker.trainer.close)
         self.metrics.model_deleted(name)

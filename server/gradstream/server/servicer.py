@@ -69,6 +69,7 @@ class TrainerServicer:
         publisher: Publisher | None = None,
         eval_auc_max_scores: int = 1_000_000,
         predict_threads: int = 0,
+        predict_inline_work: int = 0,
         export_max_batch_size: int = 0,
         export_chunk_bytes: int = CHUNK_BYTES,
         max_program_bytes: int = 64 * 1024 * 1024,
@@ -81,6 +82,7 @@ class TrainerServicer:
         self.export_max_batch_size = export_max_batch_size
         self.export_chunk_bytes = export_chunk_bytes
         self.max_program_bytes = max_program_bytes
+        self.predict_inline_work = predict_inline_work
         # Predict's own threads: a large batch neither blocks the event loop nor waits
         # behind training (snapshot.py); None: Predict goes through the worker queue.
         self._predict_pool = (
@@ -207,12 +209,21 @@ class TrainerServicer:
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         worker = self.registry.get(request.name)
-        if self._predict_pool is not None:
-            job = functools.partial(_predict, worker.trainer, request)
-            y, step = await asyncio.get_running_loop().run_in_executor(self._predict_pool, job)
+        trainer = worker.trainer
+        if self._predict_pool is None:
+            inputs = _inputs(trainer.checker, request)
+            y, step = await worker.run(lambda t: (t.predict(*inputs).cpu(), t.step))
             return pb.PredictResponse(y=encode(y), step=step)
-        inputs = _inputs(worker.trainer.checker, request)
-        y, step = await worker.run(lambda t: (t.predict(*inputs).cpu(), t.step))
+        snapshots = trainer.snapshots
+        snapshot = snapshots.ready()
+        work = _rows(request) * snapshots.work_per_row
+        if snapshot is not None and snapshots.on_cpu and work <= self.predict_inline_work:
+            # Small, and its copy is ready: here on the event loop. A hand-off to a Predict
+            # thread and back is two wake-ups, each a scheduler slice on a busy machine.
+            y, step = snapshots.predict(*_inputs(trainer.checker, request), snapshot=snapshot)
+        else:
+            job = functools.partial(_predict, trainer, request)
+            y, step = await asyncio.get_running_loop().run_in_executor(self._predict_pool, job)
         return pb.PredictResponse(y=encode(y), step=step)
 
     def close(self) -> None:
@@ -458,14 +469,23 @@ def add_to_server(servicer: TrainerServicer, server: grpc.aio.Server) -> None:
 
 
 def _apply_threads(count: int) -> None:
-    # OpenMP's thread count is per thread (see worker.py): each Predict thread takes torch's.
+    # One count for the process in torch 2.13; set per thread for builds where it is not
+    # (see worker.py).
     torch.set_num_threads(count)
 
 
 def _predict(trainer: Trainer, request: pb.PredictRequest) -> tuple[torch.Tensor, int]:
     """On a Predict thread: decode and check the inputs (hardening's checks), predict on the
     snapshot."""
-    return trainer.snapshots.predict(*_inputs(trainer.checker, request))
+    snapshots = trainer.snapshots
+    inputs = _inputs(trainer.checker, request)
+    return snapshots.predict(*inputs, snapshot=snapshots.ready() or snapshots.newest(settled=True))
+
+
+def _rows(request: pb.PredictRequest) -> int:
+    """The rows a request's inputs claim (before any check)."""
+    tensors = [request.x] if request.HasField("x") else [n.tensor for n in request.inputs]
+    return max((t.shape[0] for t in tensors if t.shape), default=0)
 
 
 def _inputs(

@@ -4,15 +4,23 @@ A copy is made only at a point where the worker is between two steps: at a step 
 inside ``Trainer.apply``, at the end of a worker job, or by the predicting thread itself
 while the worker runs no job (it then holds ``busy``, which the worker takes around each
 job). So a copy never mixes two steps, and a published ``Snapshot`` is never written
-again. Copies are made on demand: a prediction that finds the newest copy older than the
-model asks for one (``wanted``) and waits for the next such point. Training without
-predictions copies nothing; with them, at most one copy per step (docs/decisions.md).
+again.
+
+A prediction needs a copy at least as new as the model was at the end of the last worker
+job (``settled``): everything answered before it arrived, not the steps of the message
+under way. While predictions keep coming (``hot``), the worker publishes at the end of
+each job that changed the model, so a prediction finds its copy ready and waits for no
+thread: each cross-thread wake-up costs a scheduler slice on a busy machine. Otherwise a
+prediction that finds the newest copy too old asks for one (``wanted``) and waits for the
+next step boundary. Training without predictions copies nothing; with them, one copy per
+job, plus at most one per step for waiting predictions (docs/decisions.md).
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +31,8 @@ from torch.func import functional_call
 # How long a waiting prediction sleeps before it looks again whether the worker is idle:
 # covers a job that ended between the prediction's request and its wait.
 _POLL_SECONDS = 0.001
+# How long after a prediction the worker keeps publishing at the end of its jobs.
+HOT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +53,20 @@ class Snapshots:
         self.buffers_change = any(True for _ in module.buffers())
         self._device = device
         self._step = step
+        # Multiply-adds per row, about: what a prediction of n rows costs, n times this.
+        self.work_per_row = sum(t.numel() for t in self._live.values())
+        # On the CPU a prediction waits for no device: any thread may run it cheaply.
+        self.on_cpu = device.type == "cpu"
         # Bumped on the worker whenever the parameters or buffers may have changed.
         self.revision = 0
+        # The revision at the end of the worker's last job: what a prediction must see.
+        self.settled = 0
         self.wanted = False
+        self._predicted_at = -HOT_SECONDS
         self.busy = threading.Lock()  # held by the worker while it runs a job
         self._latest: Snapshot | None = None
         self._published = threading.Condition()
+        self._closed: Exception | None = None  # what a waiting prediction raises
         # The module's structure without storage: predictions call it with a snapshot's
         # tensors. functional_call swaps attributes, so each predicting thread has its own.
         # Built without copying the live tensors: each is replaced by an empty meta one.
@@ -74,6 +92,16 @@ class Snapshots:
         if self.wanted:
             self.publish()
 
+    def settle(self) -> None:
+        """At the end of a worker job: predictions from now on see at least this revision.
+
+        While predictions keep coming, copy now, so that they find it ready."""
+        self.settled = self.revision
+        latest = self._latest
+        stale = latest is None or latest.revision < self.revision
+        if stale and (self.wanted or time.monotonic() - self._predicted_at < HOT_SECONDS):
+            self.publish()
+
     def publish(self) -> None:
         """Copy the parameters and buffers now; the caller guarantees no step is under way."""
         revision, version = self.revision, self._step()
@@ -96,14 +124,32 @@ class Snapshots:
             self.wanted = False
             self._published.notify_all()
 
-    def newest(self) -> Snapshot:
-        """A snapshot at least as new as the model when called (on a predicting thread)."""
-        target = self.revision
+    def close(self, error: Exception) -> None:
+        """The model is gone: predictions waiting for a copy, and later ones, raise ``error``
+        instead of waiting for the worker's last jobs."""
+        with self._published:
+            self._closed = error
+            self._published.notify_all()
+
+    def ready(self) -> Snapshot | None:
+        """The snapshot a prediction arriving now may use, if it is there without waiting."""
+        self._predicted_at = time.monotonic()
+        latest = self._latest
+        if latest is not None and latest.revision >= self.settled:
+            return latest
+        return None
+
+    def newest(self, settled: bool = False) -> Snapshot:
+        """A snapshot at least as new as the model when called (on a predicting thread);
+        with ``settled``, at least as new as at the end of the worker's last job."""
+        target = self.settled if settled else self.revision
         latest = self._latest
         if latest is not None and latest.revision >= target:
             return latest
         self.wanted = True
         while True:
+            if self._closed is not None:
+                raise copy.copy(self._closed)  # a fresh traceback for each waiting thread
             if self.busy.acquire(blocking=False):
                 try:  # the worker runs no job: copy here
                     latest = self._latest
@@ -113,18 +159,26 @@ class Snapshots:
                     self.busy.release()
             with self._published:
                 if self._published.wait_for(
-                    lambda: self._latest is not None and self._latest.revision >= target,
+                    lambda: (
+                        self._closed is not None
+                        or (self._latest is not None and self._latest.revision >= target)
+                    ),
                     _POLL_SECONDS,
                 ):
+                    if self._closed is not None:
+                        raise copy.copy(self._closed)
                     assert self._latest is not None
                     return self._latest
 
-    def predict(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The output on the newest snapshot (on the CPU) and that snapshot's step.
+    def predict(
+        self, *inputs: torch.Tensor, snapshot: Snapshot | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """The output on ``snapshot`` (default: the newest) on the CPU, and its step.
 
         ``inputs`` are the model's inputs in declaration order.
         """
-        snapshot = self.newest()
+        if snapshot is None:
+            snapshot = self.newest()
         module: nn.Module | None = getattr(self._local, "module", None)
         if module is None:
             module = self._local.module = copy.deepcopy(self._skeleton)

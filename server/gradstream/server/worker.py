@@ -61,9 +61,9 @@ class ModelWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        # OpenMP's thread count is per thread: a new thread gets the process default, not
-        # what torch.set_num_threads chose on the main thread, so --threads would not hold
-        # here. Apply torch's setting on the thread that steps.
+        # In torch 2.13 the intra-op count is one value for the process
+        # (tests/unit/server/test_intra_op_threads.py); set it again on the thread that
+        # steps anyway, so that a build whose count is per thread still honours --threads.
         torch.set_num_threads(torch.get_num_threads())
         while (item := self._jobs.get()) is not None:
             job, loop, future = item
@@ -72,8 +72,10 @@ class ModelWorker:
             try:
                 # busy: a prediction copies the parameters itself only while no job runs.
                 with self.trainer.snapshots.busy:
-                    result = job(self.trainer)
-                    self.trainer.snapshots.publish_if_wanted()
+                    try:
+                        result = job(self.trainer)
+                    finally:
+                        self.trainer.snapshots.settle()
             except BaseException as exc:  # delivered to the awaiting handler
                 loop.call_soon_threadsafe(_settle, future, None, exc)
             else:

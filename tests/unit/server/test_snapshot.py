@@ -73,3 +73,34 @@ def test_buffers_are_copied_and_used() -> None:
     y, _ = snapshots.predict(x)
     with torch.inference_mode():
         assert torch.equal(y, module(x))
+
+
+def test_while_predictions_come_a_job_end_publishes_so_none_waits_for_a_step() -> None:
+    trainer = TrainerFactory(torch.device("cpu")).build("m", parse_spec(MLP))
+    snapshots = trainer.snapshots
+    batch = Batch(torch.ones(4, 5), torch.zeros(4, 2))
+    assert snapshots.ready() is None  # nothing copied yet; this prediction makes it hot
+    with snapshots.busy:  # a worker job of two steps
+        trainer.train(batch, TrainOptions())
+        trainer.train(batch, TrainOptions())
+        snapshots.settle()
+    with snapshots.busy:  # the next job, under way: its steps are not answered yet
+        trainer.train(batch, TrainOptions())
+        ready = snapshots.ready()
+        assert ready is not None and ready.version == 2
+        # What it reads is the parameters after step 2, not the live ones of step 3.
+        _, version = snapshots.predict(torch.ones(1, 5), snapshot=ready)
+        assert version == 2
+        live = dict(trainer.module.named_parameters())["0.weight"]
+        assert not torch.equal(ready.tensors["0.weight"], live)
+    # Still strict where asked: newest() without settled sees step 3 (copies, no job runs).
+    assert snapshots.newest().version == 3
+
+
+def test_without_predictions_a_job_end_copies_nothing() -> None:
+    trainer = TrainerFactory(torch.device("cpu")).build("m", parse_spec(MLP))
+    batch = Batch(torch.ones(4, 5), torch.zeros(4, 2))
+    with trainer.snapshots.busy:
+        trainer.train(batch, TrainOptions())
+        trainer.snapshots.settle()
+    assert trainer.snapshots.ready() is None  # settled at step 1, and no copy was made

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from gradstream.server.wire import _request as read_in_place
 from gradstream.v1 import trainer_pb2 as pb
-from gradstream.wire import ALIGN, wire_array
+from gradstream.wire import ALIGN, inputs_from_proto, wire_array
 from gradstream.wire.train import (
     ALIGN_MIN_BYTES,
+    BatchParts,
     MessageBuilder,
     encode_batch,
     entry_bound,
@@ -95,3 +96,121 @@ def test_varint_matches_protobuf() -> None:
     for value in (1, 127, 128, 300, 2**31, 2**63 - 1, 2**64 - 1):
         # SharedSlice(offset=v) is the tag byte 0x08 followed by v's varint.
         assert varint(value) == pb.SharedSlice(offset=value).SerializeToString()[1:]
+
+
+def _walk(buf: memoryview) -> list[tuple[int, int | memoryview]]:
+    """(field number, value) of a protobuf message: varints as ints, the rest as views."""
+    out: list[tuple[int, int | memoryview]] = []
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        if key & 7 == 0:
+            value, pos = _read_varint(buf, pos)
+            out.append((key >> 3, value))
+        else:
+            assert key & 7 == 2
+            length, pos = _read_varint(buf, pos)
+            out.append((key >> 3, buf[pos : pos + length]))
+            pos += length
+    return out
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _named_data(message: memoryview) -> dict[str, memoryview]:
+    """Every named input's data bytes, by '<batch>.<name>', as views into ``message``."""
+    found: dict[str, memoryview] = {}
+    for b, (number, batch) in enumerate(_walk(message)):
+        assert number == 2 and isinstance(batch, memoryview)
+        for field, named in _walk(batch):
+            if field != 5:
+                continue
+            assert isinstance(named, memoryview)
+            parts = dict(_walk(named))
+            name, tensor = parts[1], parts[2]
+            assert isinstance(name, memoryview) and isinstance(tensor, memoryview)
+            data = dict(_walk(tensor)).get(3, memoryview(b""))
+            assert isinstance(data, memoryview)
+            found[f"{b}.{bytes(name).decode()}"] = data
+    return found
+
+
+_NAMES = st.text(st.characters(codec="utf-8"), min_size=1, max_size=9)
+
+
+@st.composite
+def _named_batches(draw: st.DrawFn) -> tuple[BatchParts, Any, int]:
+    def part() -> tuple[npt.NDArray[Any], int]:
+        shape = tuple(draw(st.lists(st.integers(0, 300), min_size=1, max_size=2)))
+        dtype = np.dtype(draw(st.sampled_from(["<f4", "<f8", "<i8", "<i4"])))
+        seed = draw(st.integers(0, 2**32 - 1))
+        raw = np.random.default_rng(seed).integers(0, 256, int(np.prod(shape)) * dtype.itemsize)
+        return wire_array(raw.astype(np.uint8).view(dtype).reshape(shape))
+
+    names = draw(st.lists(_NAMES, min_size=1, max_size=4, unique=True))
+    batch = BatchParts(
+        y=part() if draw(st.booleans()) else None,
+        sample_weight=part() if draw(st.booleans()) else None,
+        inputs=tuple((name, part()) for name in names),
+    )
+    places: list[tuple[int, int]] | None = None
+    if draw(st.booleans()):
+        places = [
+            (draw(st.integers(0, 2**40)), draw(st.integers(0, 2**40))) for _ in batch.arrays()
+        ]
+    return batch, places, draw(st.integers(0, 2**64 - 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_named_batches(), min_size=1, max_size=3))
+def test_named_inputs_parse_to_the_protobuf_message_with_aligned_data(batches: list[Any]) -> None:
+    message = MessageBuilder()
+    for parts, places, sequence in batches:
+        entry = encode_batch(parts, places, sequence, start=message.size)
+        assert len(entry) <= entry_bound(parts)
+        message.add(entry)
+    expected = pb.TrainRequest(batches=[proto_batch(*b) for b in batches])
+    data = message.to_bytes()
+    parsed = pb.TrainRequest.FromString(data)
+    for batch in parsed.batches:
+        for name in ("y", "sample_weight"):
+            if batch.HasField(name):
+                getattr(batch, name).ClearField("padding")
+        for named in batch.inputs:
+            named.tensor.ClearField("padding")
+    assert parsed == expected
+    # Decoded with the generated classes: each name, in order, with its array's values.
+    for (parts, places, _), batch in zip(batches, parsed.batches, strict=True):
+        assert [n.name for n in batch.inputs] == [name for name, _ in parts.inputs]
+        if places is None:
+            decoded = inputs_from_proto(batch.inputs)
+            for name, (array, _) in parts.inputs:
+                assert decoded[name].tobytes() == array.tobytes()
+                assert decoded[name].shape == array.shape
+    base = np.frombuffer(memoryview(data), np.uint8).ctypes.data
+    for where, view in _named_data(memoryview(data)).items():
+        if len(view) >= ALIGN_MIN_BYTES:
+            offset = np.frombuffer(view, np.uint8).ctypes.data - base
+            assert offset % ALIGN == 0, where
+    # The server's zero-copy reader sees the same names and bytes.
+    for wire, ref in zip(read_in_place(memoryview(data)).batches, expected.batches, strict=True):
+        assert [n for n, _ in wire.inputs] == [n.name for n in ref.inputs]
+        for (_, got), want in zip(wire.inputs, ref.inputs, strict=True):
+            assert got is not None and bytes(got.data) == want.tensor.data
+            assert got.shape == tuple(want.tensor.shape)
+
+
+def test_positional_parts_and_batch_parts_encode_alike() -> None:
+    x = wire_array(np.arange(600, dtype=np.float32).reshape(300, 2))
+    y = wire_array(np.ones((300, 1), np.float32))
+    assert encode_batch([x, y], start=7) == encode_batch(BatchParts(y=y, x=x), start=7)
+    assert entry_bound([x, y]) == entry_bound(BatchParts(y=y, x=x))

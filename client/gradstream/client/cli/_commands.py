@@ -4,6 +4,7 @@ models, train, predict, params, demo, bench."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import json
 import os
@@ -23,7 +24,9 @@ import numpy as np
 
 from gradstream.client._client import Client
 from gradstream.client._errors import GradstreamError
+from gradstream.client._outbox import BatchLike
 from gradstream.client.cli._data import STDIN, DataError, Source, TableOptions
+from gradstream.client.cli._inputs import INPUT_HELP, InputColumns, NamedInputs, parse_inputs
 from gradstream.client.cli._progress import ProgressLine, Tally
 from gradstream.client.cli._target import ConnectionBroke, check_target, remember
 
@@ -301,12 +304,13 @@ def _read_text(path: str, flag: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the whole description as JSON.")
 @connection_options
 def info(name: str, as_json: bool, **kwargs: Any) -> int:
-    """Show a model: spec, step, device, parameters (frozen or not), autograd chain."""
+    """Show a model: spec, step, inputs, parameters, autograd chain, device."""
     with connect(_connection(kwargs)) as client:
         model = client.get_model(name)
     parameters = {
         n: {"shape": list(p.shape), "frozen": p.frozen} for n, p in model.parameters.items()
     }
+    inputs = [{"name": i.name, "kind": i.kind, "shape": list(i.shape)} for i in model.inputs]
     if as_json:
         click.echo(
             json.dumps(
@@ -315,6 +319,7 @@ def info(name: str, as_json: bool, **kwargs: Any) -> int:
                     "device": model.device,
                     "step": model.step,
                     "pending_batches": model.pending_batches,
+                    "inputs": inputs,
                     "parameters": parameters,
                     "autograd_chain": model.autograd_chain,
                     "spec": model.spec,
@@ -324,6 +329,9 @@ def info(name: str, as_json: bool, **kwargs: Any) -> int:
         )
         return 0
     click.echo(f"{model.name} on {model.device}, step {model.step}")
+    for i in model.inputs:
+        shape = ", ".join("any" if d < 0 else str(d) for d in i.shape)
+        click.echo(f"  input {i.name}: {i.kind}, shape (rows{', ' if shape else ''}{shape})")
     for n, p in parameters.items():
         click.echo(f"  {n}: shape {p['shape']}{'  (frozen)' if p['frozen'] else ''}")
     click.echo(f"  loss graph: {' <- '.join(model.autograd_chain) or 'n/a'}")
@@ -401,11 +409,17 @@ DATA_HELP = """Data: DATA is a file or - (CSV on stdin).
 
 Targets are the --y-columns (by header name or 1-based number, -1 the last);
 every other column is an input. Errors name the file's 1-based row.
+
+\b
+A model with named inputs (gradstream info NAME lists them) takes columns by name:
+  --input user=user_id --input item=item_id --input dense=f1,f2,f3
+Several columns make one input (a bag of ids, dense features); integer inputs
+are read exactly as int64.
 """
 
 
 def _table_options(
-    y_columns: str, header: bool | None, delimiter: str, labels: bool
+    y_columns: str, header: bool | None, delimiter: str, labels: bool, exact: bool = False
 ) -> TableOptions:
     delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
     if len(delimiter) != 1:
@@ -415,7 +429,28 @@ def _table_options(
         raise click.BadParameter(
             f"{y_columns!r}: name at least one column", param_hint="'--y-columns'"
         )
-    return TableOptions(y_columns=wanted, header=header, delimiter=delimiter, labels=labels)
+    return TableOptions(
+        y_columns=wanted, header=header, delimiter=delimiter, labels=labels, exact=exact
+    )
+
+
+def _named(
+    client: Client, name: str, flags: tuple[InputColumns, ...], source: Source
+) -> Callable[[Any, Any], Any] | None:
+    """What turns a chunk's input columns into the model's named inputs, for ``--input``."""
+    if not flags:
+        return None
+    named = NamedInputs(flags, client.get_model(name).inputs, source.name)
+
+    def convert(x: Any, rows: Any) -> Any:
+        if source.columns is None:
+            raise DataError(
+                f"{source.name}: --input maps columns of a table (.csv, .tsv, .parquet, "
+                "a 2-D .npy); this data has none"
+            )
+        return named(x, source.columns, rows)
+
+    return convert
 
 
 def _source(
@@ -435,7 +470,7 @@ def _source(
             f"{data!r}: expected {', '.join(TABLE_SUFFIXES)} or - for stdin", param_hint="'DATA'"
         )
     if suffix == ".tsv" and options.delimiter == ",":
-        options = TableOptions(options.y_columns, options.header, "\t", options.labels)
+        options = dataclasses.replace(options, delimiter="\t")
     return Source(data, options)
 
 
@@ -443,6 +478,14 @@ def table_options(command: F) -> F:
     """The flags that say how to read a table."""
     for option in reversed(
         [
+            click.option(
+                "--input",
+                "inputs",
+                multiple=True,
+                metavar="NAME=COL[,COL]",
+                callback=parse_inputs,
+                help=INPUT_HELP,
+            ),
             click.option(
                 "--y-columns",
                 default="-1",
@@ -516,6 +559,7 @@ def train(  # noqa: PLR0917 (click passes every flag)
     data: str | None,
     x_path: Path | None,
     y_path: Path | None,
+    inputs: tuple[InputColumns, ...],
     y_columns: str,
     header: bool | None,
     delimiter: str,
@@ -533,7 +577,8 @@ def train(  # noqa: PLR0917 (click passes every flag)
 ) -> int:
     """Stream a dataset into a model, one batch per step."""
     conn = _connection(kwargs)
-    source = _source(data, x_path, y_path, _table_options(y_columns, header, delimiter, labels))
+    options = _table_options(y_columns, header, delimiter, labels, exact=bool(inputs))
+    source = _source(data, x_path, y_path, options)
     if epochs > 1 and not shuffle and not source.rereadable:
         source.load()  # stdin is read once; later epochs come from memory
     run = _TrainRun(source, batch_size, epochs, shuffle, seed)
@@ -543,6 +588,7 @@ def train(  # noqa: PLR0917 (click passes every flag)
     interrupted = finished = False
     try:
         with stop, connect(conn, timeout=None) as client:
+            run.convert = _named(client, name, inputs, source)
 
             def stream(batches: Iterator[tuple[Any, ...]], every: int, offset: int) -> None:
                 """Train on ``batches``; a plain stream numbers its batches from 1, so
@@ -605,6 +651,8 @@ class _TrainRun:
         self.tally = Tally()
         self.stopping = False
         self.last: tuple[Any, ...] | None = None
+        # (input columns, file rows) -> what the model takes (--input's named inputs)
+        self.convert: Callable[[Any, Any], Any] | None = None
         self._rows: dict[int, str] = {}
         self._lock = threading.Lock()
 
@@ -645,11 +693,12 @@ class _TrainRun:
                 sequence += 1
                 with self._lock:
                     self._rows[sequence] = _row_span(rows)
-                item: tuple[Any, ...] = (chunk_x, chunk_y, chunk_w)
+                x = chunk_x if self.convert is None else self.convert(chunk_x, rows)
+                item: tuple[Any, ...] = (x, chunk_y, chunk_w)
                 if sequenced:
                     item = (*item, sequence)
                 elif chunk_w is None:
-                    item = (chunk_x, chunk_y)
+                    item = (x, chunk_y)
                 if held is not None:
                     self.tally.sent += 1
                     yield held
@@ -772,18 +821,38 @@ class _Watch:
     show_default=False,
     help="csv: the first row names the columns [default: guessed].",
 )
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME=COL[,COL]",
+    callback=parse_inputs,
+    help=INPUT_HELP,
+)
 @connection_options
-def predict(name: str, data: str, delimiter: str, header: bool | None, **kwargs: Any) -> int:
-    """Run the model on inputs (every column) and print the outputs as CSV."""
+def predict(
+    name: str,
+    data: str,
+    delimiter: str,
+    header: bool | None,
+    inputs: tuple[InputColumns, ...],
+    **kwargs: Any,
+) -> int:
+    """Run the model on inputs (every column) and print the outputs as CSV (the step of
+    the parameters used goes to stderr)."""
     conn = _connection(kwargs)
-    options = _table_options("-1", header, delimiter, False)
-    source = _source(
-        data, None, None, TableOptions(("-1",), options.header, options.delimiter, targets=False)
-    )
+    options = _table_options("-1", header, delimiter, False, exact=bool(inputs))
+    source = _source(data, None, None, dataclasses.replace(options, targets=False))
     x, _, _ = source.load()
     with connect(conn) as client:
-        out = client.predict(name, x)
+        convert = _named(client, name, inputs, source)
+        rows = np.arange(1, len(x) + 1)
+        prediction = client.predict(
+            name, x if convert is None else convert(x, rows), with_step=True
+        )
+    out = prediction.y
     np.savetxt(sys.stdout, out.reshape(len(out), -1), delimiter=",", fmt="%.8g")
+    click.echo(f"predicted with the parameters of step {prediction.step}", err=True)
     return 0
 
 
@@ -828,17 +897,23 @@ def evaluate(  # noqa: PLR0917 (click passes every flag)
     labels: bool,
     batch_size: int,
     top_k: tuple[int, ...],
+    inputs: tuple[InputColumns, ...],
     **kwargs: Any,
 ) -> int:
     """Print the model's loss and metrics on a dataset as JSON; the model does not step
     (docs/evaluation.md)."""
     conn = _connection(kwargs)
-    source = _source(data, x_path, y_path, _table_options(y_columns, header, delimiter, labels))
-    batches = (
-        (c.x, c.y) if c.weight is None else (c.x, c.y, c.weight) for c in source.chunks(batch_size)
-    )
+    options = _table_options(y_columns, header, delimiter, labels, exact=bool(inputs))
+    source = _source(data, x_path, y_path, options)
     with connect(conn, timeout=None) as client:
-        result = client.evaluate(name, batches, top_k=top_k)
+        convert = _named(client, name, inputs, source)
+
+        def batches() -> Iterator[BatchLike]:
+            for c in source.chunks(batch_size):
+                x = c.x if convert is None else convert(c.x, c.rows)
+                yield (x, c.y) if c.weight is None else (x, c.y, c.weight)
+
+        result = client.evaluate(name, batches(), top_k=top_k)
     click.echo(json.dumps(result, indent=2))
     return 0
 

@@ -46,6 +46,7 @@ class TableOptions:
     delimiter: str = ","
     labels: bool = False  # targets are integer class labels (one column)
     targets: bool = True  # False: every column is an input (predict)
+    exact: bool = False  # read numbers as float64, so that ids up to 2**53 stay exact
 
 
 @dataclass(slots=True)
@@ -57,6 +58,8 @@ class Source:
     x_path: Path | None = None  # a .npy pair
     y_path: Path | None = None
     arrays: tuple[Array, Array | None, Array | None] | None = field(default=None, repr=False)
+    # The input columns' names (header names, or 1-based numbers), once the table is read.
+    columns: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -152,6 +155,7 @@ class Source:
         columns = [str(i + 1) for i in range(table.shape[1])]
         picked = _pick(self.options.y_columns, columns, self.path, by_name=False)
         rest = [i for i in range(table.shape[1]) if i not in picked]
+        self.columns = tuple(columns[i] for i in rest)
         self.arrays = (
             table[:, rest],
             _as_targets(table[:, picked], self.options, self.path),
@@ -276,6 +280,7 @@ def _csv_chunks(source: Source, size: int) -> Iterator[Chunk]:
             _pick(options.y_columns, names, source.name, by_name=header) if options.targets else []
         )
         inputs = [i for i in range(width) if i not in picked]
+        source.columns = tuple(names[i] for i in inputs)
         cells: list[list[str]] = [] if header else [first]
         rows: list[int] = [] if header else [first_row]
         for record in reader:
@@ -313,7 +318,7 @@ def _chunk(  # noqa: PLR0917
     source: Source,
 ) -> Chunk:
     try:
-        table = np.array(cells, dtype=np.float32)
+        table = np.array(cells, dtype=np.float64 if source.options.exact else np.float32)
     except ValueError:
         for record, row in zip(cells, rows, strict=True):
             for index, cell in enumerate(record):
@@ -354,17 +359,19 @@ def _parquet_chunks(source: Source, size: int) -> Iterator[Chunk]:
         else []
     )
     inputs = [i for i in range(len(names)) if i not in picked]
+    source.columns = tuple(names[i] for i in inputs)
+    dtype = np.float64 if source.options.exact else np.float32
     start = 1
     for batch in file.iter_batches(batch_size=size):
         columns = []
         for index, column in enumerate(batch.columns):
             try:
-                columns.append(column.to_numpy(zero_copy_only=False).astype(np.float32))
+                columns.append(column.to_numpy(zero_copy_only=False).astype(dtype))
             except (ValueError, TypeError):
                 raise DataError(
                     f"{source.path} column {names[index]}: type {column.type} is not numeric"
                 ) from None
-        table = np.stack(columns, axis=1) if columns else np.empty((0, 0), np.float32)
+        table = np.stack(columns, axis=1) if columns else np.empty((0, 0), dtype)
         rows = np.arange(start, start + len(table), dtype=np.int64)
         start += len(table)
         y = table[:, picked] if picked else None
