@@ -223,12 +223,12 @@ def test_batch_and_features_name_the_input_in_every_check() -> None:
     with pytest.raises(InvalidArgument) as caught:
         CHECKER.features([user, item, bad_dense], fields)
     assert str(caught.value).startswith("b.inputs[dense]: contains a non-finite value (nan)")
-    with pytest.raises(ResourceExhausted) as caught:
+    with pytest.raises(ResourceExhausted) as limited:
         BatchChecker(parse_spec(SPEC), max_bytes=8).features([user, item, dense], fields)
-    assert str(caught.value).startswith("b.inputs[user]: max_batch_bytes: has ")
-    with pytest.raises(ResourceExhausted) as caught:
+    assert str(limited.value).startswith("b.inputs[user]: max_batch_bytes: has ")
+    with pytest.raises(ResourceExhausted) as limited:
         BatchChecker(parse_spec(SPEC), max_activation_bytes=8).features([user, item, dense], fields)
-    assert str(caught.value).startswith("b.inputs[user]: max_activation_bytes: ")
+    assert str(limited.value).startswith("b.inputs[user]: max_activation_bytes: ")
     # batch without fields names each input under its field; unquoted values stay out.
     too_large = np.full((4, 3), 50)
     with pytest.raises(InvalidArgument) as caught:
@@ -241,11 +241,11 @@ def test_batch_and_features_name_the_input_in_every_check() -> None:
     weight = np.ones(4, np.float32)
     size = user.nbytes + item.nbytes + dense.nbytes + y.nbytes + weight.nbytes
     BatchChecker(parse_spec(SPEC), max_bytes=size).batch(user, y, weight, more=[item, dense])
-    with pytest.raises(ResourceExhausted) as caught:
+    with pytest.raises(ResourceExhausted) as limited:
         BatchChecker(parse_spec(SPEC), max_bytes=size - 1).batch(
             user, y, weight, more=[item, dense], field="b"
         )
-    assert str(caught.value).startswith(f"b: max_batch_bytes: has {size} bytes")
+    assert str(limited.value).startswith(f"b: max_batch_bytes: has {size} bytes")
 
 
 def test_a_single_input_sent_by_name_is_named_so_in_reasons() -> None:
