@@ -151,6 +151,128 @@ def test_restore_without_optimizer_state_is_seen_to_differ(tmp_path: Path) -> No
     assert any(not torch.equal(ref[k], got[k]) for k in ref if k.startswith("param/"))
 
 
+def _pending_snapshot() -> ck.Snapshot:
+    trainer = Trainer("m", parse_spec(SPEC), CPU)
+    _train(trainer, _batches(4))  # one step and one batch pending: grad/ tensors are saved
+    return ck.take(trainer)
+
+
+def test_a_checkpoint_without_a_parameter_is_data_loss_naming_both_sets() -> None:
+    snapshot = _pending_snapshot()
+    names = sorted(k.removeprefix("param/") for k in snapshot.tensors if k.startswith("param/"))
+    tensors = {k: v for k, v in snapshot.tensors.items() if k != f"param/{names[0]}"}
+    with pytest.raises(DataLoss) as caught:
+        ck.restore(dataclasses.replace(snapshot, tensors=tensors), TrainerFactory(CPU))
+    assert f"it holds parameters {names[1:]}, the spec builds {names}" in str(caught.value)
+
+
+@pytest.mark.parametrize("prefix", ["param/", "grad/"])
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_a_checkpoint_tensor_that_does_not_fit_its_parameter_is_data_loss(
+    prefix: str, change: str
+) -> None:
+    snapshot = _pending_snapshot()
+    key = next(k for k in sorted(snapshot.tensors) if k.startswith(prefix))
+    good = snapshot.tensors[key]
+    bad = torch.zeros(good.shape[0] + 1, *good.shape[1:]) if change == "shape" else good.double()
+    with pytest.raises(DataLoss) as caught:
+        ck.restore(
+            dataclasses.replace(snapshot, tensors=snapshot.tensors | {key: bad}),
+            TrainerFactory(CPU),
+        )
+    assert (
+        f"{key} is {bad.dtype} {list(bad.shape)}, the model has {good.dtype} {list(good.shape)}"
+    ) in str(caught.value)
+
+
+def test_training_a_restored_trainer_leaves_its_snapshot_as_it_was() -> None:
+    """Clipping scales gradients and momentum updates its buffers in place: on copies only."""
+    spec = parse_spec(SPEC | {"clip_grad": {"max_norm": 0.01}})
+    first = Trainer("m", spec, CPU)
+    _train(first, _batches(4))  # one step (momentum buffers) and one batch pending
+    snapshot = ck.take(first)
+    before = {k: v.clone() for k, v in snapshot.tensors.items()}
+    assert {k.split("/")[0] for k in before} >= {"grad", "optim"}
+    resumed = ck.restore(snapshot, TrainerFactory(CPU))
+    _train(resumed, _batches(10)[4:])
+    assert resumed.step == 3
+    _assert_bitwise_equal(snapshot.tensors, before)
+
+
+def test_restore_keeps_the_init_tensors_and_the_nonfinite_streak() -> None:
+    seeded = Trainer("m", parse_spec(SPEC), CPU)
+    given = {n: p.detach().numpy() * 2 for n, p in seeded.module.named_parameters()}
+    spec = parse_spec(SPEC | {"init": {"kind": "tensors", "tensors": given}})
+    first = Trainer("m", spec, CPU)
+    _train(first, _batches(4))
+    first.nonfinite_streak = 2
+    resumed = ck.restore(ck.take(first), TrainerFactory(CPU))
+    assert resumed.nonfinite_streak == 2
+    assert resumed.spec.init.kind == "tensors" and resumed.spec.init.tensors.keys() == given.keys()
+    for name, value in given.items():
+        assert (resumed.spec.init.tensors[name] == value).all(), name
+    _assert_bitwise_equal(_state(resumed), _state(first))
+
+
+def test_a_checkpoint_whose_spec_no_longer_validates_is_data_loss_saying_so() -> None:
+    snapshot = _pending_snapshot()
+    spec = json.loads(json.dumps(snapshot.spec))
+    spec["optimizer"]["lr"] = -1.0
+    with pytest.raises(DataLoss) as caught:
+        ck.restore(dataclasses.replace(snapshot, spec=spec), TrainerFactory(CPU))
+    assert str(caught.value).startswith(
+        "checkpoint of model 'm': its spec no longer validates: "
+    ), caught.value
+
+
+def test_restore_builds_with_the_factorys_settings_and_sets_the_rng() -> None:
+    snapshot = _pending_snapshot()
+    saved_rng = snapshot.tensors["rng/cpu"]
+    torch.manual_seed(12345)  # anything but the saved state
+    factory = TrainerFactory(
+        CPU,
+        max_nonfinite_steps=3,
+        max_batch_rows=5,
+        max_batch_bytes=600,
+        max_activation_bytes=700,
+        deferred=True,
+    )
+    resumed = ck.restore(snapshot, factory)
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+    assert (resumed.name, resumed.max_nonfinite_steps) == ("m", 3)
+    assert (
+        resumed.kind
+        is factory.step_kind(resumed.spec)
+        is not TrainerFactory(CPU).step_kind(resumed.spec)
+    )
+    checker = resumed.checker
+    assert (checker.max_rows, checker.max_bytes, checker.max_activation_bytes) == (5, 600, 700)
+
+
+def test_a_copy_built_from_state_dict_keeps_the_frozen_parameters() -> None:
+    """What a data-parallel rank builds from rank 0's state: the same frozen set."""
+    names = [n for n, _ in Trainer("m", parse_spec(SPEC), CPU).module.named_parameters()]
+    spec = parse_spec(SPEC | {"frozen": [names[0]]})
+    first = Trainer("m", spec, CPU)
+    _train(first, _batches(4))
+    state = first.state_dict()
+    assert state["frozen"] == [names[0]]
+    copy = TrainerFactory(CPU).build("m", spec, state)
+    assert {n: p.requires_grad for n, p in copy.module.named_parameters()} == {
+        n: n != names[0] for n in names
+    }
+
+
+def test_a_snapshot_is_a_copy_the_trainer_goes_on_without() -> None:
+    """take runs between jobs and is written later: training on must not change it."""
+    first = Trainer("m", parse_spec(SPEC), CPU)
+    _train(first, _batches(4))  # parameters, momentum buffers and pending gradients
+    snapshot = ck.take(first)
+    before = {k: v.clone() for k, v in snapshot.tensors.items()}
+    _train(first, _batches(10)[4:])
+    _assert_bitwise_equal(snapshot.tensors, before)
+
+
 def _three_checkpoints(directory: Path) -> list[Path]:
     trainer = Trainer("m", parse_spec(SPEC), CPU)
     paths = []
