@@ -453,6 +453,17 @@ def _named(
     return convert
 
 
+# --input NAME=COL[,COL]: train, eval and predict map table columns to named inputs.
+input_option = click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME=COL[,COL]",
+    callback=parse_inputs,
+    help=INPUT_HELP,
+)
+
+
 def _source(
     data: str | None, x_path: Path | None, y_path: Path | None, options: TableOptions
 ) -> Source:
@@ -478,14 +489,7 @@ def table_options(command: F) -> F:
     """The flags that say how to read a table."""
     for option in reversed(
         [
-            click.option(
-                "--input",
-                "inputs",
-                multiple=True,
-                metavar="NAME=COL[,COL]",
-                callback=parse_inputs,
-                help=INPUT_HELP,
-            ),
+            input_option,
             click.option(
                 "--y-columns",
                 default="-1",
@@ -821,14 +825,7 @@ class _Watch:
     show_default=False,
     help="csv: the first row names the columns [default: guessed].",
 )
-@click.option(
-    "--input",
-    "inputs",
-    multiple=True,
-    metavar="NAME=COL[,COL]",
-    callback=parse_inputs,
-    help=INPUT_HELP,
-)
+@input_option
 @connection_options
 def predict(
     name: str,
