@@ -69,7 +69,13 @@ SCOPE: dict[str, list[str]] = {
         _method("Trainer", "load_state_dict"),
     ],
     "batches": ["*"],
-    "session": [_function("checked"), _function("decode"), _function("train_message")],
+    "session": [
+        _function("checked"),
+        _function("decode"),
+        _function("decode_message"),
+        _function("_block"),
+        _function("train_message"),
+    ],
     "spec": ["*"],
     "optim": ["*"],
     # Checkpoint state capture and restore, and the durable sequence a producer resumes from.
