@@ -45,24 +45,37 @@ def _batches(draw: st.DrawFn) -> tuple[list[tuple[npt.NDArray[Any], int]], Any, 
     return parts, places, draw(st.integers(0, 2**64 - 1))
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(_batches(), min_size=1, max_size=4))
-def test_entries_parse_to_the_protobuf_message(batches: list[Any]) -> None:
+def _encoded(batches: list[Any]) -> tuple[bytes, pb.TrainRequest]:
+    """The SDK's bytes for ``batches`` (one message) and protobuf's message of them."""
     message = MessageBuilder()
     for parts, places, sequence in batches:
         entry = encode_batch(parts, places, sequence, start=message.size)
         # The SDK packs messages by this bound: it must not undercount.
         assert len(entry) <= entry_bound(parts)
         message.add(entry)
-    expected = pb.TrainRequest(batches=[proto_batch(*b) for b in batches])
     data = message.to_bytes()
     assert message.count == len(batches) and message.size == len(data)
-    # Equal to protobuf's own bytes once the ignored padding is dropped.
+    return data, pb.TrainRequest(batches=[proto_batch(*b) for b in batches])
+
+
+def _parsed_without_padding(data: bytes) -> pb.TrainRequest:
+    """``data`` parsed by protobuf, every tensor's (ignored) padding dropped."""
     parsed = pb.TrainRequest.FromString(data)
     for batch in parsed.batches:
         for name in ("x", "y", "sample_weight"):
             if batch.HasField(name):
                 getattr(batch, name).ClearField("padding")
+        for named in batch.inputs:
+            named.tensor.ClearField("padding")
+    return parsed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_batches(), min_size=1, max_size=4))
+def test_entries_parse_to_the_protobuf_message(batches: list[Any]) -> None:
+    data, expected = _encoded(batches)
+    # Equal to protobuf's own bytes once the ignored padding is dropped.
+    parsed = _parsed_without_padding(data)
     assert parsed == expected
     assert parsed.SerializeToString() == expected.SerializeToString()
     if all(a.nbytes < ALIGN_MIN_BYTES for parts, _, _ in batches for a, _ in parts):
@@ -173,20 +186,8 @@ def _named_batches(draw: st.DrawFn) -> tuple[BatchParts, Any, int]:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(_named_batches(), min_size=1, max_size=3))
 def test_named_inputs_parse_to_the_protobuf_message_with_aligned_data(batches: list[Any]) -> None:
-    message = MessageBuilder()
-    for parts, places, sequence in batches:
-        entry = encode_batch(parts, places, sequence, start=message.size)
-        assert len(entry) <= entry_bound(parts)
-        message.add(entry)
-    expected = pb.TrainRequest(batches=[proto_batch(*b) for b in batches])
-    data = message.to_bytes()
-    parsed = pb.TrainRequest.FromString(data)
-    for batch in parsed.batches:
-        for name in ("y", "sample_weight"):
-            if batch.HasField(name):
-                getattr(batch, name).ClearField("padding")
-        for named in batch.inputs:
-            named.tensor.ClearField("padding")
+    data, expected = _encoded(batches)
+    parsed = _parsed_without_padding(data)
     assert parsed == expected
     # Decoded with the generated classes: each name, in order, with its array's values.
     for (parts, places, _), batch in zip(batches, parsed.batches, strict=True):
