@@ -7,18 +7,26 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
-def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def _bench(
+    out: Path, *args: str, timeout: float = 600
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``gradstream bench ARGS --json OUT``, which must succeed; its output and its JSON."""
     result = subprocess.run(
-        [sys.executable, "-m", "gradstream.client.cli", "bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "gradstream.client.cli", "bench", *args, "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    return result, json.loads(out.read_text())
+
+
+def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
+    result, data = _bench(tmp_path / "bench.json", "--quick")
     assert "--quick: smoke test only" in result.stdout
     for scenario in ("small", "medium", "large", "fan-in", "models", "serve"):
         assert scenario in result.stdout
@@ -27,7 +35,6 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert "4 producers/1" in result.stdout
     assert "2 models/1" in result.stdout
     assert "predict p99 training/idle" in result.stdout
-    data = json.loads(out.read_text())
     assert data["quick"] is True
     for name in ("small", "medium", "large"):
         r = data["results"][name]
@@ -82,19 +89,7 @@ def test_ingest_split_prints_each_part_per_batch() -> None:
 
 
 def test_bench_optimizer_adam_trains_every_contender_with_adam(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "gradstream.client.cli", "bench", "medium", "--quick"),
-            *("--optimizer", "adam", "--json", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    data = json.loads(out.read_text())
+    _, data = _bench(tmp_path / "bench.json", "medium", "--quick", "--optimizer", "adam")
     assert data["machine"].endswith("optimizer adam")
     r = data["results"]["medium"]
     for contender in ("loop", "trainer", "service", "shm"):
@@ -115,21 +110,10 @@ def test_bench_scenarios_take_the_optimizer_at_the_same_lr() -> None:
 
 
 def test_bench_soak_quick_reports_rss_growth_and_its_samples(tmp_path: Path) -> None:
-    out = tmp_path / "soak.json"
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "gradstream.client.cli", "bench", "soak", "--quick"),
-            *("--json", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    result, data = _bench(tmp_path / "soak.json", "soak", "--quick", timeout=300)
     assert "RSS growth over 20 s after warm-up" in result.stdout
     assert "over its second half" in result.stdout
-    soak = json.loads(out.read_text())["results"]["soak"]["service"]
+    soak = data["results"]["soak"]["service"]
     samples = soak["rss_samples"]
     assert len(samples) >= 3 and all(rss > 10_000_000 for _, rss in samples)
     assert [t for t, _ in samples] == sorted(t for t, _ in samples)
