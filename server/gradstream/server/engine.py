@@ -348,7 +348,9 @@ class Trainer:
         self.grad_norm: torch.Tensor | None = None
         # found_inf is filled on the device by one fused kernel for all gradients.
         self._found_inf = torch.zeros(1, device=device)
-        self._step_bad = torch.zeros(1, device=device)  # deferred path: this step's found_inf
+        # The deferred path's found_inf for this step: a scalar, as fused Adam, AdamW and
+        # Adagrad subtract it from their scalar step counts (shape (1,) does not broadcast there).
+        self._step_bad = torch.zeros((), device=device)
         self._one = torch.ones((), device=device)
         self.last_loss: float | None = None  # of the last applied step, for metrics
         # Copies of the parameters for Predict off the worker, made on demand (snapshot.py).
@@ -530,7 +532,7 @@ class Trainer:
             if self.pending == 0:
                 for p in self._param_list:
                     p.grad = None
-                self._step_bad = torch.zeros(1, device=self.device)
+                self._step_bad = torch.zeros((), device=self.device)
             x = item.x.to(self.device, non_blocking=True)
             y = item.y.to(self.device, non_blocking=True)
             w = None if item.weight is None else item.weight.to(self.device, non_blocking=True)

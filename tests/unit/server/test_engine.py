@@ -10,8 +10,13 @@ import torch
 
 from gradstream.server import engine
 from gradstream.server.batches import Batch
-from gradstream.server.engine import Outcome, Trainer, TrainOptions
+from gradstream.server.engine import Outcome, StepKind, Trainer, TrainOptions
+from gradstream.server.session import decode
 from gradstream.server.spec import parse_spec
+from gradstream.server.wire import from_message
+from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import to_proto
+from tests.integration.test_named_inputs import SPEC, inputs, target
 
 CPU = torch.device("cpu")
 
@@ -114,6 +119,108 @@ def test_deferred_nonfinite_micro_batch_skips_its_whole_accumulated_step() -> No
     ]
     assert state(trainer) == before
     assert trainer.step == 1
+    # The bad micro-batch is answered as the exact path answers it: its place, its loss, why.
+    bad = results[1]
+    assert (bad.sequence, bad.step, bad.reason) == (2, 1, "loss is not finite")
+    assert bad.loss is not None and not np.isfinite(bad.loss)
+
+
+def _parameters(trainer: Trainer) -> dict[str, bytes]:
+    return {n: p.detach().numpy().tobytes() for n, p in trainer.module.named_parameters()}
+
+
+def _optimizer_state(trainer: Trainer) -> list[dict[str, bytes]]:
+    return [
+        {k: v.numpy().tobytes() for k, v in s.items() if isinstance(v, torch.Tensor)}
+        for s in trainer.optimizer.state.values()
+    ]
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"kind": "adam", "lr": 0.01},
+        {"kind": "adamw", "lr": 0.01, "weight_decay": 0.1},
+        {"kind": "adagrad", "lr": 0.1},
+    ],
+    ids=lambda o: o["kind"],
+)
+def test_deferred_path_steps_and_skips_every_fused_optimizer_like_the_exact_path(
+    optimizer: dict[str, Any],
+) -> None:
+    """The deferred path hands found_inf to fused kernels that also count steps (Adam's)."""
+    model = spec(optimizer=optimizer)
+    exact = Trainer("e", model, CPU, deferred=False)
+    deferred = Trainer("d", model, CPU, deferred=True)
+    assert deferred.kind is StepKind.DEFERRED
+    data = batches(4, seed=5)
+    for trainer in (exact, deferred):
+        results, error = trainer.train_batches(data[:2], TrainOptions())
+        assert error is None and [r.outcome for r in results] == [Outcome.APPLIED] * 2
+    before = (_parameters(deferred), _optimizer_state(deferred))
+    results, _ = deferred.train_batches([poisoned(data[2])], TrainOptions())
+    assert [r.outcome for r in results] == [Outcome.SKIPPED_NONFINITE]
+    assert (_parameters(deferred), _optimizer_state(deferred)) == before
+    for trainer in (exact, deferred):
+        trainer.train_batches(data[3:], TrainOptions())
+        assert trainer.step == 3
+    for (n, a), b in zip(
+        exact.module.named_parameters(), deferred.module.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def _weighted(data: list[Batch]) -> list[Batch]:
+    return [Batch(b.x, b.y, torch.linspace(0.1, 2.0, len(b.x))) for b in data]
+
+
+def _named(count: int) -> list[Batch]:
+    """Batches of a model of three named inputs (two id bags and dense features)."""
+    checker = Trainer("c", parse_spec(SPEC), CPU).checker
+    out = []
+    for i in range(count):
+        wire = pb.Batch(
+            inputs=[pb.NamedTensor(name=k, tensor=to_proto(v)) for k, v in inputs(4, i).items()],
+            y=to_proto(target(4, i)),
+        )
+        [message] = from_message(pb.TrainRequest(batches=[wire])).batches
+        batch = decode(checker, message, i, None)
+        assert isinstance(batch, Batch)
+        out.append(batch)
+    return out
+
+
+@pytest.mark.parametrize("case", ["weights", "clip", "named inputs"])
+def test_deferred_path_takes_weights_every_input_and_clipping_like_the_exact_path(
+    case: str,
+) -> None:
+    """What the deferred (GPU) path passes to the loss and the optimizer, run on the CPU."""
+    if case == "named inputs":  # without its schedule, which keeps a model off this path
+        model: Any = parse_spec({k: v for k, v in SPEC.items() if k != "schedule"})
+        data = _named(4)
+    else:
+        extra = {"clip_grad": {"max_norm": 1e-2}} if case == "clip" else {}
+        model = spec(accumulate_steps=2, **extra)
+        data = _weighted(batches(6)) if case == "weights" else batches(6)
+    exact = Trainer("e", model, CPU, deferred=False)
+    deferred = Trainer("d", model, CPU, deferred=True)
+    assert deferred.kind is StepKind.DEFERRED
+    r1, e1 = exact.train_batches(list(data), TrainOptions())
+    r2, e2 = deferred.train_batches(list(data), TrainOptions())
+    assert e1 is None and e2 is None
+    assert [r.outcome for r in r1] == [r.outcome for r in r2]
+    assert exact.step == deferred.step > 0
+    for (n, a), b in zip(
+        exact.module.named_parameters(), deferred.module.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+    if case == "clip":
+        assert exact.grad_norm is not None and deferred.grad_norm is not None
+        torch.testing.assert_close(float(deferred.grad_norm), float(exact.grad_norm))
+    if case == "weights":  # the weights changed the step: a run without them ends elsewhere
+        plain = Trainer("p", model, CPU, deferred=True)
+        plain.train_batches([Batch(b.x, b.y) for b in data], TrainOptions())
+        assert not torch.equal(next(plain.module.parameters()), next(deferred.module.parameters()))
 
 
 @pytest.mark.parametrize("deferred", [False, True])
