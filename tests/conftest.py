@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from gradstream.client import Client
 from gradstream.server.config import Settings
@@ -19,6 +20,23 @@ from gradstream.server.main import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[1]
 _names = itertools.count()
+
+# `make mutate` (tools/mutate.py) sets GRADSTREAM_MUTATE=1: every mutant reruns each
+# property that reaches its function, so there a property tries a few examples, the same
+# ones every time (a mutant's verdict must not depend on the draw). The suite keeps its counts.
+MUTATE = os.environ.get("GRADSTREAM_MUTATE") == "1"
+MUTATE_EXAMPLES = 25
+settings.register_profile("mutate", max_examples=MUTATE_EXAMPLES, derandomize=True)
+if MUTATE:
+    settings.load_profile("mutate")
+    # A first optimizer imports torch._dynamo (seconds). Imported here, in mutmut's fork
+    # server, every mutant's process starts with it instead of importing it again.
+    import torch._dynamo  # noqa: F401
+
+
+def examples(count: int) -> int:
+    """A property's number of examples: ``count``, or at most MUTATE_EXAMPLES under mutmut."""
+    return min(count, MUTATE_EXAMPLES) if MUTATE else count
 
 
 def require_tool(name: str, *candidates: Path) -> str:

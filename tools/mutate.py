@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -114,10 +115,21 @@ def prepare() -> None:
 
 def run(names: list[str]) -> int:
     mutmut = Path(sys.executable).parent / "mutmut"
-    # One worker: the machine is shared; pass --max-children through MUTATE_CHILDREN.
-    children = os.environ.get("MUTATE_CHILDREN", "1")
+    # mutmut copies tests/ and pyproject.toml into mutants/ once and keeps the copies:
+    # drop them, so a test added since the last run is the one the mutants meet.
+    shutil.rmtree(MUTANTS / "tests", ignore_errors=True)
+    (MUTANTS / "pyproject.toml").unlink(missing_ok=True)
+    # Two workers, one per core of the 2-core machine this is sized for; MUTATE_CHILDREN
+    # sets another number.
+    children = os.environ.get("MUTATE_CHILDREN", "2")
     command = [str(mutmut), "run", "--max-children", children, *names]
-    return subprocess.run(command, cwd=WORK, check=False).returncode
+    # Few, fixed Hypothesis examples per property (tests/conftest.py); one torch thread per
+    # worker: the workers fill the cores, and more threads per kernel only wait on each other.
+    env = {**os.environ, "GRADSTREAM_MUTATE": "1", "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    code = subprocess.run(command, cwd=WORK, env=env, check=False).returncode
+    print(f"mutmut ran {time.monotonic() - start:.0f} s with {children} workers")
+    return code
 
 
 def results(names: list[str]) -> dict[str, int | None]:
@@ -152,13 +164,21 @@ def _functions(module: str) -> dict[str, list[str]]:
 
 
 def ignored_by_pattern(keys: list[str]) -> set[str]:
-    """Mutants on lines ``do_not_mutate_patterns`` marks equivalent since they were made.
+    """Mutants marked equivalent, found by the lines they change.
 
-    mutmut applies the patterns when it makes the mutants; a run made before a pattern
-    was added still holds those mutants, and the score leaves them out as a new run would.
+    ``do_not_mutate_patterns`` marks every mutant on a line: mutmut applies the patterns
+    when it makes the mutants, and a run made before a pattern was added still holds
+    those mutants, which the score leaves out as a new run would. ``[tool.mutate]
+    equivalent`` marks one mutation of a line that also holds mutants the tests kill: a
+    mutant is equivalent when a line it removes matches ``line`` and the line it puts
+    there matches ``becomes``. mutmut still runs those; the score leaves them out.
     """
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
-    patterns = [re.compile(p) for p in config.get("do_not_mutate_patterns", [])]
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+    patterns = [re.compile(p) for p in tool["mutmut"].get("do_not_mutate_patterns", [])]
+    marks = [
+        (re.compile(m["line"]), re.compile(m["becomes"]))
+        for m in tool.get("mutate", {}).get("equivalent", [])
+    ]
     out: set[str] = set()
     cache: dict[str, dict[str, list[str]]] = {}
     for key in keys:
@@ -167,8 +187,12 @@ def ignored_by_pattern(keys: list[str]) -> set[str]:
         base = function.split("__mutmut_")[0]
         original = functions.get(f"{base}__mutmut_orig", [])
         mutated = functions.get(function, [])
-        changed = [line[2:] for line in difflib.ndiff(original, mutated) if line.startswith("- ")]
-        if any(p.search(line) for p in patterns for line in changed):
+        diff = list(difflib.ndiff(original, mutated))
+        removed = [line[2:] for line in diff if line.startswith("- ")]
+        added = [line[2:] for line in diff if line.startswith("+ ")]
+        marked = any(p.search(line) for p in patterns for line in removed)
+        pairs = [(r, a) for r in removed for a in added]
+        if marked or any(w.search(r) and b.search(a) for w, b in marks for r, a in pairs):
             out.add(key)
     return out
 

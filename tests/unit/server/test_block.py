@@ -12,10 +12,17 @@ from hypothesis import strategies as st
 
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.engine import Trainer, TrainOptions
-from gradstream.server.session import Rejected, decode, decode_message, train_message
+from gradstream.server.session import (
+    BLOCK_MIN_BATCHES,
+    Rejected,
+    decode,
+    decode_message,
+    train_message,
+)
 from gradstream.server.spec import ModelSpec, parse_spec
 from gradstream.server.wire import WireBatch, WireTensor
 from gradstream.wire import wire_array
+from tests.conftest import examples
 
 CPU = torch.device("cpu")
 SPECS: dict[str, ModelSpec] = {
@@ -159,7 +166,7 @@ def _same(a: Batch | Rejected, b: Batch | Rejected) -> None:
         assert torch.equal(s, t)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages())
 def test_the_block_decodes_every_message_as_batch_by_batch(
     message: tuple[str, list[WireBatch]],
@@ -194,6 +201,22 @@ def test_a_message_of_one_layout_is_one_block(model: str) -> None:
         items, [decode(checker, b, i, None) for i, b in enumerate(batches)], strict=True
     ):
         _same(a, b)
+
+
+@pytest.mark.parametrize(
+    ("n", "block", "one"),
+    [(BLOCK_MIN_BATCHES, True, True), (BLOCK_MIN_BATCHES - 1, True, False), (6, False, False)],
+)
+def test_a_block_is_taken_from_its_least_number_of_batches_and_only_when_asked(
+    n: int, block: bool, one: bool
+) -> None:
+    """Below BLOCK_MIN_BATCHES the block costs more than it saves; large batches (the
+    stream asks with ``block`` False) are checked one by one on the model's worker."""
+    checker = BatchChecker(SPECS["linear"])
+    batches = [_batch("linear", 3, False, True, seed, None, seed + 1) for seed in range(n)]
+    items = decode_message(checker, batches, block=block)
+    buffers = {i.x.untyped_storage().data_ptr() for i in items if isinstance(i, Batch)}
+    assert len(items) == n and len(buffers) == (1 if one else n)
 
 
 def test_one_bad_batch_is_rejected_by_its_own_name_and_the_others_train() -> None:

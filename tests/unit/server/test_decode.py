@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradstream.server.batches import Batch, BatchChecker
-from gradstream.server.session import Rejected, decode
+from gradstream.server.session import Rejected, decode, decode_message
 from gradstream.server.shm import open_shared_memory
 from gradstream.server.spec import parse_spec
 from gradstream.server.wire import WireBatch, WireTensor, from_message
@@ -102,3 +102,30 @@ def test_tensors_in_the_shared_segment_are_read_from_it_and_never_quoted(tmp_pat
     bad = WireBatch(shared(X, 0), shared(np.array([0, 7]), 3), None, 4)
     rejected = decode(CHECKER, bad, 1, segment)
     assert rejected == Rejected("batches[1].y: a label is out of range [0, 3)", 4)
+
+
+@pytest.mark.parametrize("n", [2, 5])  # below and at the size a message is checked as a block
+def test_a_message_in_the_shared_segment_is_decoded_from_it_batch_by_batch(
+    tmp_path: Path, n: int
+) -> None:
+    xs = [X + i for i in range(n)]
+    (tmp_path / "gradstream-m").write_bytes(b"".join(x.tobytes() + Y.tobytes() for x in xs))
+    segment = open_shared_memory("gradstream-m", PEER, str(tmp_path))
+    size = X.nbytes + Y.nbytes
+    x_code, y_code = to_proto(X).dtype, to_proto(Y).dtype
+    wires = [
+        WireBatch(
+            WireTensor(x_code, X.shape, b"", (i * size, X.nbytes)),
+            WireTensor(y_code, Y.shape, b"", (i * size + X.nbytes, Y.nbytes)),
+            None,
+            10 + i,
+        )
+        for i in range(n)
+    ]
+    items = decode_message(CHECKER, wires, segment)
+    assert len(items) == n
+    for i, item in enumerate(items):
+        assert isinstance(item, Batch), item
+        assert item.sequence == 10 + i
+        assert torch.equal(item.x, torch.from_numpy(xs[i]))
+        assert torch.equal(item.y, torch.from_numpy(Y))

@@ -18,6 +18,7 @@ from gradstream.server.main import build
 from gradstream.server.models import loss_value
 from gradstream.server.sharded import denominator, shard_loss, shard_sizes
 from gradstream.server.spec import LossSpec, parse_spec
+from tests.conftest import examples
 
 KINDS = ["mse", "l1", "huber", "cross_entropy", "bce_with_logits"]
 
@@ -49,7 +50,7 @@ def _batch(
     return out, y, w
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(
     kind=st.sampled_from(KINDS),
     reduction=st.sampled_from(["mean", "sum"]),

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from gradstream.server import wire
 from gradstream.server.wire import TrainMessage, from_message, parse_train_request
 from gradstream.v1 import trainer_pb2 as pb
+from tests.conftest import examples
 
 int64s = st.integers(-(2**63), 2**63 - 1)
 tensors = st.builds(
@@ -69,7 +70,7 @@ def plain(message: TrainMessage) -> Any:
     )
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(request=requests, unknown=st.binary(max_size=0) | st.just(b"\xa8\x06\x07"))
 def test_wire_reader_equals_protobuf(request: pb.TrainRequest, unknown: bytes) -> None:
     data = request.SerializeToString() + unknown  # field 101, a varint: unknown, skipped
