@@ -7,6 +7,8 @@ whole reason where the service test reads words of it.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +256,17 @@ def test_a_single_input_sent_by_name_is_named_so_in_reasons() -> None:
     got = decode(BatchChecker(spec), _wire([("x", x)]), 0, None)
     assert isinstance(got, Rejected)
     assert got.reason.startswith("batches[0].inputs[x]: contains a non-finite value (inf)")
+
+
+def test_a_malformed_named_input_is_rejected_naming_the_input() -> None:
+    pairs = list(inputs(4, 0).items())
+    batch = pb.Batch(
+        inputs=[pb.NamedTensor(name=k, tensor=to_proto(v)) for k, v in pairs],
+        y=to_proto(target(4, 0)),
+        sequence=7,
+    )
+    batch.inputs[1].tensor.dtype = cast(pb.DataType, 99)  # a dtype code no client sends
+    [wire] = from_message(pb.TrainRequest(batches=[batch])).batches
+    got = decode(CHECKER, wire, 2, None)
+    assert isinstance(got, Rejected)
+    assert got.reason.startswith(f"batches[2].inputs[{pairs[1][0]}].dtype: "), got.reason
