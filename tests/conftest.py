@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import shutil
@@ -32,6 +33,10 @@ if MUTATE:
     # A first optimizer imports torch._dynamo (seconds). Imported here, in mutmut's fork
     # server, every mutant's process starts with it instead of importing it again.
     import torch._dynamo  # noqa: F401
+
+    # pytest collects garbage at the end of every run (its unraisable-exception check):
+    # objects made so far are frozen out of that, a mutant's run only scans its own.
+    gc.freeze()
 
 
 def examples(count: int) -> int:
