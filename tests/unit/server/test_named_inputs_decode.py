@@ -7,6 +7,7 @@ whole reason where the service test reads words of it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -17,10 +18,11 @@ from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.engine import Outcome, Trainer, TrainOptions
 from gradstream.server.errors import InvalidArgument, ResourceExhausted
 from gradstream.server.session import Rejected, decode
+from gradstream.server.shm import open_shared_memory
 from gradstream.server.spec import parse_spec
-from gradstream.server.wire import WireBatch, from_message
+from gradstream.server.wire import WireBatch, WireTensor, from_message
 from gradstream.v1 import trainer_pb2 as pb
-from gradstream.wire import to_proto
+from gradstream.wire import to_proto, wire_array
 from tests.integration.test_named_inputs import (
     BAD,
     DENSE,
@@ -270,3 +272,51 @@ def test_a_malformed_named_input_is_rejected_naming_the_input() -> None:
     got = decode(CHECKER, wire, 2, None)
     assert isinstance(got, Rejected)
     assert got.reason.startswith(f"batches[2].inputs[{pairs[1][0]}].dtype: "), got.reason
+
+
+def test_named_inputs_in_the_shared_segment_are_read_from_it_and_never_quoted(
+    tmp_path: Path,
+) -> None:
+    """The named-inputs path of ``checked`` with every tensor in the stream's segment."""
+    arrays = inputs(4, 0)
+    y, weight = target(4, 0), np.array([0.5, 1.0, 2.0, 1.0], np.float32)
+    too_large = arrays["item"].copy()
+    too_large[1, 0] = 31
+    nan_y, negative = y.copy(), weight.copy()
+    nan_y.flat[2], negative[3] = np.nan, -1.0
+    parts = [*arrays.values(), y, weight, too_large, nan_y, negative]
+    (tmp_path / "gradstream-n").write_bytes(b"".join(p.tobytes() for p in parts))
+    segment = open_shared_memory("gradstream-n", "ipv4:127.0.0.1:5555", str(tmp_path))
+    offsets = np.cumsum([0] + [p.nbytes for p in parts]).tolist()
+
+    def shared(i: int) -> WireTensor:
+        wire, code = wire_array(parts[i])
+        return WireTensor(code, tuple(wire.shape), b"", (offsets[i], parts[i].nbytes))
+
+    def batch(item: int = 1, y_at: int = 3, weight_at: int = 4) -> WireBatch:
+        named = [("user", shared(0)), ("item", shared(item)), ("dense", shared(2))]
+        return WireBatch(None, shared(y_at), shared(weight_at), 9, named)
+
+    def malformed(part: str) -> WireBatch:  # a dtype code no client sends
+        wire = batch()
+        tensor = getattr(wire, part)
+        setattr(wire, part, WireTensor(99, tensor.shape, b"", tensor.shared))
+        return wire
+
+    got = decode(CHECKER, batch(), 1, segment)
+    assert isinstance(got, Batch) and got.sequence == 9
+    for tensor, array in zip(got.inputs, arrays.values(), strict=True):
+        assert torch.equal(tensor, torch.from_numpy(array))
+    assert torch.equal(got.y, torch.from_numpy(y).reshape(got.y.shape))
+    assert got.weight is not None and torch.equal(got.weight, torch.from_numpy(weight))
+    for bad, reason in [
+        (batch(item=5), "batches[1].inputs[item]: an id is out of range [0, 30)"),
+        (batch(y_at=6), "batches[1].y: contains a non-finite value"),
+        (batch(weight_at=7), "batches[1].sample_weight: "),
+        (malformed("y"), "batches[1].y.dtype: "),
+        (malformed("sample_weight"), "batches[1].sample_weight.dtype: "),
+    ]:
+        rejected = decode(CHECKER, bad, 1, segment)
+        assert isinstance(rejected, Rejected) and rejected.sequence == 9
+        assert rejected.reason.startswith(reason), rejected.reason
+        assert "nan" not in rejected.reason and "-1" not in rejected.reason
