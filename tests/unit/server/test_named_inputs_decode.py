@@ -294,7 +294,11 @@ def test_named_inputs_in_the_shared_segment_are_read_from_it_and_never_quoted(
         return WireTensor(code, tuple(wire.shape), b"", (offsets[i], parts[i].nbytes))
 
     def batch(item: int = 1, y_at: int = 3, weight_at: int = 4) -> WireBatch:
-        named = [("user", shared(0)), ("item", shared(item)), ("dense", shared(2))]
+        named: list[tuple[str, WireTensor | None]] = [
+            ("user", shared(0)),
+            ("item", shared(item)),
+            ("dense", shared(2)),
+        ]
         return WireBatch(None, shared(y_at), shared(weight_at), 9, named)
 
     def malformed(part: str) -> WireBatch:  # a dtype code no client sends
