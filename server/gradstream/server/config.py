@@ -39,14 +39,6 @@ class Settings(BaseSettings):
         description="torch intra-op threads, one count for every model of the process "
         "(0: one fewer than torch's default, at least 1, so the gRPC event loop keeps a core)",
     )
-    worker_nice: int = Field(
-        0,
-        ge=0,
-        le=19,
-        description="added to the nice value of each model's worker thread (Linux): when "
-        "the cores are short, the event loop, which every RPC and prediction passes through, "
-        "runs before training (0: the same priority)",
-    )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="largest gRPC message accepted or sent, in bytes"
     )

@@ -67,7 +67,6 @@ def build(
         metrics,
         max_models=settings.max_models,
         queue_depth=settings.queue_depth,
-        worker_nice=settings.worker_nice,
         max_model_parameters=settings.max_model_parameters,
         max_model_layers=settings.max_model_layers,
     )

@@ -50,7 +50,6 @@ class ModelRegistry:
         max_models: int = 64,
         queue_depth: int = 4,
         *,
-        worker_nice: int = 0,
         max_model_parameters: int = 0,
         max_model_layers: int = 0,
     ) -> None:
@@ -58,7 +57,6 @@ class ModelRegistry:
         self.metrics = metrics
         self.max_models = max_models
         self.queue_depth = queue_depth
-        self.worker_nice = worker_nice
         self.max_model_parameters = max_model_parameters
         self.max_model_layers = max_model_layers
         self._workers: dict[str, ModelWorker] = {}
@@ -112,7 +110,7 @@ class ModelRegistry:
             info = await asyncio.to_thread(trainer.info)
         finally:
             self._creating.discard(name)
-        self._workers[name] = ModelWorker(trainer, self.queue_depth, self.worker_nice)
+        self._workers[name] = ModelWorker(trainer, self.queue_depth)
         self.metrics.model_created(name, trainer.lr)
         self.metrics.models.set(len(self._workers))
         log.info(
@@ -126,7 +124,7 @@ class ModelRegistry:
 
     def adopt(self, trainer: Trainer) -> None:
         """Make a trainer built elsewhere (restored from a checkpoint) resident."""
-        self._workers[trainer.name] = ModelWorker(trainer, self.queue_depth, self.worker_nice)
+        self._workers[trainer.name] = ModelWorker(trainer, self.queue_depth)
         self.metrics.model_created(trainer.name, trainer.lr)
         self.metrics.models.set(len(self._workers))
 

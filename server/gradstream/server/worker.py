@@ -10,9 +10,7 @@ feels (its stream stops being read; HTTP/2 flow control does the rest).
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -29,10 +27,9 @@ _Job = tuple[Callable[[Trainer], Any], asyncio.AbstractEventLoop, "asyncio.Futur
 class ModelWorker:
     """Runs jobs against one ``Trainer`` on a dedicated thread, in submission order."""
 
-    def __init__(self, trainer: Trainer, queue_depth: int = 8, nice: int = 0) -> None:
+    def __init__(self, trainer: Trainer, queue_depth: int = 8) -> None:
         self.trainer = trainer
         self.queue_depth = queue_depth
-        self.nice = nice
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._slots = asyncio.Semaphore(queue_depth)
         self._closed = False
@@ -68,8 +65,6 @@ class ModelWorker:
         # (tests/unit/server/test_intra_op_threads.py); set it again on the thread that
         # steps anyway, so that a build whose count is per thread still honours --threads.
         torch.set_num_threads(torch.get_num_threads())
-        if self.nice:
-            lower_priority(self.nice)
         while (item := self._jobs.get()) is not None:
             job, loop, future = item
             if future.cancelled():
@@ -95,16 +90,6 @@ class ModelWorker:
                 _, loop, future = item
                 gone = NotFound(f"model {self.trainer.name!r} was deleted")
                 loop.call_soon_threadsafe(_settle, future, None, gone)
-
-
-def lower_priority(increment: int) -> None:
-    """Add ``increment`` to this thread's nice value (Linux, where nice is per thread;
-    elsewhere setpriority would lower the whole process, so nothing is done). Threads this
-    one starts, torch's intra-op pool among them, inherit it."""
-    if sys.platform != "linux":
-        return
-    tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

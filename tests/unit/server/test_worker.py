@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import os
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +13,6 @@ import torch
 from gradstream.server.app import TORCH_DEFAULT_THREADS, intra_op_threads
 from gradstream.server.config import Settings
 from gradstream.server.engine import Trainer
-from gradstream.server.main import build
 from gradstream.server.spec import parse_spec
 from gradstream.server.worker import ModelWorker
 
@@ -58,42 +54,3 @@ def test_default_leaves_a_core_to_the_event_loop() -> None:
     torch.set_num_threads(intra_op_threads(Settings()))
     assert intra_op_threads(Settings()) == max(1, TORCH_DEFAULT_THREADS - 1)
     torch.set_num_threads(TORCH_DEFAULT_THREADS)
-
-
-def _thread_nice() -> int:
-    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
-@pytest.mark.parametrize("nice", [0, 3, 40])
-def test_worker_thread_runs_at_the_configured_nice(nice: int) -> None:
-    spec = parse_spec({"architecture": {"kind": "linear", "in_features": 2, "out_features": 1}})
-    base = _thread_nice()
-    worker = ModelWorker(Trainer("m", spec, torch.device("cpu")), nice=nice)
-    try:
-        seen = asyncio.run(worker.run(lambda _: _thread_nice()))
-    finally:
-        worker.close(5)
-    assert seen == min(19, base + nice)
-    # Only the worker's thread: the rest of the process (the event loop) keeps its priority.
-    assert _thread_nice() == base
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
-def test_server_gives_every_model_worker_the_setting() -> None:
-    registry = build(Settings(port=0, device="cpu", worker_nice=4)).registry
-    base = _thread_nice()
-    spec = parse_spec({"architecture": {"kind": "linear", "in_features": 2, "out_features": 1}})
-
-    async def created_and_restored() -> list[int]:
-        await registry.create("a", spec)
-        registry.adopt(Trainer("b", spec, torch.device("cpu")))
-        return [await registry.get(n).run(lambda _: _thread_nice()) for n in ("a", "b")]
-
-    try:
-        assert asyncio.run(created_and_restored()) == [min(19, base + 4)] * 2
-    finally:
-        for name in registry.names():
-            registry.get(name).close(5)
-    with pytest.raises(ValueError, match="worker_nice"):
-        Settings(worker_nice=20)
