@@ -67,8 +67,21 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     for part in ("predict", "predict_training"):
         assert serve[part]["predictions_per_s"] > 0
         assert 0 < serve[part]["latency_p50_s"] <= serve[part]["latency_p99_s"]
+        # On a schedule at the default rate: never ahead of it.
+        assert serve[part]["rate"] == 200
+        assert serve[part]["predictions_per_s"] <= 200 * 1.05
+    assert "at 200/s" in result.stdout
     p99 = serve["ratios"]["predict_p99_training_vs_idle"]["median"]
     assert p99 == serve["predict_training"]["latency_p99_s"] / serve["predict"]["latency_p99_s"]
+
+
+def test_bench_serve_sends_predictions_back_to_back_at_rate_zero(tmp_path: Path) -> None:
+    result, data = _bench(tmp_path / "serve.json", "serve", "--quick", "--predict-rate", "0")
+    serve = data["results"]["serve"]
+    assert "back to back" in result.stdout
+    for part in ("predict", "predict_training"):
+        assert serve[part]["rate"] == 0
+        assert serve[part]["predictions_per_s"] > 0
 
 
 def test_ingest_split_prints_each_part_per_batch() -> None:

@@ -228,12 +228,27 @@ def run_models(
     return {"one": one, "many": many}
 
 
-def run_serve(seconds: float, device: str, threads: int, optimizer: str = "sgd") -> dict[str, Any]:
-    """Batch-1 predictions idle, training alone, then both at once (medium's model)."""
+# Batch-1 predictions a second in the serve scenario: a steady caller's load, sent on a
+# schedule (an open loop); 0 sends them back to back.
+PREDICT_RATE = 200.0
+
+
+def run_serve(
+    seconds: float,
+    device: str,
+    threads: int,
+    optimizer: str = "sgd",
+    predict_rate: float = PREDICT_RATE,
+) -> dict[str, Any]:
+    """Batch-1 predictions idle, training alone, then both at once (medium's model).
+
+    The predictions come at ``predict_rate`` a second (0: back to back), the same rate
+    idle and under training, so the p99 ratio compares one load with and without training.
+    """
     model = "bench-serve"
     with _with_models(device, threads, [model], scenario("medium", optimizer)) as server:
         train = ["--scenario", "medium", "--model", model, "--existing"]
-        predict = [*train, "--predict"]
+        predict = [*train, "--predict", "--rate", str(predict_rate)]
         (idle,) = run_clients(server, [predict], seconds)
         (alone,) = run_clients(server, [train], seconds)
         loaded, under = run_clients(server, [train, predict], seconds)
@@ -379,9 +394,10 @@ def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
         ]
         for label, key in (("predict", "predict"), ("+train", "predict_training")):
             p = r[key]
+            how = f"at {p['rate']:,.0f}/s" if p.get("rate") else "back to back"
             lines.append(
-                f"{'':<8} {label:<8} {p['predictions_per_s']:>10,.0f} predictions/s, batch 1"
-                f"{'':<12} {p['latency_p50_s'] * 1e3:>8.2f} {p['latency_p99_s'] * 1e3:>8.2f}"
+                f"{'':<8} {label:<8} {p['predictions_per_s']:>10,.0f} predictions/s, batch 1,"
+                f" {how:<14} {p['latency_p50_s'] * 1e3:>8.2f} {p['latency_p99_s'] * 1e3:>8.2f}"
             )
         lines.append(
             f"{'':<8} "
@@ -462,12 +478,20 @@ DEFAULT = ("small", "medium", "large", "fan-in", "models", "serve")
 
 
 def _run_group(
-    name: str, repeat: int, seconds: float, device: str, threads: int, *, optimizer: str
+    name: str,
+    repeat: int,
+    seconds: float,
+    device: str,
+    threads: int,
+    *,
+    optimizer: str,
+    predict_rate: float = PREDICT_RATE,
 ) -> dict[str, Any]:
     """A concurrent scenario's rounds: each part's median round and the ratios per round."""
     rounds: dict[str, list[dict[str, Any]]] = {}
+    extra = {"predict_rate": predict_rate} if name == "serve" else {}
     for _ in range(repeat):
-        for part, run in GROUPS[name](seconds, device, threads, optimizer).items():
+        for part, run in GROUPS[name](seconds, device, threads, optimizer, **extra).items():
             rounds.setdefault(part, []).append(run)
     chosen = {
         part: _median(runs, "steps_per_s" if "steps_per_s" in runs[0] else "latency_p99_s")
@@ -509,6 +533,12 @@ def main(argv: list[str] | None = None) -> int:
         help="every model's optimizer (the loop's too), at the scenario's lr",
     )
     parser.add_argument(
+        "--predict-rate",
+        type=float,
+        default=PREDICT_RATE,
+        help="serve: batch-1 predictions a second, on a schedule (0: back to back)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=3,
@@ -534,7 +564,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name in GROUPS:
             results[name] = _run_group(
-                name, repeat, duration, args.device, args.threads, optimizer=args.optimizer
+                name,
+                repeat,
+                duration,
+                args.device,
+                args.threads,
+                optimizer=args.optimizer,
+                predict_rate=args.predict_rate,
             )
             continue
         chosen_scenario = scenario(name, args.optimizer)

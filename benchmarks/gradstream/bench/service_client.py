@@ -103,10 +103,18 @@ def run_predict(
     seconds: float,
     model: str,
     *,
+    rate: float = 0.0,
     barrier: Path | None = None,
     index: int = 0,
 ) -> dict[str, Any]:
-    """Batch-1 predictions one after the other for ``seconds``: their latency."""
+    """Batch-1 predictions for ``seconds``: their latency.
+
+    ``rate`` > 0 sends at that many predictions a second on a fixed schedule (an open
+    loop, as a service's callers do) and counts each latency from the request's scheduled
+    time, so a prediction that had to wait for an earlier one counts that wait too
+    (no coordinated omission). ``rate`` 0 sends back to back (a closed loop: the client's
+    own speed sets the load).
+    """
     scenario = SCENARIOS[scenario_name]
     rows = [x[:1] for x, _ in scenario.batches()]
     with Client(target, timeout=None) as client:
@@ -115,19 +123,28 @@ def run_predict(
             client.predict(model, rows[0])
         wait_barrier(barrier, index)
         latencies: list[float] = []
+        cpu_start = time.process_time()
         start = time.perf_counter()
         now = start
         while now - start < seconds:
+            if rate > 0:
+                scheduled = start + len(latencies) / rate
+                if scheduled > now:
+                    time.sleep(scheduled - now)
+            else:
+                scheduled = now
             client.predict(model, rows[len(latencies) % len(rows)])
-            after = time.perf_counter()
-            latencies.append(after - now)
-            now = after
+            now = time.perf_counter()
+            latencies.append(now - scheduled)
         elapsed = now - start
+        cpu = time.process_time() - cpu_start
     lat = np.array(latencies)
     return {
         "predictions_per_s": len(latencies) / elapsed,
+        "rate": rate,
         "latency_p50_s": float(np.percentile(lat, 50)),
         "latency_p99_s": float(np.percentile(lat, 99)),
+        "client_cores": cpu / elapsed,
     }
 
 
@@ -146,13 +163,22 @@ def main(argv: list[str] | None = None) -> None:
         "--optimizer", default="sgd", choices=OPTIMIZERS, help="for a model it creates"
     )
     parser.add_argument("--predict", action="store_true", help="batch-1 predictions, no training")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="predictions a second (0: back to back)"
+    )
     parser.add_argument("--barrier", type=Path, help="start measuring with the other processes")
     parser.add_argument("--index", type=int, default=0, help="this process's name in --barrier")
     args = parser.parse_args(argv)
     if args.predict:
         model = args.model or f"bench-{args.scenario}"
         result = run_predict(
-            args.target, args.scenario, args.seconds, model, barrier=args.barrier, index=args.index
+            args.target,
+            args.scenario,
+            args.seconds,
+            model,
+            rate=args.rate,
+            barrier=args.barrier,
+            index=args.index,
         )
     else:
         result = run(
