@@ -1,4 +1,4 @@
-"""CUDA: a checkpoint taken off the GPU (deferred path, fused SGD) restores onto it bitwise.
+"""CUDA: checkpoints taken off the GPU restore onto it bitwise; fused optimizers step there.
 
 Skipped without a GPU; not run on the CPU-only machine this was written on.
 """
@@ -12,7 +12,7 @@ import torch
 
 from gradstream.server import checkpoint as ck
 from gradstream.server.batches import Batch
-from gradstream.server.engine import Trainer, TrainerFactory, TrainOptions
+from gradstream.server.engine import Outcome, Trainer, TrainerFactory, TrainOptions
 from gradstream.server.spec import parse_spec
 
 pytestmark = [
@@ -58,3 +58,22 @@ def test_checkpoint_mid_accumulation_on_cuda_restores_bitwise(tmp_path: Path) ->
             resumed.optimizer.state[got]["momentum_buffer"],
             reference.optimizer.state[want]["momentum_buffer"],
         )
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_fused_optimizers_step_and_skip_on_the_deferred_path(kind: str) -> None:
+    """The GPU's default path hands found_inf to fused kernels that also count steps."""
+    spec = parse_spec({**SPEC, "optimizer": {"kind": kind, "lr": 0.01}, "accumulate_steps": 1})
+    trainer = Trainer("m", spec, torch.device("cuda"))
+    assert trainer.deferred
+    good = _batches(trainer, 3)
+    results, error = trainer.train_batches(good[:2], TrainOptions())
+    assert error is None and [r.outcome for r in results] == [Outcome.APPLIED] * 2
+    before = [p.detach().clone() for p in trainer.module.parameters()]
+    bad = Batch(good[2].x * 3e38, good[2].y)
+    results, _ = trainer.train_batches([bad], TrainOptions())
+    assert [r.outcome for r in results] == [Outcome.SKIPPED_NONFINITE]
+    for p, q in zip(trainer.module.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    results, _ = trainer.train_batches(good[2:], TrainOptions())
+    assert [r.outcome for r in results] == [Outcome.APPLIED] and trainer.step == 3
