@@ -96,8 +96,8 @@ def graph_step(model: nn.Module, optimizer: torch.optim.Optimizer, warmup: Batch
     """
     static_x = torch.empty_like(warmup[0][0])
     static_y = torch.empty_like(warmup[0][1])
-    # Capture needs the lazily made state (optimizer buffers, cuBLAS workspaces) to exist,
-    # made on a side stream as the recipe does.
+    # Capture needs the lazily made state (optimizer buffers, BLAS handles and workspaces,
+    # which are per stream) to exist: made on the side stream that then captures.
     side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -111,7 +111,7 @@ def graph_step(model: nn.Module, optimizer: torch.optim.Optimizer, warmup: Batch
     graph = torch.cuda.CUDAGraph()
     # Gradients made inside the capture live in the graph's pool; each replay rewrites them.
     optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         nn.functional.mse_loss(model(static_x), static_y).backward()  # type: ignore[no-untyped-call]
         optimizer.step()
 
