@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import cuda_graph as cg
 import pytest
@@ -21,29 +22,31 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("name", ["small", "medium"])
-def test_captured_sgd_step_equals_the_eager_step_bitwise(name: str) -> None:
-    chosen = scenario(name, "sgd")
+def _parity(name: str, optimizer: str, steps: int = 20) -> dict[str, Any]:
+    """Every contender but the compiled one over ``steps`` steps on the GPU, compared."""
+    chosen = scenario(name, optimizer)
     device = torch.device("cuda")
-    trained = cg.train_all(chosen, device, cg.device_batches(chosen, device), 20, False)
+    trained = cg.train_all(chosen, device, cg.device_batches(chosen, device), steps, False)
     assert trained.errors == {}
     assert list(trained.steps) == ["eager", "graph"]
-    parity = cg.parity(trained)
+    return cg.parity(trained)
+
+
+@pytest.mark.parametrize("name", ["small", "medium"])
+def test_captured_sgd_step_equals_the_eager_step_bitwise(name: str) -> None:
+    parity = _parity(name, "sgd")
     assert list(parity) == ["graph_vs_eager"]
     assert parity["graph_vs_eager"]["bitwise"], parity
 
 
 @pytest.mark.parametrize("name", ["small", "medium"])
 def test_captured_adam_step_equals_eager_capturable_adam_bitwise(name: str) -> None:
-    chosen = scenario(name, "adam")
-    device = torch.device("cuda")
-    trained = cg.train_all(chosen, device, cg.device_batches(chosen, device), 20, False)
-    assert trained.errors == {}
-    parity = cg.parity(trained)
+    parity = _parity(name, "adam")
     # Capturing changes nothing. Capturable Adam's arithmetic differs from the plain one's:
     # the benchmark reports by how much; this bound only catches a step gone wrong (NaN).
     assert parity["graph_vs_eager_capturable"]["bitwise"], parity
-    assert 0 <= parity["graph_vs_eager"]["max_abs_diff"] < chosen.spec["optimizer"]["lr"] * 20
+    lr = scenario(name, "adam").spec["optimizer"]["lr"]
+    assert 0 <= parity["graph_vs_eager"]["max_abs_diff"] < lr * 20
 
 
 def test_benchmark_prints_and_writes_every_contender_on_cuda(
