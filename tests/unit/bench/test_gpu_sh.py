@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import ROOT, require_tool
@@ -24,7 +25,7 @@ echo "failed: ${failed[*]}"
 
 def test_gpu_sh_parses_and_passes_shellcheck() -> None:
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
-    shellcheck = require_tool("shellcheck")
+    shellcheck = require_tool("shellcheck", Path(sys.executable).parent / "shellcheck")
     result = subprocess.run(
         [shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60, check=False
     )
