@@ -149,3 +149,15 @@ def test_step_profile_prints_server_cpu_per_step_and_both_profiles() -> None:
     assert "worker " in first and "event loop " in first
     assert "--- profile worker" in result.stdout
     assert "--- profile event loop" in result.stdout
+
+
+def test_bench_refuses_a_negative_predict_rate() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gradstream.client.cli", "bench", "serve", "--predict-rate", "-5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--predict-rate -5.0: must be 0 (back to back) or more" in result.stderr

@@ -548,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.scenarios:
         if name not in SCENARIOS and name not in GROUPS:
             parser.error(f"scenario {name!r}: choose from {', '.join([*SCENARIOS, *GROUPS])}")
+    if args.predict_rate < 0:
+        parser.error(f"--predict-rate {args.predict_rate}: must be 0 (back to back) or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     chosen = args.scenarios or list(DEFAULT)
