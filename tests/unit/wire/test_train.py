@@ -9,6 +9,7 @@ import numpy.typing as npt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gradstream.server.wire import _fields as read_fields
 from gradstream.server.wire import _request as read_in_place
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import ALIGN, inputs_from_proto, wire_array
@@ -112,31 +113,8 @@ def test_varint_matches_protobuf() -> None:
 
 
 def _walk(buf: memoryview) -> list[tuple[int, int | memoryview]]:
-    """(field number, value) of a protobuf message: varints as ints, the rest as views."""
-    out: list[tuple[int, int | memoryview]] = []
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        if key & 7 == 0:
-            value, pos = _read_varint(buf, pos)
-            out.append((key >> 3, value))
-        else:
-            assert key & 7 == 2
-            length, pos = _read_varint(buf, pos)
-            out.append((key >> 3, buf[pos : pos + length]))
-            pos += length
-    return out
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
+    """(field number, value) of a protobuf message, read by the server's field reader."""
+    return [(number, value) for number, _, value in read_fields(buf)]
 
 
 def _named_data(message: memoryview) -> dict[str, memoryview]:
