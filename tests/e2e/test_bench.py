@@ -25,6 +25,18 @@ def _bench(
     return result, json.loads(out.read_text())
 
 
+def _script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/NAME ARGS``, which must succeed; its output."""
+    script = Path(__file__).parents[2] / "benchmarks" / name
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+
+
 def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     result, data = _bench(tmp_path / "bench.json", "--quick")
     assert "--quick: smoke test only" in result.stdout
@@ -85,14 +97,7 @@ def test_bench_serve_sends_predictions_back_to_back_at_rate_zero(tmp_path: Path)
 
 
 def test_ingest_split_prints_each_part_per_batch() -> None:
-    script = Path(__file__).parents[2] / "benchmarks" / "ingest_split.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "small", "large", "--seconds", "0.2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    result = _script("ingest_split.py", "small", "large", "--seconds", "0.2", timeout=120)
     lines = result.stdout.splitlines()
     assert lines[0].startswith("torch threads")
     for name, line in zip(("small", "large"), lines[1:], strict=True):
@@ -136,14 +141,7 @@ def test_bench_soak_quick_reports_rss_growth_and_its_samples(tmp_path: Path) -> 
 
 
 def test_step_profile_prints_server_cpu_per_step_and_both_profiles() -> None:
-    script = Path(__file__).parents[2] / "benchmarks" / "step_profile.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "small", "--seconds", "0.5", "--profile"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=True,
-    )
+    result = _script("step_profile.py", "small", "--seconds", "0.5", "--profile", timeout=180)
     first = result.stdout.splitlines()[0]
     assert first.startswith("small: ") and "steps/s; server CPU us per step:" in first, first
     assert "worker " in first and "event loop " in first
