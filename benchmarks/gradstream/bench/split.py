@@ -339,7 +339,9 @@ class _Model:
         if self.failed:
             return
         self.failed = why
-        asyncio.get_running_loop().remove_reader(self.conn.fileno())
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.conn.fileno())
+        loop.run_in_executor(None, self.process.join, STOP_TIMEOUT_S)  # reap it
         for future, _ in self.pending.values():
             if not future.done():
                 future.set_exception(Unavailable(why))
