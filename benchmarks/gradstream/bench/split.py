@@ -640,6 +640,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     _tune_allocator()  # as `gradstream serve` does
+    # The front's torch work is copies and checks: an OpenMP team here would only spin on
+    # the cores the trainer processes step on.
+    torch.set_num_threads(1)
     asyncio.run(serve(Settings(device=args.device, threads=args.threads), args.ready_file))
 
 
