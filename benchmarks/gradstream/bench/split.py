@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -74,7 +75,7 @@ from gradstream.server.session import (
     train_message,
 )
 from gradstream.server.spec import ModelSpec, check_model_name, parse_spec
-from gradstream.server.wire import TrainMessage, parse_train_request
+from gradstream.server.wire import TrainMessage, WireBatch, parse_train_request
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import spec_from_proto
 
@@ -305,6 +306,9 @@ class _Model:
     free: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     pending: dict[int, tuple[asyncio.Future[Any], int | None]] = field(default_factory=dict)
     calls: int = 0
+    ingest: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="split-ingest")
+    )
     streams: int = 0
     failed: str = ""
 
@@ -368,6 +372,7 @@ class _Model:
             await asyncio.to_thread(self.process.join, STOP_TIMEOUT_S)
         self.fail(f"model {self.name!r} was deleted")
         self.conn.close()
+        self.ingest.shutdown(wait=False, cancel_futures=True)
 
 
 class Front:
@@ -500,16 +505,45 @@ async def _read(  # noqa: PLR0917
         if request is not first and request.open is not None:
             raise InvalidArgument("open", "only the first TrainRequest of a stream may carry open")
         if request.batches:
-            small = _mean_batch_bytes(request.batches) < WORKER_CHECK_BYTES
-            items = decode_message(model.checker, request.batches, block=small)
             await in_flight.acquire()
             slot = await model.free.get()
             if model.ring is None:
                 raise Unavailable(model.failed)
             base = slot * model.slot_bytes
-            descriptor = pack(items, model.ring[base : base + model.slot_bytes])
-            jobs.put_nowait(model.call("train", sid, slot, descriptor, slot=slot))
+            # Decoded, checked and copied on the model's ingest thread while this one
+            # receives the next message (numpy's checks and torch's copy release the GIL).
+            prepared = asyncio.get_running_loop().run_in_executor(
+                model.ingest,
+                _prepare,
+                model.checker,
+                request.batches,
+                model.ring[base : base + model.slot_bytes],
+            )
+            jobs.put_nowait(asyncio.ensure_future(_submit(model, sid, slot, prepared)))
         request = await anext(stream, None)
+
+
+def _prepare(
+    checker: BatchChecker, batches: list[WireBatch], slot: np.ndarray[Any, Any]
+) -> tuple[Any, ...]:
+    """A message decoded and checked as the server does, its tensors copied into ``slot``."""
+    small = _mean_batch_bytes(batches) < WORKER_CHECK_BYTES
+    return pack(decode_message(checker, batches, block=small), slot)
+
+
+async def _submit(model: _Model, sid: int, slot: int, prepared: asyncio.Future[Any]) -> Any:
+    """Send a prepared message to the trainer; its answer.
+
+    The ingest thread is one per model and prepares in order, and the event loop wakes
+    these tasks in the order their preparations finished: a stream's messages reach the
+    trainer in the order they came.
+    """
+    try:
+        descriptor = await prepared
+    except BaseException:
+        model.free.put_nowait(slot)
+        raise
+    return await model.call("train", sid, slot, descriptor, slot=slot)
 
 
 def _reading_ended(
