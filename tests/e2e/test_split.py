@@ -134,5 +134,16 @@ def test_a_trainer_that_dies_fails_its_streams_and_frees_its_ring() -> None:
         _gone([pid], files)
         with pytest.raises(Unavailable, match="exited"):
             list(client.train("dies", chosen.batches()))
+        # Mid-stream: the stream in flight ends UNAVAILABLE.
+        client.create_model("dies-streaming", chosen.spec)
+        (pid,) = trainer_pids(server.process.pid)
+        files = _segments([pid])
+        endless = (chosen.batches()[i % 16] for i in range(10**7))
+        with pytest.raises(Unavailable, match="exited"):
+            for i, _ in enumerate(client.train("dies-streaming", endless)):
+                if i == 2000:
+                    os.kill(pid, signal.SIGKILL)
+        _gone([pid], files)
+        client.delete_model("dies-streaming")
         client.delete_model("dies")  # bounded: the process is gone already
         assert client.list_models() == []

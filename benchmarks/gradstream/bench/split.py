@@ -267,8 +267,11 @@ class _TrainerLoop:
         trainer = self.trainer
         if kind == "train":
             stream, slot, descriptor = args
+            options = self.streams.get(stream)
+            if options is None:  # sent after the stream ended: nothing commits after a cancel
+                return [], None
             items = unpack(self.buffer, slot * self.slot_bytes, descriptor)
-            results, error = train_message(trainer, items, self.streams[stream])
+            results, error = train_message(trainer, items, options)
             del items  # the slot is released with this answer: no view of it may outlive it
             rows = [(r.sequence, r.step, r.outcome.value, r.loss, r.reason) for r in results]
             return rows, None if error is None else _error(error)
@@ -351,6 +354,8 @@ class _Model:
                 future.set_exception(Unavailable(why))
         self.pending.clear()
         self.release()
+        for slot in range(self.slots):  # wake readers waiting for a slot: they fail now
+            self.free.put_nowait(slot)
 
     def release(self) -> None:
         """Unmap and unlink the ring (once)."""
@@ -476,7 +481,7 @@ class Front:
                     rows, error = await job
                 finally:
                     in_flight.release()
-                results = [StepResult(s, step, Outcome(o), loss, r) for s, step, o, loss, r in rows]
+                results = [StepResult(q, n, Outcome(o), loss, why) for q, n, o, loss, why in rows]
                 if results:
                     yield _train_response(results, 0)
                 if error is not None:
