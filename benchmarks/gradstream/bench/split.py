@@ -34,11 +34,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import functools
 import json
 import mmap
 import multiprocessing
 import os
+import platform
 import signal
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -53,7 +55,6 @@ import grpc
 import numpy as np
 import torch
 
-from gradstream.client.cli._commands import _tune_allocator
 from gradstream.server.app import intra_op_threads
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.codec import encode
@@ -674,6 +675,16 @@ def trainer_pids(front: int) -> list[int]:
         if ppid == front and comm == TRAINER_COMM:
             pids.append(int(entry.name))
     return sorted(pids)
+
+
+def _tune_allocator() -> None:
+    """Keep freed message buffers for reuse, as ``gradstream serve`` does (glibc's mallopt:
+    the mmap threshold to its largest value, the trim threshold to 256 MiB)."""
+    if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(-3, 32 << 20)
+    libc.mallopt(-1, 256 << 20)
 
 
 def main(argv: list[str] | None = None) -> None:
