@@ -3,10 +3,11 @@
 ``python -m gradstream.bench.split --ready-file F --device cpu --threads N`` starts a
 **front** process: a ``grpc.aio`` server on 127.0.0.1:0 serving the ``gradstream.v1``
 methods the bench's SDK client calls (CreateModel, GetModel, ListModels, DeleteModel,
-GetParameters, Train; anything else is UNIMPLEMENTED). It receives Train messages, parses
-them (``wire.parse_train_request``), decodes and checks them (``session.decode_message``
-with the model's ``BatchChecker``, built from the spec as the server builds it) and copies
-the checked tensors of each message into a slot of the model's shared-memory ring. A
+GetParameters, Train; anything else is UNIMPLEMENTED). It receives Train messages and
+parses them (``wire.parse_train_request``) on its event loop; a thread per model decodes
+and checks them (``session.decode_message`` with the model's ``BatchChecker``, built from
+the spec as the server builds it) and copies the checked tensors of each message into a
+slot of the model's shared-memory ring, while the event loop receives the next one. A
 **trainer process** per model (spawned at CreateModel) builds the model with the server's
 ``TrainerFactory``, views the slot's tensors without a copy and steps them with
 ``session.train_message``; its results come back to the front, which answers them in order.
