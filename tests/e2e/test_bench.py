@@ -159,3 +159,26 @@ def test_bench_refuses_a_negative_predict_rate() -> None:
     )
     assert result.returncode == 2
     assert "--predict-rate -5.0: must be 0 (back to back) or more" in result.stderr
+
+
+def test_bench_split_adds_the_prototype_and_its_ratios(tmp_path: Path) -> None:
+    result, data = _bench(tmp_path / "split.json", "small", "models", "--quick", "--split")
+    r = data["results"]["small"]
+    assert r["split"]["steps_per_s"] > 0
+    for other in ("loop", "trainer", "service"):
+        assert r[f"split_vs_{other}"] == r["split"]["steps_per_s"] / r[other]["steps_per_s"]
+    assert r["split_vs_raw"] == r["split"]["bytes_per_s"] / r["raw"]["bytes_per_s"]
+    assert "event loop" in r["split"]["server_threads"]
+    (trainer,) = r["split"]["trainer_processes"].values()
+    assert trainer > 0
+    assert "split/loop" in result.stdout and "split/service" in result.stdout
+    assert "processes trainer/" in result.stdout
+    models = data["results"]["models"]
+    assert len(models["split_many"]["trainer_processes"]) == 2
+    assert models["ratios"]["split_many_vs_one"]["median"] == (
+        models["split_many"]["steps_per_s"] / models["split_one"]["steps_per_s"]
+    )
+    assert "2 models/1 (split)" in result.stdout
+    # Without --split the table is as before.
+    plain, data = _bench(tmp_path / "plain.json", "small", "--quick")
+    assert "split" not in plain.stdout and "split" not in data["results"]["small"]

@@ -3,7 +3,9 @@
 (a) the plain in-process PyTorch loop, (b) the server's own Trainer step in process, no
 transport (the ceiling), (c) a raw gRPC byte stream between two processes, (d) the service
 through the SDK with the client in its own process, and (e) the same with the local
-shared-memory path. The concurrent scenarios: fan-in (4 producers into one model against
+shared-memory path; with ``--split``, (f) the split prototype (``gradstream.bench.split``:
+receiving, decoding and checking in one process, each model's training in its own). The
+concurrent scenarios: fan-in (4 producers into one model against
 one), models (2 models, a producer each, against one) and serve (batch-1 predictions while
 another client trains, against each alone). All run in this one invocation on this one
 machine, so the ratios compare like with like; absolute numbers depend on the machine.
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import torch
 
 from gradstream.bench.loop import run_loop
 from gradstream.bench.scenarios import OPTIMIZERS, SCENARIOS, Scenario, scenario
+from gradstream.bench.split import SplitServer, running, trainer_pids
 from gradstream.client import Client
 from gradstream.client._local import LocalServer
 from gradstream.server.app import intra_op_threads
@@ -110,6 +113,17 @@ def _thread_load(
     return dict(sorted(load.items(), key=lambda kv: -kv[1]))
 
 
+def _process_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds so far of each process of ``pids``, every thread of it."""
+    return {pid: sum(cpu for _, cpu in _thread_cpu(pid).values()) for pid in pids}
+
+
+def _process_load(before: dict[int, float], seconds: float) -> dict[str, float]:
+    """Cores used by each process of ``before`` since then, as ``trainer/<pid>``."""
+    after = _process_cpu(list(before))
+    return {f"trainer/{pid}": round((after[pid] - before[pid]) / seconds, 3) for pid in before}
+
+
 def run_trainer(scenario: Scenario, seconds: float, device: str, threads: int) -> dict[str, Any]:
     """The server's Trainer step in a process of its own, with the server's torch threads."""
     return _child(
@@ -120,12 +134,20 @@ def run_trainer(scenario: Scenario, seconds: float, device: str, threads: int) -
     )
 
 
+Served = LocalServer | SplitServer
+
+
 @contextlib.contextmanager
 def _with_models(
-    device: str, threads: int, models: list[str], scenario: Scenario
-) -> Iterator[LocalServer]:
-    """A server of its own with ``models`` of ``scenario`` created."""
-    with LocalServer("--device", device, "--threads", str(threads)) as server:
+    device: str, threads: int, models: list[str], scenario: Scenario, *, split: bool = False
+) -> Iterator[Served]:
+    """A server of its own (the split prototype's front with ``split``) with ``models``."""
+    with contextlib.ExitStack() as stack:
+        server: Served = stack.enter_context(
+            running(device, threads)
+            if split
+            else LocalServer("--device", device, "--threads", str(threads))
+        )
         with Client(server.target) as client:
             for name in models:
                 client.create_model(name, scenario.spec)
@@ -133,11 +155,17 @@ def _with_models(
 
 
 def run_service(
-    scenario: Scenario, seconds: float, device: str, shared: bool = False, threads: int = 0
+    scenario: Scenario,
+    seconds: float,
+    device: str,
+    shared: bool = False,
+    threads: int = 0,
+    *,
+    split: bool = False,
 ) -> dict[str, Any]:
-    """The service through the SDK; the client in a process of its own."""
+    """The service (or the split prototype) through the SDK; the client in its own process."""
     model = f"bench-{scenario.name}"
-    with _with_models(device, threads, [model], scenario) as server:
+    with _with_models(device, threads, [model], scenario, split=split) as server:
         assert server.process is not None
         flags = ["--shared-memory"] if shared else []
         args = ["--scenario", scenario.name, "--model", model, "--existing", *flags]
@@ -146,13 +174,12 @@ def run_service(
     return result
 
 
-def run_clients(
-    server: LocalServer, clients: list[list[str]], seconds: float
-) -> list[dict[str, Any]]:
+def run_clients(server: Served, clients: list[list[str]], seconds: float) -> list[dict[str, Any]]:
     """Several ``service_client`` processes at once, measuring over the same window.
 
     Each one warms up, then all start together (a barrier of files); returns their results
-    in order, the first with the server threads' load over the window.
+    in order, the first with the server threads' load over the window (and, for the split
+    prototype, each trainer process's as ``trainer_processes``).
     """
     assert server.process is not None
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,6 +203,7 @@ def run_clients(
                 if failed or time.monotonic() > deadline:
                     raise RuntimeError(f"bench clients did not get ready (exit codes {failed})")
                 time.sleep(0.01)
+            trainers = _process_cpu(trainer_pids(server.process.pid))
             before, start = _thread_cpu(server.process.pid), time.perf_counter()
             (barrier / "go").touch()
             outs = [p.communicate(timeout=seconds + 120)[0] for p in procs]
@@ -189,6 +217,8 @@ def run_clients(
             raise RuntimeError(f"bench clients failed: {[p.returncode for p in procs]}")
     results = [json.loads(out) for out in outs]
     results[0]["server_threads"] = _thread_load(server.process.pid, before, elapsed)
+    if trainers:
+        results[0]["trainer_processes"] = _process_load(trainers, elapsed)
     return results
 
 
@@ -201,6 +231,8 @@ def _total(runs: list[dict[str, Any]]) -> dict[str, Any]:
     total["producers"] = [r["steps_per_s"] for r in runs]
     total["client_cores"] = [r.get("client_cores", 0.0) for r in runs]
     total["server_threads"] = runs[0].get("server_threads", {})
+    if "trainer_processes" in runs[0]:
+        total["trainer_processes"] = runs[0]["trainer_processes"]
     return total
 
 
@@ -217,15 +249,25 @@ def run_fan_in(
 
 
 def run_models(
-    seconds: float, device: str, threads: int, optimizer: str = "sgd", models: int = 2
+    seconds: float,
+    device: str,
+    threads: int,
+    optimizer: str = "sgd",
+    models: int = 2,
+    *,
+    split: bool = False,
 ) -> dict[str, Any]:
-    """One model with its producer, then ``models`` models each with its own, at once."""
+    """One model with its producer, then ``models`` models each with its own, at once;
+    with ``split`` the same again on the split prototype (a trainer process per model)."""
     names = [f"bench-models-{i}" for i in range(models)]
-    with _with_models(device, threads, names, scenario("medium", optimizer)) as server:
-        args = [["--scenario", "medium", "--model", n, "--existing"] for n in names]
-        one = _total(run_clients(server, args[:1], seconds))
-        many = _total(run_clients(server, args, seconds))
-    return {"one": one, "many": many}
+    args = [["--scenario", "medium", "--model", n, "--existing"] for n in names]
+    parts: dict[str, Any] = {}
+    for prefix in ("", "split_") if split else ("",):
+        chosen = scenario("medium", optimizer)
+        with _with_models(device, threads, names, chosen, split=bool(prefix)) as server:
+            parts[f"{prefix}one"] = _total(run_clients(server, args[:1], seconds))
+            parts[f"{prefix}many"] = _total(run_clients(server, args, seconds))
+    return parts
 
 
 # Batch-1 predictions a second in the serve scenario: a steady caller's load, sent on a
@@ -255,11 +297,18 @@ def run_serve(
     return {"train": alone, "train_predicting": loaded, "predict": idle, "predict_training": under}
 
 
-GROUPS = {"fan-in": run_fan_in, "models": run_models, "serve": run_serve}
+GROUPS: dict[str, Callable[..., dict[str, Any]]] = {
+    "fan-in": run_fan_in,
+    "models": run_models,
+    "serve": run_serve,
+}
 # ratio name -> (numerator, denominator, key, higher is better)
 GROUP_RATIOS: dict[str, dict[str, tuple[str, str, str, bool]]] = {
     "fan-in": {"many_vs_one": ("many", "one", "steps_per_s", True)},
-    "models": {"many_vs_one": ("many", "one", "steps_per_s", True)},
+    "models": {
+        "many_vs_one": ("many", "one", "steps_per_s", True),
+        "split_many_vs_one": ("split_many", "split_one", "steps_per_s", True),
+    },
     "serve": {
         "train_predicting_vs_train": ("train_predicting", "train", "steps_per_s", True),
         "predict_p99_training_vs_idle": ("predict_training", "predict", "latency_p99_s", False),
@@ -336,6 +385,13 @@ RATIOS = {
     "service_vs_raw": ("service", "raw", "bytes_per_s"),
     "shm_vs_raw": ("shm", "raw", "bytes_per_s"),
 }
+# With --split: the prototype against the others.
+SPLIT_RATIOS = {
+    "split_vs_loop": ("split", "loop", "steps_per_s"),
+    "split_vs_trainer": ("split", "trainer", "steps_per_s"),
+    "split_vs_service": ("split", "service", "steps_per_s"),
+    "split_vs_raw": ("split", "raw", "bytes_per_s"),
+}
 
 
 def _median(runs: list[dict[str, Any]], key: str = "steps_per_s") -> dict[str, Any]:
@@ -363,6 +419,7 @@ def _round_ratios(
             [float(rounds[a][i][key]) / float(rounds[b][i][key]) for i in range(count)], better
         )
         for name, (a, b, key, better) in ratios.items()
+        if a in rounds and b in rounds
     }
 
 
@@ -383,6 +440,12 @@ def _ratio_text(label: str, r: dict[str, Any], worst: str = "lowest") -> str:
 
 def _threads_text(load: dict[str, float]) -> str:
     return ", ".join(f"{name} {cores:.2f}" for name, cores in list(load.items())[:4])
+
+
+def _split_threads(r: dict[str, Any]) -> str:
+    """The split prototype's front threads, then each trainer process's CPU."""
+    trainers = _threads_text(r.get("trainer_processes", {}))
+    return f"front {_threads_text(r['server_threads'])}; processes {trainers}"
 
 
 def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
@@ -410,6 +473,17 @@ def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
         return lines
     many = len(r["many"]["producers"])
     label = "producers" if name == "fan-in" else "models"
+    split = []
+    if "split_many" in r:
+        split = [
+            _row("", "1 split", r["split_one"]),
+            _row("", f"{many} split", r["split_many"]),
+            f"{'':<8} "
+            + _ratio_text(f"{many} {label}/1 (split)", ratios["split_many_vs_one"])
+            + f"   per producer: {', '.join(f'{v:,.0f}' for v in r['split_many']['producers'])}",
+            f"{'':<8} split (cores): {_split_threads(r['split_many'])}"
+            + f"; clients: {', '.join(f'{c:.2f}' for c in r['split_many']['client_cores'])}",
+        ]
     return [
         _row(name, f"1 {label[:-1]}", r["one"]),
         _row("", f"{many} {label}", r["many"]),
@@ -420,6 +494,7 @@ def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
         + f"; clients: {', '.join(f'{c:.2f}' for c in r['many']['client_cores'])}",
         f"{'':<8} with 1: server threads {_threads_text(r['one']['server_threads'])}"
         + f"; client: {r['one']['client_cores'][0]:.2f}",
+        *split,
     ]
 
 
@@ -443,7 +518,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         if name in GROUPS:
             lines.extend(_group_lines(name, r))
             continue
-        for i, contender in enumerate(CONTENDERS):
+        for i, contender in enumerate(c for c in (*CONTENDERS, "split") if c in r):
             lines.append(_row(name if i == 0 else "", contender, r[contender]))
         ratios = r["ratios"]
         lines.append(
@@ -468,6 +543,23 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             f"{'':<8} server threads (cores): {_threads_text(r['service']['server_threads'])}"
             + f"; client: {r['service'].get('client_cores', 0.0):.2f}"
         )
+        if "split" in r:
+            lines.append(
+                f"{'':<8} "
+                + "   ".join(
+                    _ratio_text(label, ratios[key])
+                    for label, key in (
+                        ("split/loop", "split_vs_loop"),
+                        ("split/trainer", "split_vs_trainer"),
+                        ("split/service", "split_vs_service"),
+                        ("split/raw", "split_vs_raw"),
+                    )
+                )
+            )
+            lines.append(
+                f"{'':<8} split (cores): {_split_threads(r['split'])}"
+                + f"; client: {r['split'].get('client_cores', 0.0):.2f}"
+            )
         if len(r["rounds"]["loop"]) > 1:
             spread = "   ".join(f"{c} {min(v):,.0f}-{max(v):,.0f}" for c, v in r["rounds"].items())
             lines.append(f"{'':<8} steps/s over {len(r['rounds']['loop'])} rounds: {spread}")
@@ -486,10 +578,13 @@ def _run_group(
     *,
     optimizer: str,
     predict_rate: float = PREDICT_RATE,
+    split: bool = False,
 ) -> dict[str, Any]:
     """A concurrent scenario's rounds: each part's median round and the ratios per round."""
     rounds: dict[str, list[dict[str, Any]]] = {}
-    extra = {"predict_rate": predict_rate} if name == "serve" else {}
+    extra: dict[str, Any] = {"predict_rate": predict_rate} if name == "serve" else {}
+    if split and name == "models":
+        extra["split"] = True
     for _ in range(repeat):
         for part, run in GROUPS[name](seconds, device, threads, optimizer, **extra).items():
             rounds.setdefault(part, []).append(run)
@@ -539,6 +634,12 @@ def main(argv: list[str] | None = None) -> int:
         help="serve: batch-1 predictions a second, on a schedule (0: back to back)",
     )
     parser.add_argument(
+        "--split",
+        action="store_true",
+        help="also the split prototype (ingest and training in separate processes): small, "
+        "medium, large and models",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=3,
@@ -573,10 +674,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.threads,
                 optimizer=args.optimizer,
                 predict_rate=args.predict_rate,
+                split=args.split,
             )
             continue
         chosen_scenario = scenario(name, args.optimizer)
-        rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in CONTENDERS}
+        contenders = (*CONTENDERS, "split") if args.split else CONTENDERS
+        rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
         # Contenders alternate within each round, so a slow spell of the machine does not
         # land on one of them only; each one's median round is reported.
         for _ in range(repeat):
@@ -593,8 +696,16 @@ def main(argv: list[str] | None = None) -> int:
                     chosen_scenario, duration, args.device, shared=True, threads=args.threads
                 )
             )
+            if args.split:
+                rounds["split"].append(
+                    run_service(
+                        chosen_scenario, duration, args.device, threads=args.threads, split=True
+                    )
+                )
         chosen_runs = {c: _median(runs) for c, runs in rounds.items()}
-        ratios = _round_ratios(rounds, {k: (*v, True) for k, v in RATIOS.items()})
+        ratios = _round_ratios(
+            rounds, {k: (*v, True) for k, v in {**RATIOS, **SPLIT_RATIOS}.items()}
+        )
         results[name] = {
             **chosen_runs,
             **{key: ratio["median"] for key, ratio in ratios.items()},
