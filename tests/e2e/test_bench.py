@@ -47,6 +47,7 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert "4 producers/1" in result.stdout
     assert "2 models/1" in result.stdout
     assert "predict p99 training/idle" in result.stdout
+    assert "split" not in result.stdout  # the prototype runs only with --split
     assert data["quick"] is True
     for name in ("small", "medium", "large"):
         r = data["results"][name]
@@ -60,6 +61,7 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
         threads = r["service"]["server_threads"]
         assert "event loop" in threads and len(threads) >= 2, threads
         assert r["shm"]["steps_per_s"] > 0
+        assert "split" not in r
         assert r["service_vs_loop"] == r["service"]["steps_per_s"] / r["loop"]["steps_per_s"]
         assert r["shm_vs_raw"] == r["shm"]["bytes_per_s"] / r["raw"]["bytes_per_s"]
         trainer = r["ratios"]["service_vs_trainer"]
@@ -179,6 +181,3 @@ def test_bench_split_adds_the_prototype_and_its_ratios(tmp_path: Path) -> None:
         models["split_many"]["steps_per_s"] / models["split_one"]["steps_per_s"]
     )
     assert "2 models/1 (split)" in result.stdout
-    # Without --split the table is as before.
-    plain, data = _bench(tmp_path / "plain.json", "small", "--quick")
-    assert "split" not in plain.stdout and "split" not in data["results"]["small"]
