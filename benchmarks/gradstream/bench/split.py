@@ -35,15 +35,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import functools
 import json
 import mmap
 import multiprocessing
 import os
-import platform
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ import grpc
 import numpy as np
 import torch
 
+from gradstream.server.allocator import tune_allocator
 from gradstream.server.app import intra_op_threads
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.codec import encode
@@ -627,11 +630,6 @@ async def serve(settings: Settings, ready_file: Path) -> None:
 @contextlib.contextmanager
 def running(device: str = "cpu", threads: int = 0, timeout: float = 60.0) -> Iterator[Any]:
     """The front in a process of its own; yields it (``.target``, ``.process``); stops it."""
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
     with tempfile.TemporaryDirectory(prefix="gradstream-split-") as tmp:
         ready = Path(tmp) / "ready.json"
         command = [sys.executable, "-m", "gradstream.bench.split", "--ready-file", str(ready)]
@@ -678,16 +676,6 @@ def trainer_pids(front: int) -> list[int]:
     return sorted(pids)
 
 
-def _tune_allocator() -> None:
-    """Keep freed message buffers for reuse, as ``gradstream serve`` does (glibc's mallopt:
-    the mmap threshold to its largest value, the trim threshold to 256 MiB)."""
-    if platform.libc_ver()[0] != "glibc" or any(k.startswith("MALLOC_") for k in os.environ):
-        return
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-3, 32 << 20)
-    libc.mallopt(-1, 256 << 20)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python -m gradstream.bench.split --ready-file F``."""
     parser = argparse.ArgumentParser()
@@ -697,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=0, help="torch intra-op threads (0: the server's default)"
     )
     args = parser.parse_args(argv)
-    _tune_allocator()  # as `gradstream serve` does
+    tune_allocator()  # as `gradstream serve` does
     # The front's torch work is copies and checks: an OpenMP team here would only spin on
     # the cores the trainer processes step on.
     torch.set_num_threads(1)

@@ -3,12 +3,10 @@ models, train, predict, params, demo, bench."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import json
 import os
-import platform
 import re
 import signal
 import sys
@@ -185,7 +183,9 @@ def serve(unknown: tuple[str, ...] = (), **given: Any) -> int:
     # A server shares its cores with gRPC threads and often with its producers: OpenMP's
     # spin-waiting then burns the core the event loop needs. Read when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    _tune_allocator()
+    from gradstream.server.allocator import tune_allocator
+
+    tune_allocator()
     values = {k: v for k, v in given.items() if v is not None}
     try:
         settings = Settings(**values)
@@ -238,24 +238,6 @@ def _bind_error(exc: Exception, settings: Any) -> str:
             "(another gradstream serve?); pick free ports, or 0 for any"
         )
     return f"gradstream serve failed: {text.splitlines()[0] if text else type(exc).__name__}"
-
-
-def _tune_allocator() -> None:
-    """Keep freed large blocks for reuse instead of returning them to the kernel (glibc).
-
-    Every Train message arrives as a fresh multi-megabyte ``bytes``; by default glibc
-    maps each one anew and unmaps it when freed, paying a page fault per 4 KiB. Raising
-    the mmap and trim thresholds lets the heap reuse the same pages. Left alone where
-    the operator tuned malloc already, and off glibc.
-    """
-    if any(k.startswith("MALLOC_") for k in os.environ) or "GLIBC_TUNABLES" in os.environ:
-        return
-    if platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
-    libc.mallopt(m_trim_threshold, 256 << 20)
 
 
 # -- models ---------------------------------------------------------------------------------
