@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 
 def _bench(
@@ -181,3 +184,13 @@ def test_bench_split_adds_the_prototype_and_its_ratios(tmp_path: Path) -> None:
         models["split_many"]["steps_per_s"] / models["split_one"]["steps_per_s"]
     )
     assert "2 models/1 (split)" in result.stdout
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pins to a core of its own")
+def test_split_pin_alternates_unpinned_and_pinned_runs() -> None:
+    result = _script("split_pin.py", "small", "--seconds", "0.3", "--rounds", "1", timeout=180)
+    lines = result.stdout.splitlines()
+    assert [line.split()[2] for line in lines] == ["unpinned", "pinned"], result.stdout
+    for line in lines:
+        words = line.split()
+        assert float(words[3].replace(",", "")) > 0 and float(words[7]) > 0, line
