@@ -442,6 +442,11 @@ def _threads_text(load: dict[str, float]) -> str:
     return ", ".join(f"{name} {cores:.2f}" for name, cores in list(load.items())[:4])
 
 
+def _ratios_line(ratios: dict[str, Any], *shown: tuple[str, str]) -> str:
+    """One indented line of ratios, each as ``label median (lowest ...)``."""
+    return f"{'':<8} " + "   ".join(_ratio_text(label, ratios[key]) for label, key in shown)
+
+
 def _split_threads(r: dict[str, Any]) -> str:
     """The split prototype's front threads, then each trainer process's CPU."""
     trainers = _threads_text(r.get("trainer_processes", {}))
@@ -473,28 +478,42 @@ def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
         return lines
     many = len(r["many"]["producers"])
     label = "producers" if name == "fan-in" else "models"
-    split = []
-    if "split_many" in r:
-        split = [
-            _row("", "1 split", r["split_one"]),
-            _row("", f"{many} split", r["split_many"]),
-            f"{'':<8} "
-            + _ratio_text(f"{many} {label}/1 (split)", ratios["split_many_vs_one"])
-            + f"   per producer: {', '.join(f'{v:,.0f}' for v in r['split_many']['producers'])}",
-            f"{'':<8} split (cores): {_split_threads(r['split_many'])}"
-            + f"; clients: {', '.join(f'{c:.2f}' for c in r['split_many']['client_cores'])}",
-        ]
-    return [
-        _row(name, f"1 {label[:-1]}", r["one"]),
-        _row("", f"{many} {label}", r["many"]),
-        f"{'':<8} "
-        + _ratio_text(f"{many} {label}/1", ratios["many_vs_one"])
-        + f"   per producer: {', '.join(f'{v:,.0f}' for v in r['many']['producers'])}",
-        f"{'':<8} server threads (cores): {_threads_text(r['many']['server_threads'])}"
-        + f"; clients: {', '.join(f'{c:.2f}' for c in r['many']['client_cores'])}",
+    lines = _one_many_lines(
+        r,
+        "",
+        (name, f"1 {label[:-1]}", f"{many} {label}", f"{many} {label}/1"),
+        f"server threads (cores): {_threads_text(r['many']['server_threads'])}",
+    )
+    lines.append(
         f"{'':<8} with 1: server threads {_threads_text(r['one']['server_threads'])}"
-        + f"; client: {r['one']['client_cores'][0]:.2f}",
-        *split,
+        + f"; client: {r['one']['client_cores'][0]:.2f}"
+    )
+    if "split_many" in r:
+        lines += _one_many_lines(
+            r,
+            "split_",
+            ("", "1 split", f"{many} split", f"{many} {label}/1 (split)"),
+            f"split (cores): {_split_threads(r['split_many'])}",
+        )
+    return lines
+
+
+def _one_many_lines(
+    r: dict[str, Any], prefix: str, labels: tuple[str, str, str, str], cores: str
+) -> list[str]:
+    """A one-then-many measurement: both rows, the ratio with each producer's rate, the CPU.
+
+    ``labels``: the scenario cell, the two rows' contender cells and the ratio's label.
+    """
+    scenario_cell, one, many, ratio = labels
+    measured = r[f"{prefix}many"]
+    return [
+        _row(scenario_cell, one, r[f"{prefix}one"]),
+        _row("", many, measured),
+        f"{'':<8} "
+        + _ratio_text(ratio, r["ratios"][f"{prefix}many_vs_one"])
+        + f"   per producer: {', '.join(f'{v:,.0f}' for v in measured['producers'])}",
+        f"{'':<8} {cores}; clients: {', '.join(f'{c:.2f}' for c in measured['client_cores'])}",
     ]
 
 
@@ -522,22 +541,15 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(_row(name if i == 0 else "", contender, r[contender]))
         ratios = r["ratios"]
         lines.append(
-            f"{'':<8} "
-            + "   ".join(
-                _ratio_text(label, ratios[key])
-                for label, key in (
-                    ("service/loop", "service_vs_loop"),
-                    ("service/trainer", "service_vs_trainer"),
-                    ("trainer/loop", "trainer_vs_loop"),
-                )
+            _ratios_line(
+                ratios,
+                ("service/loop", "service_vs_loop"),
+                ("service/trainer", "service_vs_trainer"),
+                ("trainer/loop", "trainer_vs_loop"),
             )
         )
         lines.append(
-            f"{'':<8} "
-            + "   ".join(
-                _ratio_text(label, ratios[key])
-                for label, key in (("service/raw", "service_vs_raw"), ("shm/raw", "shm_vs_raw"))
-            )
+            _ratios_line(ratios, ("service/raw", "service_vs_raw"), ("shm/raw", "shm_vs_raw"))
         )
         lines.append(
             f"{'':<8} server threads (cores): {_threads_text(r['service']['server_threads'])}"
@@ -545,15 +557,12 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         )
         if "split" in r:
             lines.append(
-                f"{'':<8} "
-                + "   ".join(
-                    _ratio_text(label, ratios[key])
-                    for label, key in (
-                        ("split/loop", "split_vs_loop"),
-                        ("split/trainer", "split_vs_trainer"),
-                        ("split/service", "split_vs_service"),
-                        ("split/raw", "split_vs_raw"),
-                    )
+                _ratios_line(
+                    ratios,
+                    ("split/loop", "split_vs_loop"),
+                    ("split/trainer", "split_vs_trainer"),
+                    ("split/service", "split_vs_service"),
+                    ("split/raw", "split_vs_raw"),
                 )
             )
             lines.append(
