@@ -670,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "soak":
             results[name] = {
                 "service": run_soak(
-                    20.0 if args.quick else args.seconds, args.device, args.optimizer
+                    8.0 if args.quick else args.seconds, args.device, args.optimizer
                 )
             }
             continue
