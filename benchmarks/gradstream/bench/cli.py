@@ -31,6 +31,7 @@ import torch
 
 from gradstream.bench.loop import run_loop
 from gradstream.bench.scenarios import OPTIMIZERS, SCENARIOS, Scenario, scenario
+from gradstream.bench.served import started
 from gradstream.bench.split import SplitServer, running, trainer_pids
 from gradstream.client import Client
 from gradstream.client._local import LocalServer
@@ -54,30 +55,18 @@ def _rss_bytes(pid: int) -> int:
 
 def run_raw(scenario: Scenario, seconds: float) -> dict[str, Any]:
     """The transport bound: the same bytes per message, acked, no protobuf, no torch."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "ready.json"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gradstream.bench.raw", "server", "--ready-file", str(ready)]
+    with started("gradstream.bench.raw", "server") as (port, _):
+        payload = scenario.batch_bytes * scenario.batches_per_message
+        result = _child(
+            "gradstream.bench.raw",
+            "client",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--payload-bytes",
+            str(payload),
+            "--seconds",
+            str(seconds),
         )
-        try:
-            deadline = time.monotonic() + 30
-            while not ready.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            port = json.loads(ready.read_text())["port"]
-            payload = scenario.batch_bytes * scenario.batches_per_message
-            result = _child(
-                "gradstream.bench.raw",
-                "client",
-                "--target",
-                f"127.0.0.1:{port}",
-                "--payload-bytes",
-                str(payload),
-                "--seconds",
-                str(seconds),
-            )
-        finally:
-            server.terminate()
-            server.wait(10)
     result["steps_per_s"] = result["messages_per_s"] * scenario.batches_per_message
     result["samples_per_s"] = result["steps_per_s"] * scenario.rows
     return result
@@ -142,16 +131,16 @@ def _with_models(
     device: str, threads: int, models: list[str], scenario: Scenario, *, split: bool = False
 ) -> Iterator[Served]:
     """A server of its own (the split prototype's front with ``split``) with ``models``."""
-    with contextlib.ExitStack() as stack:
-        server: Served = stack.enter_context(
-            running(device, threads)
-            if split
-            else LocalServer("--device", device, "--threads", str(threads))
-        )
-        with Client(server.target) as client:
+    server: contextlib.AbstractContextManager[Served] = (
+        running(device, threads)
+        if split
+        else LocalServer("--device", device, "--threads", str(threads))
+    )
+    with server as served:
+        with Client(served.target) as client:
             for name in models:
                 client.create_model(name, scenario.spec)
-        yield server
+        yield served
 
 
 def run_service(

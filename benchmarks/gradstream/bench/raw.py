@@ -18,6 +18,8 @@ from typing import Any
 
 import grpc
 
+from gradstream.bench.served import announce
+
 METHOD = "/gradstream.bench.Raw/Stream"
 _OPTIONS = [
     ("grpc.max_receive_message_length", 256 << 20),
@@ -39,10 +41,7 @@ async def _serve(ready_file: Path) -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    # Written whole, then renamed: the bench polls for the file and reads it at once.
-    partial = ready_file.with_suffix(".partial")
-    partial.write_text(json.dumps({"port": port}))
-    partial.rename(ready_file)
+    announce(ready_file, port)
     await server.wait_for_termination()
 
 

@@ -36,16 +36,11 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import json
 import mmap
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +53,7 @@ import grpc
 import numpy as np
 import torch
 
+from gradstream.bench.served import announce, started
 from gradstream.server.allocator import tune_allocator
 from gradstream.server.app import intra_op_threads
 from gradstream.server.batches import Batch, BatchChecker
@@ -618,9 +614,7 @@ async def serve(settings: Settings, ready_file: Path) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-        partial = ready_file.with_suffix(".partial")
-        partial.write_text(json.dumps({"port": port, "pid": os.getpid()}))
-        partial.rename(ready_file)
+        announce(ready_file, port, pid=os.getpid())
         await stop.wait()
         await server.stop(1.0)
     finally:
@@ -628,27 +622,11 @@ async def serve(settings: Settings, ready_file: Path) -> None:
 
 
 @contextlib.contextmanager
-def running(device: str = "cpu", threads: int = 0, timeout: float = 60.0) -> Iterator[Any]:
+def running(device: str = "cpu", threads: int = 0, timeout: float = 60.0) -> Iterator[SplitServer]:
     """The front in a process of its own; yields it (``.target``, ``.process``); stops it."""
-    with tempfile.TemporaryDirectory(prefix="gradstream-split-") as tmp:
-        ready = Path(tmp) / "ready.json"
-        command = [sys.executable, "-m", "gradstream.bench.split", "--ready-file", str(ready)]
-        process = subprocess.Popen([*command, "--device", device, "--threads", str(threads)])
-        try:
-            deadline = time.monotonic() + timeout
-            while not ready.exists():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the split front did not start ({process.returncode})")
-                time.sleep(0.02)
-            port = json.loads(ready.read_text())["port"]
-            yield SplitServer(f"127.0.0.1:{port}", process)
-        finally:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT_S * 3)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    args = ("--device", device, "--threads", str(threads))
+    with started("gradstream.bench.split", *args, timeout=timeout) as (port, process):
+        yield SplitServer(f"127.0.0.1:{port}", process)
 
 
 @dataclass(frozen=True)
