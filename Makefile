@@ -66,7 +66,8 @@ format: install
 proto: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
 	  --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
-	  --mypy_grpc_out=$(PROTO_OUT) proto/gradstream/v1/trainer.proto 2>/dev/null
+	  --mypy_grpc_out=$(PROTO_OUT) proto/gradstream/v1/trainer.proto \
+	  proto/gradstream/internal/v1/ingest.proto 2>/dev/null
 
 # Regenerate the committed Grafana dashboard (tests/tools/test_dashboard.py checks it).
 dashboard: install

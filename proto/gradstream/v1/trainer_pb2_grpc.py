@@ -143,6 +143,8 @@ class TrainerServiceServicer:
 
     def Train(self, request_iterator, context):
         """Train opens a stream of batches; every batch gets one StepResult back.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        (gradstream.internal.v1.IngestService.Train answers with TrainResponse too)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

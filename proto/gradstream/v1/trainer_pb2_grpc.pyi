@@ -49,7 +49,10 @@ class TrainerServiceStub:
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.UpdateModelRequest, _trainer_pb2.UpdateModelResponse]
     """UpdateModel changes the learning rate and freezes or unfreezes parameters."""
     Train: _grpc.StreamStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainResponse]
-    """Train opens a stream of batches; every batch gets one StepResult back."""
+    """Train opens a stream of batches; every batch gets one StepResult back.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    (gradstream.internal.v1.IngestService.Train answers with TrainResponse too)
+    """
     Predict: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.PredictRequest, _trainer_pb2.PredictResponse]
     """Predict runs the model in inference mode; no graph is kept."""
     ComputeGradients: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ComputeGradientsRequest, _trainer_pb2.ComputeGradientsResponse]
@@ -83,7 +86,10 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     UpdateModel: _aio.UnaryUnaryMultiCallable[_trainer_pb2.UpdateModelRequest, _trainer_pb2.UpdateModelResponse]  # type: ignore[assignment]
     """UpdateModel changes the learning rate and freezes or unfreezes parameters."""
     Train: _aio.StreamStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainResponse]  # type: ignore[assignment]
-    """Train opens a stream of batches; every batch gets one StepResult back."""
+    """Train opens a stream of batches; every batch gets one StepResult back.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    (gradstream.internal.v1.IngestService.Train answers with TrainResponse too)
+    """
     Predict: _aio.UnaryUnaryMultiCallable[_trainer_pb2.PredictRequest, _trainer_pb2.PredictResponse]  # type: ignore[assignment]
     """Predict runs the model in inference mode; no graph is kept."""
     ComputeGradients: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ComputeGradientsRequest, _trainer_pb2.ComputeGradientsResponse]  # type: ignore[assignment]
@@ -150,7 +156,10 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_trainer_pb2.TrainRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.TrainResponse], _abc.AsyncIterator[_trainer_pb2.TrainResponse]]:
-        """Train opens a stream of batches; every batch gets one StepResult back."""
+        """Train opens a stream of batches; every batch gets one StepResult back.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        (gradstream.internal.v1.IngestService.Train answers with TrainResponse too)
+        """
 
     @_abc_1.abstractmethod
     def Predict(

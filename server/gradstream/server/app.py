@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from gradstream.server import ingest
 from gradstream.server.checkpoint import Checkpointer, check_directory
 from gradstream.server.config import Settings
 from gradstream.server.export import CHUNK_BYTES, ExportFormat
@@ -183,6 +184,8 @@ class Server:
             )
         self._grpc = grpc.aio.server(interceptors=interceptors, options=self._options())
         add_to_server(self.servicer, self._grpc)
+        if s.ingest == "process":  # the front's Train (ingest.py), beside the public service
+            ingest.add_to_server(ingest.IngestServicer(self.servicer), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc

@@ -6,6 +6,8 @@ small batch, a numpy call costs a fraction of a torch op's dispatch.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -74,6 +76,49 @@ class BatchChecker:
         # The memory one row costs the forward and backward passes; 0: not known.
         self.row_bytes = activation_row_bytes(spec)
         self.max_activation_bytes = max_activation_bytes  # 0: no limit
+
+    def contract(self) -> str:
+        """Everything this checker checks against, as JSON (``from_contract`` reads it).
+
+        The ingest front (``ingest.py``) checks a model's batches in another process with
+        the checker this rebuilds: the same contract, so the same batches and rejections.
+        """
+        return json.dumps(
+            {
+                "declared": [dataclasses.astuple(i) for i in self.declared],
+                "in_features": self.in_features,
+                "out_features": self.out_features,
+                "classes": self.classes,
+                "dtype": self.dtype.name,
+                "max_rows": self.max_rows,
+                "max_bytes": self.max_bytes,
+                "row_bytes": self.row_bytes,
+                "max_activation_bytes": self.max_activation_bytes,
+            }
+        )
+
+    @classmethod
+    def from_contract(cls, text: str) -> BatchChecker:
+        """The checker whose ``contract()`` is ``text``."""
+        data = json.loads(text)
+        checker = cls.__new__(cls)
+        checker.declared = tuple(
+            InputSpec(name, kind, tuple(shape), ids_below)
+            for name, kind, shape, ids_below in data["declared"]
+        )
+        first = checker.declared[0]
+        checker.single = (
+            len(checker.declared) == 1 and first.kind == "float" and len(first.shape) == 1
+        )
+        checker.in_features = data["in_features"]
+        checker.out_features = data["out_features"]
+        checker.classes = data["classes"]
+        checker.dtype = _NUMPY_DTYPES[data["dtype"]]
+        checker.max_rows = data["max_rows"]
+        checker.max_bytes = data["max_bytes"]
+        checker.row_bytes = data["row_bytes"]
+        checker.max_activation_bytes = data["max_activation_bytes"]
+        return checker
 
     def inputs(self, x: Array, field: str = "x", quote: bool = True) -> torch.Tensor:
         """x as (N, in_features) with N >= 1, finite, in the model's dtype."""

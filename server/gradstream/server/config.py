@@ -39,6 +39,7 @@ class Settings(BaseSettings):
         description="torch intra-op threads, one count for every model of the process "
         "(0: one fewer than torch's default, at least 1, so the gRPC event loop keeps a core)",
     )
+    ingest: Literal["inline", "process"] = "inline"
     max_message_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="largest gRPC message accepted or sent, in bytes"
     )

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from prometheus_client import Gauge
 
+from gradstream.internal.v1 import ingest_pb2
 from gradstream.server.errors import GradstreamError
 from gradstream.server.metrics import GrpcServerMetrics, grpc_type
 from gradstream.server.tokens import CALLER, RPC_ACTIONS, Action, TokenStore
@@ -215,7 +216,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        series = self._lookup(handler_call_details.method, handler)
+        path = handler_call_details.method
+        if path == INGEST_CONTRACT:  # part of opening a Train stream, counted there
+            return handler
+        series = self._lookup(_COUNTED_AS.get(path, path), handler)
 
         async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
@@ -315,6 +319,13 @@ async def _checked(
 # -- bearer tokens -------------------------------------------------------------------------
 
 _TRAINER_PREFIX = "/gradstream.v1.TrainerService/"
+TRAIN = f"{_TRAINER_PREFIX}Train"
+# The ingest front's calls to the server process (ingest.py). Its Train is the client's
+# Train stream: a token, the stream limit and the metrics see it as Train; its Contract
+# opens that stream: a token needs the right to train the model.
+INGEST_TRAIN = "/gradstream.internal.v1.IngestService/Train"
+INGEST_CONTRACT = "/gradstream.internal.v1.IngestService/Contract"
+_COUNTED_AS = {INGEST_TRAIN: TRAIN, INGEST_CONTRACT: TRAIN}
 
 
 def _bearer(metadata: Any) -> str | None:
@@ -331,6 +342,10 @@ def _model_of(request: Any) -> str:
         return request.open.model if request.open is not None else ""
     if isinstance(request, trainer_pb2.EvaluateRequest):  # Evaluate's first message
         return request.open.model
+    if isinstance(request, ingest_pb2.TrainRequest):  # the ingest front's Train
+        return request.open.model
+    if isinstance(request, ingest_pb2.ContractRequest):
+        return request.model
     return str(getattr(request, "name", ""))
 
 
@@ -352,7 +367,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
+        method = _COUNTED_AS.get(handler_call_details.method, handler_call_details.method)
         if handler is None or not method.startswith(_TRAINER_PREFIX):
             return handler
         rpc = method.removeprefix(_TRAINER_PREFIX)
@@ -434,7 +449,9 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         if (
             handler is None
             or not handler.request_streaming
-            or not handler_call_details.method.startswith(_TRAINER_PREFIX)
+            or not _COUNTED_AS.get(
+                handler_call_details.method, handler_call_details.method
+            ).startswith(_TRAINER_PREFIX)
         ):
             return handler
 

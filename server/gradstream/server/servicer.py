@@ -37,7 +37,7 @@ from gradstream.server.export import CHUNK_BYTES, ExportFormat, chunks, copy_mod
 from gradstream.server.metrics import Metrics
 from gradstream.server.publishing import Publisher
 from gradstream.server.registry import ModelRegistry
-from gradstream.server.session import TrainSession, checked
+from gradstream.server.session import MessageSource, TrainSession, WireSource, checked
 from gradstream.server.shm import open_shared_memory
 from gradstream.server.spec import parse_spec
 from gradstream.server.tokens import may_read
@@ -370,8 +370,30 @@ class TrainerServicer:
         if first.open.shared_memory:
             segment = open_shared_memory(first.open.shared_memory, context.peer())
         options = TrainOptions(first.open.producer_id, max(1, first.open.report_every))
+        async for response in self.train_stream(
+            worker, options, first, requests, WireSource(segment)
+        ):
+            yield response
+
+    async def train_stream(
+        self,
+        worker: ModelWorker,
+        options: TrainOptions,
+        first: Any,
+        requests: AsyncIterator[Any],
+        source: MessageSource,
+    ) -> AsyncIterator[pb.TrainResponse]:
+        """A Train stream from its opened answer to its end, its batches read by ``source``.
+
+        Train's own, and the ingest front's (``ingest.py``), whose batches come in slots.
+        """
         session = TrainSession(
-            worker, options, self.metrics, self.checkpointer, segment, publisher=self.publisher
+            worker,
+            options,
+            self.metrics,
+            self.checkpointer,
+            publisher=self.publisher,
+            source=source,
         )
         self._sessions.add(session)
         try:

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.checkpoint import Checkpointer
@@ -250,13 +251,16 @@ class TrainSession:
         segment: SharedSegment | None = None,
         *,
         publisher: Publisher | None = None,
+        source: MessageSource | None = None,
     ) -> None:
         self.worker = worker
         self.publisher = publisher  # continuous export (docs/serving.md)
         self.options = options
         self.metrics = metrics
         self.checkpointer = checkpointer
-        self.segment = segment  # the producer's shared memory, read-only
+        # Where each message's batches come from: the request's own bytes (and the
+        # producer's shared memory, read-only), or the ingest front's slots (ingest.py).
+        self.source: MessageSource | None = source or WireSource(segment)
         self.cancelled = False
         self.draining = False  # set by drain(): read no more, end with UNAVAILABLE
         self.error: GradstreamError | None = None  # ends the stream after the results before it
@@ -280,9 +284,7 @@ class TrainSession:
 
         return await self.worker.run(opened)
 
-    async def replies(
-        self, first: TrainMessage, requests: AsyncIterator[TrainMessage]
-    ) -> AsyncIterator[Reply]:
+    async def replies(self, first: Any, requests: AsyncIterator[Any]) -> AsyncIterator[Reply]:
         """Train every batch of the stream; one reply per message, in order."""
         name, producer = self.worker.trainer.name, self.options.producer_id
         jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None] = asyncio.Queue()
@@ -312,7 +314,7 @@ class TrainSession:
         finally:
             self.cancelled = True
             reader.cancel()
-            self.segment = None  # closed once the last job reading it is gone
+            self.source = None  # its segments close once the last job reading them is gone
             if rejected:  # a stream that only trained is not worth a line at INFO
                 log.info(
                     "train stream ended model=%s producer=%s batches=%d rejected=%d",
@@ -324,25 +326,18 @@ class TrainSession:
 
     async def _read(
         self,
-        first: TrainMessage,
-        requests: AsyncIterator[TrainMessage],
+        first: Any,
+        requests: AsyncIterator[Any],
         jobs: asyncio.Queue[asyncio.Future[list[StepResult]] | None],
     ) -> None:
         trainer = self.worker.trainer
-        request: TrainMessage | None = first
+        request = first
         while request is not None:
-            if request is not first and request.open is not None:
-                raise InvalidArgument(
-                    "open", "only the first TrainRequest of a stream may carry open"
-                )
-            if request.batches:
-                small = _mean_batch_bytes(request.batches) < WORKER_CHECK_BYTES
-                check = _checks(request.batches, self.segment, block=small)
-                if small:
-                    # Small batches: their checks are mostly Python (holding the GIL),
-                    # and the worker is the busier thread; spare it. Large ones are left
-                    # to the worker, see _checks.
-                    check = _done(check(trainer))
+            source = self.source
+            if source is None:  # replies() ended
+                return
+            check = source.checks(request, request is first, trainer)
+            if check is not None:
                 await self._in_flight.acquire()
                 try:
                     future = await self.worker.submit(self._job(check))
@@ -378,6 +373,42 @@ class TrainSession:
             return results
 
         return job
+
+
+Checks = Callable[[Trainer], list[Batch | Rejected]]
+
+
+class MessageSource(Protocol):
+    """How a stream's request messages become batches: the first part of each one's job."""
+
+    def checks(self, request: Any, first: bool, trainer: Trainer) -> Checks | None:
+        """The message's batches as the worker's job gets them (None: it carries none).
+
+        Raises what ends the stream after the messages before it (a misplaced open).
+        """
+        ...
+
+
+class WireSource:
+    """Train's own messages: decoded and checked here, or on the worker for large batches."""
+
+    def __init__(self, segment: SharedSegment | None = None) -> None:
+        self.segment = segment  # the producer's shared memory, read-only
+
+    def checks(self, request: TrainMessage, first: bool, trainer: Trainer) -> Checks | None:
+        """``decode_message`` and ``trainer.stage`` of the message's batches."""
+        if not first and request.open is not None:
+            raise InvalidArgument("open", "only the first TrainRequest of a stream may carry open")
+        if not request.batches:
+            return None
+        small = _mean_batch_bytes(request.batches) < WORKER_CHECK_BYTES
+        check = _checks(request.batches, self.segment, block=small)
+        if small:
+            # Small batches: their checks are mostly Python (holding the GIL), and the
+            # worker is the busier thread; spare it. Large ones are left to the worker,
+            # see _checks.
+            return _done(check(trainer))
+        return check
 
 
 def _reading_ended(

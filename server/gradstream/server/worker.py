@@ -10,6 +10,7 @@ feels (its stream stops being read; HTTP/2 flow control does the rest).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from gradstream.server.engine import Trainer
 from gradstream.server.errors import NotFound
 
 T = TypeVar("T")
+# Never reused in a process: a model deleted and created again under its name is another model.
+_IDENTITIES = itertools.count(1)
 _Job = tuple[Callable[[Trainer], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 
@@ -29,6 +32,7 @@ class ModelWorker:
 
     def __init__(self, trainer: Trainer, queue_depth: int = 8) -> None:
         self.trainer = trainer
+        self.identity = next(_IDENTITIES)
         self.queue_depth = queue_depth
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._slots = asyncio.Semaphore(queue_depth)

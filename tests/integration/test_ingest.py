@@ -1,0 +1,417 @@
+"""Train through the ingest front (``gradstream.server.ingest``): decoded and checked on the
+front, stepped by the server on views of shared-memory slots. It must train exactly as the
+one-process server and the plain loop do, answer the same REJECTED reasons, and leave no
+segment in /dev/shm whatever way a stream ends."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from gradstream.client import Client, NotFound
+from gradstream.internal.v1 import ingest_pb2 as ipb
+from gradstream.server.config import Settings
+from gradstream.server.interceptors import INGEST_CONTRACT, INGEST_TRAIN
+from gradstream.server.main import BackgroundServer
+from gradstream.server.slots import PREFIX
+from gradstream.v1 import trainer_pb2 as pb
+from gradstream.wire import to_proto
+from tests.conftest import server_settings
+from tests.integration._ingest import TestFront
+from tests.integration.test_exactness import make_batches, plain_loop
+
+pytestmark = pytest.mark.timeout(120)
+
+BASE = {
+    "init": {"kind": "seed", "seed": 5},
+    "loss": {"kind": "mse", "reduction": "mean"},
+    "optimizer": {"kind": "sgd", "lr": 0.05, "momentum": 0.9},
+    "dtype": "float32",
+    "accumulate_steps": 1,
+    "frozen": [],
+}
+LINEAR = {"kind": "linear", "in_features": 3, "out_features": 2, "bias": True}
+MLP = {
+    "kind": "mlp",
+    "in_features": 4,
+    "hidden": [5],
+    "out_features": 3,
+    "activation": "tanh",
+    "bias": True,
+}
+EMBEDDING = {
+    "kind": "embedding_mlp",
+    "embeddings": [
+        {"input": "user", "num_embeddings": 20, "dim": 3, "mode": "sum"},
+        {"input": "item", "num_embeddings": 10, "dim": 2, "mode": "mean"},
+    ],
+    "dense_features": 2,
+    "hidden": [4],
+    "out_features": 1,
+    "activation": "relu",
+    "bias": True,
+}
+
+
+def _settings(**overrides: Any) -> Settings:
+    return server_settings(ingest="process", max_models=100, **overrides)
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[BackgroundServer]:
+    with BackgroundServer(_settings(max_batch_rows=6)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def inline() -> Iterator[BackgroundServer]:
+    with BackgroundServer(server_settings(max_models=100, max_batch_rows=6)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def front(backend: BackgroundServer) -> Iterator[TestFront]:
+    with TestFront(backend.target) as running:
+        yield running
+
+
+def _segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(f"{PREFIX}*")}
+
+
+@pytest.fixture(autouse=True)
+def no_segment_left() -> Iterator[None]:
+    before = _segments()
+    yield
+    deadline = time.monotonic() + 5
+    while _segments() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _segments() - before == set(), "a stream left its slots in /dev/shm"
+
+
+def _run(
+    train_target: str,
+    admin_target: str,
+    name: str,
+    spec: dict[str, Any],
+    batches: list[Any],
+    **train: Any,
+) -> tuple[list[Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A fresh model trained on ``batches``: results, initial and final parameters."""
+    with Client(admin_target) as admin, Client(train_target) as trainer:
+        admin.create_model(name, spec)
+        try:
+            initial = admin.parameters(name)
+            results = list(trainer.train(name, batches, skip_rejected=True, **train))
+            return results, initial, admin.parameters(name)
+        finally:
+            admin.delete_model(name)
+
+
+def _rows(results: list[Any]) -> list[tuple[Any, ...]]:
+    return [(r.sequence, r.step, r.outcome, r.loss, r.reason) for r in results]
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert value.dtype == b[key].dtype and value.tobytes() == b[key].tobytes(), key
+
+
+CASES = {
+    "linear": ({"architecture": LINEAR}, False),
+    "mlp-float64-weighted": ({"architecture": MLP, "dtype": "float64"}, True),
+    "mlp-accumulated": ({"architecture": MLP, "accumulate_steps": 3}, False),
+    "embedding": (
+        {"architecture": EMBEDDING, "optimizer": {"kind": "adam", "lr": 0.01}},
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("per_message", [1, 7])
+@pytest.mark.parametrize("case", list(CASES))
+def test_trains_bitwise_like_the_inline_server_and_the_plain_loop(
+    front: TestFront,
+    backend: BackgroundServer,
+    inline: BackgroundServer,
+    case: str,
+    per_message: int,
+) -> None:
+    changes, weighted = CASES[case]
+    spec = {**BASE, **changes}
+    # More messages than a stream's ring has slots (queue_depth + 1): every slot is reused.
+    batches = make_batches(spec, weighted, 45, seed=len(case) * per_message)
+    name = f"ingest-{case}-{per_message}"
+    got, initial, params = _run(
+        front.target, backend.target, name, spec, batches, batches_per_message=per_message
+    )
+    want, initial_inline, expected = _run(
+        inline.target, inline.target, name, spec, batches, batches_per_message=per_message
+    )
+    _same(initial, initial_inline)
+    assert _rows(got) == _rows(want)
+    k = spec["accumulate_steps"]
+    assert [r.outcome for r in got] == [
+        "APPLIED" if i % k == k - 1 else "ACCUMULATED" for i in range(len(batches))
+    ]
+    _same(params, expected)
+    plain, _ = plain_loop(spec, initial, batches)
+    _same(params, plain)
+    assert front.forwarded == 0
+
+
+def _bad_batches() -> list[Any]:
+    rng = np.random.default_rng(3)
+    good = [
+        (rng.normal(size=(4, 3)).astype(np.float32), rng.integers(0, 2, 4).astype(np.int64))
+        for _ in range(10)
+    ]
+    nan = good[1][0].copy()
+    nan[2, 1] = np.nan
+    out_of_range = good[3][1].copy()
+    out_of_range[0] = 7
+    too_many = (rng.normal(size=(7, 3)).astype(np.float32), np.zeros(7, np.int64))
+    return [
+        good[0],
+        (nan, good[1][1]),
+        good[2],
+        (good[3][0], out_of_range),
+        (np.ones((4, 2), np.float32), good[4][1]),  # a wrong shape
+        too_many,  # over max_batch_rows
+        *good[5:],
+    ]
+
+
+@pytest.mark.parametrize("per_message", [1, 16])
+def test_bad_batches_are_rejected_with_the_inline_servers_reasons(
+    front: TestFront, backend: BackgroundServer, inline: BackgroundServer, per_message: int
+) -> None:
+    spec = {
+        **BASE,
+        "architecture": {**LINEAR, "out_features": 2},
+        "loss": {"kind": "cross_entropy", "reduction": "mean"},
+    }
+    batches = _bad_batches()
+    name = f"ingest-bad-{per_message}"
+    got, _, params = _run(
+        front.target, backend.target, name, spec, batches, batches_per_message=per_message
+    )
+    want, _, expected = _run(
+        inline.target, inline.target, name, spec, batches, batches_per_message=per_message
+    )
+    assert _rows(got) == _rows(want)
+    reasons = [r.reason for r in got if r.outcome == "REJECTED"]
+    assert len(reasons) == 4, reasons
+    assert "non-finite" in reasons[0] and "max_batch_rows" in reasons[3], reasons
+    _same(params, expected)
+
+
+def test_an_exactly_once_producer_gets_duplicate_for_a_resent_batch(
+    front: TestFront, backend: BackgroundServer, inline: BackgroundServer
+) -> None:
+    spec = {**BASE, "architecture": LINEAR}
+    batches = make_batches(spec, False, 6, seed=9)
+    answers = []
+    for target, admin in ((front.target, backend.target), (inline.target, inline.target)):
+        with Client(admin) as a, Client(target) as c:
+            a.create_model("ingest-producer", spec)
+            try:
+                stub = c._stub
+                opened = pb.TrainOpen(model="ingest-producer", producer_id="p1")
+
+                def message(seqs: list[int]) -> pb.TrainRequest:
+                    request = pb.TrainRequest()
+                    for s in seqs:
+                        x, y = batches[s - 1]
+                        request.batches.add(x=to_proto(x), y=to_proto(y), sequence=s)
+                    return request
+
+                first = list(stub.Train(iter([pb.TrainRequest(open=opened), message([1, 2, 3])])))
+                again = list(stub.Train(iter([pb.TrainRequest(open=opened), message([2, 3, 4])])))
+                answers.append(
+                    (
+                        [r.SerializeToString() for r in first],
+                        [r.SerializeToString() for r in again],
+                        {k: v.tobytes() for k, v in a.parameters("ingest-producer").items()},
+                    )
+                )
+                outcomes = [pb.Outcome.Name(r.outcome) for r in again[1].results]
+                assert outcomes == ["OUTCOME_DUPLICATE", "OUTCOME_DUPLICATE", "OUTCOME_APPLIED"]
+                assert again[0].opened.last_applied_sequence == 3
+            finally:
+                a.delete_model("ingest-producer")
+    assert answers[0] == answers[1]
+
+
+def test_a_message_larger_than_a_slot_grows_it(
+    front: TestFront, backend: BackgroundServer, inline: BackgroundServer
+) -> None:
+    spec = {
+        **BASE,
+        "architecture": {**LINEAR, "in_features": 512},
+        "optimizer": {"kind": "sgd", "lr": 1e-4},
+    }
+    rng = np.random.default_rng(1)
+    small = [
+        (rng.normal(size=(2, 512)).astype(np.float32), rng.normal(size=(2, 2)).astype(np.float32))
+    ]
+    # Several MiB in one message, after the ring's slots were sized by small ones.
+    large = [
+        (rng.normal(size=(6, 512)).astype(np.float32), rng.normal(size=(6, 2)).astype(np.float32))
+        for _ in range(600)
+    ]
+    batches = small * 10 + large + small * 10
+    got, _, params = _run(
+        front.target,
+        backend.target,
+        "ingest-grow",
+        spec,
+        batches,
+        batches_per_message=1000,
+        message_bytes=7 << 20,
+    )
+    want, _, expected = _run(
+        inline.target,
+        inline.target,
+        "ingest-grow",
+        spec,
+        batches,
+        batches_per_message=1000,
+        message_bytes=7 << 20,
+    )
+    assert _rows(got) == _rows(want)
+    _same(params, expected)
+
+
+def test_a_model_deleted_and_created_again_mid_stream_ends_the_stream(
+    front: TestFront, backend: BackgroundServer
+) -> None:
+    spec = {**BASE, "architecture": LINEAR}
+    name = "ingest-recreated"
+    with Client(backend.target) as admin:
+        admin.create_model(name, spec)
+        channel = grpc.insecure_channel(front.target)
+        stub = channel.stream_stream(
+            "/gradstream.v1.TrainerService/Train",
+            request_serializer=pb.TrainRequest.SerializeToString,
+            response_deserializer=pb.TrainResponse.FromString,
+        )
+        x, y = np.ones((2, 3), np.float32), np.ones((2, 2), np.float32)
+        gate: list[int] = []
+
+        def requests() -> Iterator[pb.TrainRequest]:
+            yield pb.TrainRequest(open=pb.TrainOpen(model=name))
+            yield pb.TrainRequest(batches=[pb.Batch(x=to_proto(x), y=to_proto(y))])
+            while not gate:
+                time.sleep(0.01)
+            for _ in range(20):
+                yield pb.TrainRequest(batches=[pb.Batch(x=to_proto(x), y=to_proto(y))])
+
+        call = stub(requests())
+        try:
+            assert next(call).HasField("opened")
+            assert next(call).results[0].outcome == pb.OUTCOME_APPLIED
+            admin.delete_model(name)
+            admin.create_model(name, spec)
+            gate.append(1)
+            with pytest.raises(grpc.RpcError) as failed:
+                list(call)
+            assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+            assert repr(name) in failed.value.details()
+            assert admin.get_model(name).step == 0  # the new model saw none of it
+        finally:
+            channel.close()
+            admin.delete_model(name)
+
+
+def test_the_server_refuses_a_stream_opened_on_a_model_that_was_replaced(
+    backend: BackgroundServer,
+) -> None:
+    """The identity from Contract: a model deleted and created again in between is noticed."""
+    spec = {**BASE, "architecture": LINEAR}
+    name = "ingest-replaced"
+    with Client(backend.target) as admin, grpc.insecure_channel(backend.target) as channel:
+        admin.create_model(name, spec)
+        contract = channel.unary_unary(
+            INGEST_CONTRACT,
+            request_serializer=ipb.ContractRequest.SerializeToString,
+            response_deserializer=ipb.ContractResponse.FromString,
+        )(ipb.ContractRequest(model=name))
+        admin.delete_model(name)
+        admin.create_model(name, spec)
+        train = channel.stream_stream(
+            INGEST_TRAIN,
+            request_serializer=ipb.TrainRequest.SerializeToString,
+            response_deserializer=pb.TrainResponse.FromString,
+        )
+        opening = ipb.TrainRequest(open=ipb.TrainOpen(model=name, identity=contract.identity))
+        try:
+            with pytest.raises(grpc.RpcError) as failed:
+                list(train(iter([opening])))
+            assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert repr(name) in failed.value.details()
+        finally:
+            admin.delete_model(name)
+
+
+def test_a_client_that_cancels_mid_stream_leaves_no_segment(
+    front: TestFront, backend: BackgroundServer
+) -> None:
+    spec = {**BASE, "architecture": LINEAR}
+    name = "ingest-cancelled"
+    with Client(backend.target) as admin:
+        admin.create_model(name, spec)
+        try:
+            with grpc.insecure_channel(front.target) as channel:
+                stub = channel.stream_stream(
+                    "/gradstream.v1.TrainerService/Train",
+                    request_serializer=pb.TrainRequest.SerializeToString,
+                    response_deserializer=pb.TrainResponse.FromString,
+                )
+                x, y = np.ones((2, 3), np.float32), np.ones((2, 2), np.float32)
+
+                def requests() -> Iterator[pb.TrainRequest]:
+                    yield pb.TrainRequest(open=pb.TrainOpen(model=name))
+                    for _ in range(10_000):
+                        yield pb.TrainRequest(batches=[pb.Batch(x=to_proto(x), y=to_proto(y))] * 8)
+
+                call = stub(requests())
+                for answer, _ in zip(call, range(20), strict=False):
+                    assert not answer.HasField("opened") or answer.opened.model == name
+                assert len(os.listdir("/dev/shm")) > 0
+                call.cancel()
+        finally:
+            admin.delete_model(name)
+
+
+def test_shared_memory_streams_and_bad_openings_are_forwarded_unchanged(
+    front: TestFront, backend: BackgroundServer, inline: BackgroundServer
+) -> None:
+    spec = {**BASE, "architecture": LINEAR}
+    batches = make_batches(spec, False, 5, seed=2)
+    before = front.forwarded
+    got, _, params = _run(
+        front.target, backend.target, "ingest-shm", spec, batches, shared_memory=True
+    )
+    want, _, expected = _run(
+        inline.target, inline.target, "ingest-shm", spec, batches, shared_memory=True
+    )
+    assert _rows(got) == _rows(want)
+    _same(params, expected)
+    assert front.forwarded == before + 1
+    with grpc.insecure_channel(front.target) as channel:
+        raw = channel.stream_stream("/gradstream.v1.TrainerService/Train")
+        for first in (pb.TrainRequest().SerializeToString(), b"\xff\xff"):
+            with pytest.raises(grpc.RpcError) as failed:
+                list(raw(iter([first])))
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with Client(front.target) as c, pytest.raises(NotFound, match="no model named 'absent'"):
+        list(c.train("absent", batches))
