@@ -6,6 +6,7 @@ segment in /dev/shm whatever way a stream ends."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,13 @@ import grpc
 import numpy as np
 import pytest
 
-from gradstream.client import Client, NotFound
+from gradstream.client import (
+    Client,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from gradstream.internal.v1 import ingest_pb2 as ipb
 from gradstream.server.config import Settings
 from gradstream.server.interceptors import INGEST_CONTRACT, INGEST_TRAIN
@@ -25,6 +32,7 @@ from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import to_proto
 from tests.conftest import server_settings
 from tests.integration._ingest import TestFront
+from tests.integration._security import ADMIN, TOKENS, TRAINER
 from tests.integration.test_exactness import make_batches, plain_loop
 
 pytestmark = pytest.mark.timeout(120)
@@ -168,7 +176,49 @@ def test_trains_bitwise_like_the_inline_server_and_the_plain_loop(
     assert front.forwarded == 0
 
 
-def _bad_batches() -> list[Any]:
+def _uniform(spec: dict[str, Any], weighted: bool, count: int, seed: int) -> list[Any]:
+    """Batches of one layout (rows, bags, dtypes): a message of them travels as one block."""
+    rng = np.random.default_rng(seed)
+    dtype = np.float32 if spec["dtype"] == "float32" else np.float64
+    arch, rows = spec["architecture"], 4
+    batches = []
+    for _ in range(count):
+        x: Any
+        if arch["kind"] == "embedding_mlp":
+            x = {
+                t["input"]: rng.integers(0, t["num_embeddings"], (rows, 2))
+                for t in arch["embeddings"]
+            }
+            x["dense"] = rng.uniform(-1, 1, (rows, arch["dense_features"])).astype(dtype)
+        else:
+            x = rng.uniform(-1, 1, (rows, arch["in_features"])).astype(dtype)
+        y = rng.uniform(-1, 1, (rows, arch["out_features"])).astype(dtype)
+        w = rng.uniform(0.1, 2.0, rows).astype(dtype)
+        batches.append((x, y, w) if weighted else (x, y))
+    return batches
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_messages_of_one_layout_train_as_blocks_bitwise_like_the_inline_server(
+    front: TestFront, backend: BackgroundServer, inline: BackgroundServer, case: str
+) -> None:
+    changes, weighted = CASES[case]
+    spec = {**BASE, **changes}
+    batches = _uniform(spec, weighted, 80, seed=len(case))
+    name = f"ingest-block-{case}"
+    got, initial, params = _run(
+        front.target, backend.target, name, spec, batches, batches_per_message=16
+    )
+    want, _, expected = _run(
+        inline.target, inline.target, name, spec, batches, batches_per_message=16
+    )
+    assert _rows(got) == _rows(want)
+    _same(params, expected)
+    plain, _ = plain_loop(spec, initial, batches)
+    _same(params, plain)
+
+
+def _bad_batches(uniform: bool) -> list[Any]:
     rng = np.random.default_rng(3)
     good = [
         (rng.normal(size=(4, 3)).astype(np.float32), rng.integers(0, 2, 4).astype(np.int64))
@@ -179,6 +229,14 @@ def _bad_batches() -> list[Any]:
     out_of_range = good[3][1].copy()
     out_of_range[0] = 7
     too_many = (rng.normal(size=(7, 3)).astype(np.float32), np.zeros(7, np.int64))
+    if uniform:  # one layout: the block check fails on the values and falls back
+        return [
+            good[0],
+            (nan, good[1][1]),
+            good[2],
+            (good[3][0], out_of_range),
+            *good[4:],
+        ]
     return [
         good[0],
         (nan, good[1][1]),
@@ -190,17 +248,22 @@ def _bad_batches() -> list[Any]:
     ]
 
 
+@pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("per_message", [1, 16])
 def test_bad_batches_are_rejected_with_the_inline_servers_reasons(
-    front: TestFront, backend: BackgroundServer, inline: BackgroundServer, per_message: int
+    front: TestFront,
+    backend: BackgroundServer,
+    inline: BackgroundServer,
+    per_message: int,
+    uniform: bool,
 ) -> None:
     spec = {
         **BASE,
         "architecture": {**LINEAR, "out_features": 2},
         "loss": {"kind": "cross_entropy", "reduction": "mean"},
     }
-    batches = _bad_batches()
-    name = f"ingest-bad-{per_message}"
+    batches = _bad_batches(uniform)
+    name = f"ingest-bad-{per_message}-{uniform}"
     got, _, params = _run(
         front.target, backend.target, name, spec, batches, batches_per_message=per_message
     )
@@ -209,8 +272,10 @@ def test_bad_batches_are_rejected_with_the_inline_servers_reasons(
     )
     assert _rows(got) == _rows(want)
     reasons = [r.reason for r in got if r.outcome == "REJECTED"]
-    assert len(reasons) == 4, reasons
-    assert "non-finite" in reasons[0] and "max_batch_rows" in reasons[3], reasons
+    assert len(reasons) == (2 if uniform else 4), reasons
+    assert "non-finite" in reasons[0] and "out of range" in reasons[1], reasons
+    if not uniform:
+        assert "max_batch_rows" in reasons[3], reasons
     _same(params, expected)
 
 
@@ -415,3 +480,68 @@ def test_shared_memory_streams_and_bad_openings_are_forwarded_unchanged(
             assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with Client(front.target) as c, pytest.raises(NotFound, match="no model named 'absent'"):
         list(c.train("absent", batches))
+
+
+def test_tokens_stream_limits_and_metrics_see_the_ingest_stream_as_train(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKENS)
+    settings = _settings(tokens_file=tokens, metrics_port=0, max_streams=1)
+    spec = {**BASE, "architecture": LINEAR}
+    batches = make_batches(spec, False, 4, seed=4)
+    with BackgroundServer(settings) as backend, TestFront(backend.target) as front:
+        registry = backend.server.metrics.registry
+
+        def count(metric: str, method: str, **labels: str) -> float:
+            value = registry.get_sample_value(
+                metric,
+                {"grpc_service": "gradstream.v1.TrainerService", "grpc_method": method, **labels},
+            )
+            return value or 0.0
+
+        with Client(backend.target, token=ADMIN) as admin:
+            admin.create_model("alpha-1", spec)
+            admin.create_model("beta-1", spec)
+        with Client(front.target, token=TRAINER) as producer:
+            results = list(producer.train("alpha-1", batches))
+            assert [r.outcome for r in results] == ["APPLIED"] * 4
+            with pytest.raises(PermissionDenied, match="may not train model 'beta-1'"):
+                list(producer.train("beta-1", batches))
+            # max_streams is 1: a second stream while one is open is refused by the server.
+            with grpc.insecure_channel(front.target) as channel:
+                train = channel.stream_stream(
+                    "/gradstream.v1.TrainerService/Train",
+                    request_serializer=pb.TrainRequest.SerializeToString,
+                    response_deserializer=pb.TrainResponse.FromString,
+                )
+                held = threading.Event()
+
+                def open_stream() -> Iterator[pb.TrainRequest]:
+                    yield pb.TrainRequest(open=pb.TrainOpen(model="alpha-1"))
+                    held.wait(30)
+
+                auth = [("authorization", f"Bearer {TRAINER}")]
+                first = train(open_stream(), metadata=auth)
+                try:
+                    assert next(first).opened.model == "alpha-1"
+                    with pytest.raises(ResourceExhausted, match="max_streams"):
+                        list(producer.train("alpha-1", batches))
+                finally:
+                    held.set()
+                    assert list(first) == []
+        with Client(front.target) as anonymous, pytest.raises(Unauthenticated):
+            list(anonymous.train("alpha-1", batches))
+        assert front.forwarded == 0
+        # As many Train streams as the clients opened, each ended with its own status; the
+        # front's Contract calls are no method of their own.
+        assert count("grpc_server_started_total", "Train", grpc_type="bidi_stream") == 5
+        handled = ("grpc_server_handled_total", "Train")
+        assert count(*handled, grpc_type="bidi_stream", grpc_code="OK") == 2
+        assert count(*handled, grpc_type="bidi_stream", grpc_code="PERMISSION_DENIED") == 1
+        assert count(*handled, grpc_type="bidi_stream", grpc_code="RESOURCE_EXHAUSTED") == 1
+        assert count(*handled, grpc_type="bidi_stream", grpc_code="UNAUTHENTICATED") == 1
+        methods = {
+            sample.labels.get("grpc_method")
+            for family in registry.collect()
+            for sample in family.samples
+        }
+        assert "Contract" not in methods

@@ -217,8 +217,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         path = handler_call_details.method
-        if path == INGEST_CONTRACT:  # part of opening a Train stream, counted there
-            return handler
+        if path == INGEST_CONTRACT:
+            return self._contract(handler)
         series = self._lookup(_COUNTED_AS.get(path, path), handler)
 
         async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -241,6 +241,33 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 raise
             finally:
                 series.done(_final_code(context, exc), start)
+
+        return _adapt(handler, around)
+
+    def _contract(self, handler: Any) -> Any:
+        """The ingest front's Contract: a refusal is the client's Train refused (its front
+        ends the stream there, with this status); an answer counts nothing, the Train
+        that follows is counted."""
+        series = self._series.get(TRAIN)
+        if series is None:
+            service, _, method = TRAIN.lstrip("/").rpartition("/")
+            series = self._series[TRAIN] = _MethodSeries(
+                self.metrics, grpc_type(True, True), service, method
+            )
+        train = series
+
+        async def around(
+            requests: AsyncIterator[Any], context: Context, call: Call
+        ) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            try:
+                async for response in call(requests, context):
+                    yield response
+            except BaseException as error:
+                train.started.inc()
+                train.received.inc()
+                train.done(_final_code(context, error), start)
+                raise
 
         return _adapt(handler, around)
 
