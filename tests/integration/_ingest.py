@@ -72,7 +72,7 @@ class TestFront:
                     yield answer
             except ForwardRaw as raw:
                 self.forwarded += 1
-                call = channel.stream_stream(TRAIN)(
+                call = channel.stream_stream(TRAIN, None, None)(
                     _prepend(raw.first, requests), metadata=metadata
                 )
                 try:
@@ -94,7 +94,7 @@ class TestFront:
         self._started.set()
         await self._stop.wait()
         await server.stop(1)
-        await channel.close()
+        await channel.close(None)
 
 
 async def _prepend(first: bytes | None, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

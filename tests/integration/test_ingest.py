@@ -29,6 +29,7 @@ from gradstream.server.interceptors import INGEST_CONTRACT, INGEST_TRAIN
 from gradstream.server.main import BackgroundServer
 from gradstream.server.slots import PREFIX
 from gradstream.v1 import trainer_pb2 as pb
+from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 from gradstream.wire import to_proto
 from tests.conftest import server_settings
 from tests.integration._ingest import TestFront
@@ -133,7 +134,7 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
         assert value.dtype == b[key].dtype and value.tobytes() == b[key].tobytes(), key
 
 
-CASES = {
+CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "linear": ({"architecture": LINEAR}, False),
     "mlp-float64-weighted": ({"architecture": MLP, "dtype": "float64"}, True),
     "mlp-accumulated": ({"architecture": MLP, "accumulate_steps": 3}, False),
@@ -364,11 +365,7 @@ def test_a_model_deleted_and_created_again_mid_stream_ends_the_stream(
     with Client(backend.target) as admin:
         admin.create_model(name, spec)
         channel = grpc.insecure_channel(front.target)
-        stub = channel.stream_stream(
-            "/gradstream.v1.TrainerService/Train",
-            request_serializer=pb.TrainRequest.SerializeToString,
-            response_deserializer=pb.TrainResponse.FromString,
-        )
+        stub = pb_grpc.TrainerServiceStub(channel).Train
         x, y = np.ones((2, 3), np.float32), np.ones((2, 2), np.float32)
         gate: list[int] = []
 
@@ -382,15 +379,16 @@ def test_a_model_deleted_and_created_again_mid_stream_ends_the_stream(
 
         call = stub(requests())
         try:
-            assert next(call).HasField("opened")
-            assert next(call).results[0].outcome == pb.OUTCOME_APPLIED
+            answers = iter(call)
+            assert next(answers).HasField("opened")
+            assert next(answers).results[0].outcome == pb.OUTCOME_APPLIED
             admin.delete_model(name)
             admin.create_model(name, spec)
             gate.append(1)
             with pytest.raises(grpc.RpcError) as failed:
                 list(call)
             assert failed.value.code() == grpc.StatusCode.NOT_FOUND
-            assert repr(name) in failed.value.details()
+            assert repr(name) in str(failed.value.details())
             assert admin.get_model(name).step == 0  # the new model saw none of it
         finally:
             channel.close()
@@ -422,7 +420,7 @@ def test_the_server_refuses_a_stream_opened_on_a_model_that_was_replaced(
             with pytest.raises(grpc.RpcError) as failed:
                 list(train(iter([opening])))
             assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert repr(name) in failed.value.details()
+            assert repr(name) in str(failed.value.details())
         finally:
             admin.delete_model(name)
 
@@ -436,11 +434,7 @@ def test_a_client_that_cancels_mid_stream_leaves_no_segment(
         admin.create_model(name, spec)
         try:
             with grpc.insecure_channel(front.target) as channel:
-                stub = channel.stream_stream(
-                    "/gradstream.v1.TrainerService/Train",
-                    request_serializer=pb.TrainRequest.SerializeToString,
-                    response_deserializer=pb.TrainResponse.FromString,
-                )
+                stub = pb_grpc.TrainerServiceStub(channel).Train
                 x, y = np.ones((2, 3), np.float32), np.ones((2, 2), np.float32)
 
                 def requests() -> Iterator[pb.TrainRequest]:
@@ -473,7 +467,7 @@ def test_shared_memory_streams_and_bad_openings_are_forwarded_unchanged(
     _same(params, expected)
     assert front.forwarded == before + 1
     with grpc.insecure_channel(front.target) as channel:
-        raw = channel.stream_stream("/gradstream.v1.TrainerService/Train")
+        raw = channel.stream_stream("/gradstream.v1.TrainerService/Train", None, None)
         for first in (pb.TrainRequest().SerializeToString(), b"\xff\xff"):
             with pytest.raises(grpc.RpcError) as failed:
                 list(raw(iter([first])))
@@ -508,21 +502,17 @@ def test_tokens_stream_limits_and_metrics_see_the_ingest_stream_as_train(tmp_pat
                 list(producer.train("beta-1", batches))
             # max_streams is 1: a second stream while one is open is refused by the server.
             with grpc.insecure_channel(front.target) as channel:
-                train = channel.stream_stream(
-                    "/gradstream.v1.TrainerService/Train",
-                    request_serializer=pb.TrainRequest.SerializeToString,
-                    response_deserializer=pb.TrainResponse.FromString,
-                )
+                train = pb_grpc.TrainerServiceStub(channel).Train
                 held = threading.Event()
 
                 def open_stream() -> Iterator[pb.TrainRequest]:
                     yield pb.TrainRequest(open=pb.TrainOpen(model="alpha-1"))
                     held.wait(30)
 
-                auth = [("authorization", f"Bearer {TRAINER}")]
+                auth = (("authorization", f"Bearer {TRAINER}"),)
                 first = train(open_stream(), metadata=auth)
                 try:
-                    assert next(first).opened.model == "alpha-1"
+                    assert next(iter(first)).opened.model == "alpha-1"
                     with pytest.raises(ResourceExhausted, match="max_streams"):
                         list(producer.train("alpha-1", batches))
                 finally:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from tests.conftest import ROOT, require_tool
 
-GENERATED = ("trainer_pb2.py", "trainer_pb2.pyi", "trainer_pb2_grpc.py", "trainer_pb2_grpc.pyi")
+# Each proto file, and the stubs generated from it beside it.
+PROTOS = ("gradstream/v1/trainer.proto", "gradstream/internal/v1/ingest.proto")
+SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
@@ -24,16 +26,18 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
             f"--grpc_python_out={tmp_path}",
             f"--mypy_grpc_out={tmp_path}",
             f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
-            "proto/gradstream/v1/trainer.proto",
+            *(f"proto/{p}" for p in PROTOS),
         ],
         cwd=ROOT,
         check=True,
         capture_output=True,
     )
-    for name in GENERATED:
-        fresh = (tmp_path / "gradstream" / "v1" / name).read_text()
-        committed = (ROOT / "proto" / "gradstream" / "v1" / name).read_text()
-        assert committed == fresh, f"proto/gradstream/v1/{name} is stale: run `make proto`"
+    for proto in PROTOS:
+        for suffix in SUFFIXES:
+            name = proto.removesuffix(".proto") + suffix
+            fresh = (tmp_path / name).read_text()
+            committed = (ROOT / "proto" / name).read_text()
+            assert committed == fresh, f"proto/{name} is stale: run `make proto`"
 
 
 def test_buf_lint_standard_passes() -> None:
