@@ -76,12 +76,12 @@ from gradstream.server.session import (
     decode_message,
     train_message,
 )
+from gradstream.server.slots import ALIGN, block_of, columns_of
 from gradstream.server.spec import ModelSpec, check_model_name, parse_spec
 from gradstream.server.wire import TrainMessage, WireBatch, parse_train_request
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.wire import spec_from_proto
 
-ALIGN = 64  # every tensor in a slot starts on a cache line
 SLOT_BYTES = 16 << 20  # a 4 MiB message converted to a wider dtype still fits
 START_TIMEOUT_S = 120.0  # a trainer process imports torch and builds its model
 STOP_TIMEOUT_S = 5.0
@@ -109,27 +109,6 @@ def _error(exc: BaseException) -> tuple[str, str]:
 # -- the hand-off: checked batches into a slot, and back out as tensors -----------------------
 
 
-def _columns(batch: Batch) -> list[torch.Tensor | None]:
-    return [batch.x, batch.y, batch.weight, *batch.more]
-
-
-def _block_of(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The one tensor that ``tensors`` are consecutive ``unbind(0)`` views of, if they are."""
-    head = tensors[0]
-    if not head.is_contiguous():
-        return None
-    storage, start, size = head.untyped_storage().data_ptr(), head.storage_offset(), head.numel()
-    for i, t in enumerate(tensors):
-        if (
-            t.untyped_storage().data_ptr() != storage
-            or t.storage_offset() != start + i * size
-            or t.shape != head.shape
-            or not t.is_contiguous()
-        ):
-            return None
-    return head.as_strided((len(tensors), *head.shape), (size, *head.stride()))
-
-
 def pack(items: list[Batch | Rejected], slot: np.ndarray[Any, Any]) -> tuple[Any, ...]:
     """Copy a message's checked tensors into ``slot``; the descriptor that finds them again.
 
@@ -154,9 +133,9 @@ def pack(items: list[Batch | Rejected], slot: np.ndarray[Any, Any]) -> tuple[Any
         batches = [i for i in items if isinstance(i, Batch)]
         if len(batches) == len(items) > 1:
             blocks: list[torch.Tensor | None] = []
-            for column in zip(*(_columns(b) for b in batches), strict=True):
+            for column in zip(*(columns_of(b) for b in batches), strict=True):
                 present = [t for t in column if t is not None]
-                block = _block_of(present) if len(present) == len(column) else None
+                block = block_of(present) if len(present) == len(column) else None
                 if present and block is None:
                     break
                 blocks.append(block)
@@ -169,7 +148,7 @@ def pack(items: list[Batch | Rejected], slot: np.ndarray[Any, Any]) -> tuple[Any
                 described.append(item)
             else:
                 described.append(
-                    (item.sequence, [None if t is None else put(t) for t in _columns(item)])
+                    (item.sequence, [None if t is None else put(t) for t in columns_of(item)])
                 )
         return ("items", described)
     except OverflowError:

@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from gradstream.internal.v1 import ingest_pb2 as ipb
-from gradstream.server.batches import BatchChecker
+from gradstream.server.batches import Batch, BatchChecker
 from gradstream.server.engine import Trainer, TrainOptions
 from gradstream.server.errors import (
     FailedPrecondition,
@@ -244,11 +244,23 @@ class SlotSource:
         if not first and request.HasField("open"):
             raise InvalidArgument("open", "only the first TrainRequest of a stream may carry open")
         items = self.views.items(request)
-        if not items:
-            return None
-        if trainer.device.type == "cpu":  # stage() is the identity there
-            return lambda _: items
-        return lambda t: [i if isinstance(i, Rejected) else t.stage(i) for i in items]
+        return _Views(items) if items else None
+
+
+class _Views:
+    """A message's views of its slot, handed to its job once and not kept.
+
+    The slot is written again once the message is answered: after its job, nothing on
+    the server may hold a view of it (the worker keeps its last job until the next one).
+    Staged (a CUDA model), the job trains pinned copies; on the CPU, the views themselves.
+    """
+
+    def __init__(self, items: list[Batch | Rejected]) -> None:
+        self.items = items
+
+    def __call__(self, trainer: Trainer) -> list[Batch | Rejected]:
+        items, self.items = self.items, []
+        return [i if isinstance(i, Rejected) else trainer.stage(i) for i in items]
 
 
 class IngestServicer:

@@ -42,11 +42,12 @@ _DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.float
 Columns = list[torch.Tensor | None]
 
 
-def _columns(batch: Batch) -> Columns:
+def columns_of(batch: Batch) -> Columns:
+    """A batch's tensors, in the order of ``Columns``."""
     return [batch.x, batch.y, batch.weight, *batch.more]
 
 
-def _block_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+def block_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """The one tensor that ``tensors`` are consecutive ``unbind(0)`` views of, if they are."""
     head = tensors[0]
     if not head.is_contiguous():
@@ -68,12 +69,12 @@ def _blocks(items: Sequence[Batch | Rejected]) -> Columns | None:
     if len(items) < 2 or not all(isinstance(i, Batch) for i in items):
         return None
     blocks: Columns = []
-    for column in zip(*(_columns(b) for b in items), strict=True):  # type: ignore[arg-type]
+    for column in zip(*(columns_of(b) for b in items), strict=True):  # type: ignore[arg-type]
         present = [t for t in column if t is not None]
         if not present:
             blocks.append(None)
             continue
-        block = _block_of(present) if len(present) == len(column) else None
+        block = block_of(present) if len(present) == len(column) else None
         if block is None:
             return None
         blocks.append(block)
@@ -122,7 +123,7 @@ def describe(items: Sequence[Batch | Rejected]) -> tuple[ipb.TrainRequest, _Layo
         if isinstance(item, Rejected):
             described.rejected = item.reason
         else:
-            layout.columns(_columns(item), described.columns)
+            layout.columns(columns_of(item), described.columns)
     return request, layout
 
 

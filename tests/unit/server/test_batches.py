@@ -128,3 +128,31 @@ def test_the_batch_limits_count_every_input() -> None:
         BatchChecker(CTR, max_rows=7).features([ids, dense], fields)
     with pytest.raises(ResourceExhausted, match="max_activation_bytes"):
         BatchChecker(CTR, max_activation_bytes=8).features([ids, dense], fields)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SMALL,
+        {
+            "architecture": {"kind": "mlp", "in_features": 3, "hidden": [4], "out_features": 5},
+            "loss": {"kind": "cross_entropy"},
+            "dtype": "float64",
+        },
+        {
+            "architecture": {
+                "kind": "embedding_mlp",
+                "embeddings": [{"input": "user", "num_embeddings": 7, "dim": 2}],
+                "dense_features": 3,
+                "hidden": [4],
+                "out_features": 1,
+            }
+        },
+    ],
+)
+def test_a_checker_rebuilt_from_its_contract_checks_alike(spec: dict[str, object]) -> None:
+    """The ingest front's checker (ingest.py) is the model's, rebuilt from its contract."""
+    checker = BatchChecker(parse_spec(spec), 5, 4096, 1 << 20)
+    rebuilt = BatchChecker.from_contract(checker.contract())
+    assert vars(rebuilt) == vars(checker)
+    assert rebuilt.contract() == checker.contract()
