@@ -117,13 +117,10 @@ async def ingest_train(
         )
     )
     ingest = _Stream(BatchChecker.from_contract(contract.checker), contract.queue_depth + 1)
-    train_call = backend.stream_stream(
-        INGEST_TRAIN,
-        request_serializer=ipb.TrainRequest.SerializeToString,
-        response_deserializer=None,  # passed on as the bytes that came
-    )
+    # Bytes both ways: the answers are passed on as they came.
+    call = backend.stream_stream(INGEST_TRAIN, None, None)(None, metadata=metadata, timeout=timeout)
     reader = asyncio.create_task(ingest.read(data, stream))
-    call = train_call(ingest.descriptors(opening), metadata=metadata, timeout=timeout)
+    sender = asyncio.create_task(_pump(ingest.descriptors(opening), call))
     try:
         opened = False
         async for answer in call:
@@ -140,8 +137,27 @@ async def ingest_train(
         await context.abort(grpc.StatusCode[exc.code], exc.message)
     finally:
         call.cancel()
+        sender.cancel()
         reader.cancel()
         ingest.close()
+
+
+async def _pump(requests: AsyncIterator[bytes], call: Any) -> None:
+    """Write ``requests`` on the internal call, then half-close; quietly stop once it ended.
+
+    Through the call's core object: grpc.aio's own writers report a write that loses the
+    race with the server's status as INTERNAL in place of that status (grpc/grpc#36066).
+    """
+    core = call._cython_call
+    try:
+        await call.wait_for_connection()
+        async for request in requests:
+            if call.done():
+                return
+            await core.send_serialized_message(request)
+        await call.done_writing()
+    except Exception:  # the call has ended: its status says how
+        return
 
 
 class _Stream:
@@ -173,13 +189,13 @@ class _Stream:
         finally:
             self.prepared.put_nowait(None)
 
-    async def descriptors(self, opening: ipb.TrainRequest) -> AsyncIterator[ipb.TrainRequest]:
+    async def descriptors(self, opening: ipb.TrainRequest) -> AsyncIterator[bytes]:
         """The internal stream's messages: the open, then one per client message with batches.
 
         A message that failed to prepare ends it: the server answers the ones before,
         then the client's stream ends with ``error``.
         """
-        yield opening
+        yield opening.SerializeToString()
         while (entry := await self.prepared.get()) is not None:
             slot, job = entry
             try:
@@ -194,7 +210,7 @@ class _Stream:
                 self.free.put_nowait(slot)
                 if not descriptor.HasField("open"):
                     continue
-            yield descriptor
+            yield descriptor.SerializeToString()
 
     def answered(self) -> None:
         """The oldest message in flight is answered: its slot is free."""
