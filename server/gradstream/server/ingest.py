@@ -128,9 +128,9 @@ async def ingest_train(
                 ingest.answered()
             opened = True
             yield answer
-        await reader  # raises what ended reading the client's stream
-        if ingest.error is not None:
+        if ingest.error is not None:  # the client may still be sending: not waited for
             raise ingest.error
+        await reader  # done: the descriptors ended with its end; raises what ended it
     except grpc.aio.AioRpcError as exc:
         await context.abort(exc.code(), exc.details() or "")
     except GradstreamError as exc:
