@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradstream.bench.split import ALIGN, pack, unpack
+from gradstream.bench.split import pack, unpack
 from gradstream.server.batches import Batch
 from gradstream.server.session import Rejected
+from gradstream.server.slots import ALIGN
 
 SLOT = 1 << 20
 
