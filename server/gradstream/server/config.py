@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         description="seconds a collective may wait for the other ranks before the job "
         "fails (and restarts from its checkpoint); must exceed the longest step",
     )
+    ingest: Literal["inline", "process"] = Field(
+        "inline",
+        description="inline: one process serves gRPC and trains; process: a front process "
+        "owns the public port and forwards every RPC to this one over a private unix socket, "
+        "so the training step keeps a GIL of its own (faster for small batches, slower for "
+        "large ones; docs/architecture.md); not with data-parallel mode",
+    )
 
     # -- evaluation and export (docs/serving.md) ---------------------------------------------
     eval_auc_max_scores: int = Field(
