@@ -141,6 +141,7 @@ class Server:
         self.front: FrontProcess | None = None
         self.failure: str | None = None
         self._private: Path | None = None
+        self._secret = ""
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
         # Outermost first: credentials before anything reads the request, then
@@ -167,7 +168,7 @@ class Server:
                     health_pb2.DESCRIPTOR.services_by_name["Health"],
                 )
             )
-        secret = secrets.token_hex(32)
+        secret = self._secret = secrets.token_hex(32)
         if s.ingest == "process":
             # First: a call without the front's secret reaches nothing else.
             interceptors.insert(0, InternalSecretInterceptor(secret))

@@ -82,9 +82,9 @@ class BackendLink:
         )
         self._secret = secret
 
-    def metadata(self, context: Context) -> tuple[tuple[str, str | bytes], ...]:
+    def metadata(self, context: Context) -> tuple[tuple[str, Any], ...]:
         """The client's metadata without the internal keys, then the secret and the peer."""
-        given = context.invocation_metadata() or ()
+        given: Any = context.invocation_metadata() or ()
         return (
             *((k, v) for k, v in given if k not in _DROPPED),
             (INTERNAL_SECRET, self._secret),
@@ -98,12 +98,12 @@ class BackendLink:
 
     async def close(self) -> None:
         """Close the channel; calls still on it end CANCELLED."""
-        await self.channel.close()
+        await self.channel.close(None)
 
 
 async def _relay_error(context: Context, error: grpc.aio.AioRpcError) -> None:
     """End the client's call with the backend's status, details and trailing metadata."""
-    trailing = error.trailing_metadata()
+    trailing: Any = error.trailing_metadata()
     await context.abort(error.code(), error.details() or "", tuple(trailing) if trailing else ())
 
 
@@ -140,19 +140,23 @@ async def pump(requests: AsyncIterator[bytes], call: Any) -> None:
         return
 
 
-def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler:
+def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler[Any, Any]:
     """The handler that forwards ``method`` to the backend as raw bytes, of its own kind."""
     streaming_in, streaming_out = KINDS.get(method, (True, True))
     channel = link.channel
     if not streaming_out:
         # One multi-callable per method, made once.
-        unary = channel.stream_unary(method) if streaming_in else channel.unary_unary(method)
+        unary = (
+            channel.stream_unary(method, None, None)
+            if streaming_in
+            else channel.unary_unary(method, None, None)
+        )
 
         async def one(request: Any, context: Context) -> bytes:
             metadata, timeout = link.metadata(context), link.timeout(context)
             sender = None
             if streaming_in:
-                call = unary(metadata=metadata, timeout=timeout)
+                call = unary(None, metadata=metadata, timeout=timeout)
                 sender = asyncio.create_task(pump(request, call))
             else:
                 call = unary(request, metadata=metadata, timeout=timeout)
@@ -176,13 +180,17 @@ def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler:
         )
         return make(one)
 
-    streaming = channel.stream_stream(method) if streaming_in else channel.unary_stream(method)
+    streaming = (
+        channel.stream_stream(method, None, None)
+        if streaming_in
+        else channel.unary_stream(method, None, None)
+    )
 
     async def many(request: Any, context: Context) -> AsyncIterator[bytes]:
         metadata, timeout = link.metadata(context), link.timeout(context)
         sender = None
         if streaming_in:
-            call = streaming(metadata=metadata, timeout=timeout)
+            call = streaming(None, metadata=metadata, timeout=timeout)
             sender = asyncio.create_task(pump(request, call))
         else:
             call = streaming(request, metadata=metadata, timeout=timeout)
@@ -206,17 +214,19 @@ def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler:
     return make(many)
 
 
-MethodFactory = Callable[[BackendLink], grpc.RpcMethodHandler]
+MethodFactory = Callable[[BackendLink], "grpc.RpcMethodHandler[Any, Any]"]
 
 
-class _Proxy(grpc.GenericRpcHandler):
+class _Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Every method: a handler of its own where one is given, else the raw forward."""
 
     def __init__(self, link: BackendLink, methods: Mapping[str, MethodFactory]) -> None:
         self._link = link
         self._handlers = {name: make(link) for name, make in methods.items()}
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method: str = handler_call_details.method
         handler = self._handlers.get(method)
         if handler is None:
@@ -274,6 +284,11 @@ def _methods() -> dict[str, MethodFactory]:
     return {}
 
 
+def _settle(said: asyncio.Future[bytes], command: bytes) -> None:
+    if not said.done():
+        said.set_result(command)
+
+
 async def _serve(config: dict[str, Any], commands: IO[bytes]) -> int:
     settings = Settings(**config["settings"])
     socket = Path(config["socket"])
@@ -286,10 +301,10 @@ async def _serve(config: dict[str, Any], commands: IO[bytes]) -> int:
 
     def listen() -> None:
         line = commands.readline()  # b"" once the backend is gone
-        loop.call_soon_threadsafe(lambda: said.done() or said.set_result(line))
+        loop.call_soon_threadsafe(_settle, said, line)
 
     threading.Thread(target=listen, name="gradstream-front-stdin", daemon=True).start()
-    loop.add_signal_handler(signal.SIGTERM, lambda: said.done() or said.set_result(STOP))
+    loop.add_signal_handler(signal.SIGTERM, _settle, said, STOP)
     command = await said
     if command == STOP:
         # The backend drains: the calls in flight end as it ends them.
@@ -363,7 +378,7 @@ class FrontProcess:
             process.wait()
             raise
 
-    def watch(self, exited: Callable[[int], None]) -> None:
+    def watch(self, exited: Callable[[int], object]) -> None:
         """Call ``exited(returncode)`` from a thread of its own once the front has exited."""
 
         def wait() -> None:

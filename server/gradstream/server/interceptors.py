@@ -490,15 +490,22 @@ class InternalSecretInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[typ
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        secret: str | bytes = b""
-        forwarded = None
+        secrets: list[str | bytes] = []
+        forwarded: list[str | bytes] = []
         for key, value in handler_call_details.invocation_metadata or ():
             if key == INTERNAL_SECRET:
-                secret = value
+                secrets.append(value)
             elif key == FORWARDED_PEER:
-                forwarded = value if isinstance(value, str) else value.decode(errors="replace")
-        given = secret.encode() if isinstance(secret, str) else secret
+                forwarded.append(value)
+        # Exactly one of each, as the front sends them: a second copy is someone else's.
+        if len(secrets) != 1 or len(forwarded) > 1:
+            return _REFUSED
+        given = secrets[0].encode() if isinstance(secrets[0], str) else secrets[0]
         if not hmac.compare_digest(given, self._secret):
             return _REFUSED
-        set_forwarded_peer(forwarded)
+        if forwarded:
+            peer = forwarded[0]
+            set_forwarded_peer(peer if isinstance(peer, str) else peer.decode(errors="replace"))
+        else:
+            set_forwarded_peer(None)
         return await continuation(handler_call_details)
