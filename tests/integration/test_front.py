@@ -23,7 +23,7 @@ from gradstream.server.config import Settings
 from gradstream.server.listening import FORWARDED_PEER, INTERNAL_SECRET, StartupRefused
 from gradstream.server.main import BackgroundServer, run
 from gradstream.v1 import trainer_pb2 as pb
-from tests.conftest import server_settings
+from tests.conftest import INGEST, server_settings
 from tests.integration._security import ADMIN, READER, make_pki
 
 SPEC = {
@@ -204,6 +204,12 @@ def test_a_client_cannot_claim_another_peer_through_the_front(
             )
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+
+
+def test_the_test_server_runs_in_the_mode_asked(server: BackgroundServer) -> None:
+    # GRADSTREAM_TEST_INGEST=process (test_ingest_parity.py) must not pass by running inline.
+    assert (server.server.front is not None) == (INGEST == "process")
+    assert server.server.settings.ingest == INGEST
 
 
 def test_process_mode_is_refused_with_data_parallel() -> None:
