@@ -3,12 +3,16 @@ private socket answers only the front; both processes live and die together."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gradstream.client import Client, GradstreamError
+from gradstream.client import Client, GradstreamError, Unavailable
 from gradstream.server.config import Settings
 from gradstream.server.listening import FORWARDED_PEER, INTERNAL_SECRET, StartupRefused
 from gradstream.server.main import BackgroundServer, run
@@ -112,6 +116,9 @@ def test_the_front_returns_every_status_as_the_inline_server_does(
     pair: dict[str, BackgroundServer],
 ) -> None:
     inline, process = (_answers(pair[mode].target) for mode in ("inline", "process"))
+    # A deadline's details are the client library's, worded by which side noticed first.
+    for answers in (inline, process):
+        answers["deadline"] = (answers["deadline"][0], "")
     assert process == inline
     assert inline["unknown model"][0] == "NOT_FOUND"
     assert inline["bad spec"][0] == "INVALID_ARGUMENT"
@@ -220,32 +227,19 @@ def test_process_mode_is_refused_with_data_parallel() -> None:
 # -- the two processes ---------------------------------------------------------------------
 
 
+SERVE = (
+    *(sys.executable, "-m", "gradstream.client.cli", "serve", "--ingest", "process"),
+    *("--health-port", "-1", "--metrics-port", "-1", "--device", "cpu"),
+)
+
+
 class Served:
     """``gradstream serve --ingest process`` in a subprocess, found through its ready file."""
 
     def __init__(self, tmp_path: Path) -> None:
         ready = tmp_path / "ready.json"
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gradstream.client.cli",
-                "serve",
-                "--ingest",
-                "process",
-                "--port",
-                "0",
-                "--health-port",
-                "-1",
-                "--metrics-port",
-                "-1",
-                "--device",
-                "cpu",
-                "--drain-timeout",
-                "10",
-                "--ready-file",
-                str(ready),
-            ],
+            [*SERVE, "--port", "0", "--drain-timeout", "10", "--ready-file", str(ready)],
             stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 60
@@ -324,13 +318,83 @@ def test_the_backend_exits_non_zero_when_the_front_dies(
     assert not any(d.exists() for d in served.socket_dirs)
 
 
-def test_the_front_exits_when_the_backend_is_killed(tmp_path: Path) -> None:
+def test_a_public_port_in_use_is_named_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = subprocess.Popen([*SERVE, "--port", str(port)], stderr=subprocess.PIPE, text=True)
+        _, stderr = serve.communicate(timeout=60)
+    assert serve.returncode == 1
+    assert f"--port {port}" in stderr and "already in use" in stderr
+    assert not list(Path(tempfile.gettempdir()).glob(f"gradstream-{serve.pid}-*"))
+
+
+def test_sigterm_answers_the_stream_in_flight_then_ends_it_unavailable(tmp_path: Path) -> None:
     served = Served(tmp_path)
-    _trains(served.port)
-    served.process.kill()
+    release = threading.Event()
+
+    def slow() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield from [(X, Y)] * 3
+        release.wait(30)  # the stream stays open, idle
+
+    try:
+        with Client(f"127.0.0.1:{served.port}", timeout=30) as client:
+            client.create_model("m", SPEC)
+            stream = client.train("m", slow())
+            assert [next(stream).outcome for _ in range(3)] == ["APPLIED"] * 3
+            served.process.send_signal(signal.SIGTERM)
+            with pytest.raises(Unavailable, match="shutting down"):
+                next(stream)
+    finally:
+        release.set()
+    assert served.wait() == 0
+    assert _gone(served.front_pid)
+
+
+def _shared_memory_of(pid: int) -> set[str]:
+    """The /dev/shm files a process has mapped or open."""
+    found = {
+        line.split(maxsplit=5)[5].removesuffix(" (deleted)")
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+        if "/dev/shm/" in line
+    }
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("/dev/shm/"):
+                found.add(target.removesuffix(" (deleted)"))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("victim", ["front", "backend"])
+def test_a_killed_process_takes_its_peer_and_shared_memory_along(
+    tmp_path: Path, victim: str, signum: signal.Signals
+) -> None:
+    served = Served(tmp_path)
+    release = threading.Event()
+
+    def idle() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield from [(X, Y)] * 3
+        release.wait(30)
+
+    try:
+        with Client(f"127.0.0.1:{served.port}", timeout=30) as client:
+            client.create_model("m", SPEC)
+            stream = client.train("m", idle())
+            assert [next(stream).outcome for _ in range(3)] == ["APPLIED"] * 3
+            pids = (served.process.pid, served.front_pid)
+            segments = set().union(*(_shared_memory_of(pid) for pid in pids))
+            os.kill(served.front_pid if victim == "front" else served.process.pid, signum)
+            with contextlib.suppress(GradstreamError):
+                list(stream)
+    finally:
+        release.set()
     served.wait()
     assert _gone(served.front_pid)
+    assert not [s for s in segments if Path(s).exists()]
     assert not any(d.exists() for d in served.socket_dirs)
-    with pytest.raises(GradstreamError) as gone:
+    with pytest.raises(GradstreamError) as closed:
         Client(f"127.0.0.1:{served.port}", timeout=2).list_models()
-    assert gone.value.code == grpc.StatusCode.UNAVAILABLE
+    assert closed.value.code == grpc.StatusCode.UNAVAILABLE

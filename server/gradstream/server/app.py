@@ -179,7 +179,8 @@ class Server:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         if s.ingest == "process":
-            self._private = Path(tempfile.mkdtemp(prefix="gradstream-"))  # mode 0700
+            # Mode 0700; named by this process, whose socket it holds.
+            self._private = Path(tempfile.mkdtemp(prefix=f"gradstream-{os.getpid()}-"))
             socket = self._private / "backend.sock"
             self._grpc.add_insecure_port(f"unix:{socket}")
             await self._grpc.start()
@@ -208,7 +209,11 @@ class Server:
             self.metrics_port = self._metrics_http.server_port
         if self._private is not None:  # last: nothing can fail after it but the front itself
             socket = self._private / "backend.sock"
-            self.front = await asyncio.to_thread(FrontProcess.spawn, s, socket, secret)
+            try:
+                self.front = await asyncio.to_thread(FrontProcess.spawn, s, socket, secret)
+            except BaseException:
+                shutil.rmtree(self._private, ignore_errors=True)
+                raise
             self.port = self.front.port
             loop = asyncio.get_running_loop()
             self.front.watch(lambda code: loop.call_soon_threadsafe(self._front_exited, code))

@@ -13,8 +13,9 @@ Lifecycle: the backend starts ``python -m gradstream.server.front`` (``FrontProc
 the settings, socket and secret on its stdin, reads the bound port from its stdout, and
 keeps its stdin open. ``stop`` on stdin drains the front (no new calls; those in flight
 finish as the backend ends them); end of stdin means the backend is gone, and the front
-exits at once, non-zero. The backend watches the front's exit in turn. This module imports
-no torch: the forward path is the front's whole job.
+exits at once, non-zero (a SIGTERM sent to the front alone ends its calls at once). The
+backend watches the front's exit in turn. This module imports no torch: the forward path is
+the front's whole job.
 """
 
 from __future__ import annotations
@@ -276,6 +277,7 @@ class Front:
 # -- the front's process -------------------------------------------------------------------
 
 STOP = b"stop\n"
+TERMINATED = b"SIGTERM"  # not a command the backend sends: a line always ends in a newline
 
 
 def _methods() -> dict[str, MethodFactory]:
@@ -293,9 +295,14 @@ async def _serve(config: dict[str, Any], commands: IO[bytes]) -> int:
     settings = Settings(**config["settings"])
     socket = Path(config["socket"])
     front = Front(settings, socket, config["secret"], _methods())
-    port = await front.start()
-    sys.stdout.write(json.dumps({"port": port, "pid": os.getpid()}) + "\n")
+    try:
+        answer: dict[str, Any] = {"port": await front.start()}
+    except Exception as exc:  # a port in use: the backend says so and exits
+        answer = {"error": str(exc) or type(exc).__name__}
+    sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
+    if "error" in answer:
+        return 1
     loop = asyncio.get_running_loop()
     said: asyncio.Future[bytes] = loop.create_future()
 
@@ -304,21 +311,26 @@ async def _serve(config: dict[str, Any], commands: IO[bytes]) -> int:
         loop.call_soon_threadsafe(_settle, said, line)
 
     threading.Thread(target=listen, name="gradstream-front-stdin", daemon=True).start()
-    loop.add_signal_handler(signal.SIGTERM, _settle, said, STOP)
+    # Only the backend drains the server; a SIGTERM sent to the front alone ends its calls
+    # now, and the backend, seeing the front gone, stops too.
+    loop.add_signal_handler(signal.SIGTERM, _settle, said, TERMINATED)
     command = await said
     if command == STOP:
         # The backend drains: the calls in flight end as it ends them.
         await front.stop(settings.drain_timeout)
         return 0
-    log.error("the backend process is gone: the front stops")
     await front.stop(0)
+    if command == TERMINATED:
+        return 0
+    log.error("the backend process is gone: the front stops")
     shutil.rmtree(socket.parent, ignore_errors=True)
     return 1
 
 
 def main() -> None:
     """``python -m gradstream.server.front``: the configuration is the first line of stdin."""
-    # Ctrl-C reaches the whole process group: the backend drains and then stops the front.
+    # The backend decides when the front stops (it drains first); the front runs in a session
+    # of its own, so a terminal's Ctrl-C reaches only the backend, and a stray SIGINT is moot.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     commands = sys.stdin.buffer
     config = json.loads(commands.readline())
@@ -371,8 +383,11 @@ class FrontProcess:
             process.stdin.flush()
             line = _read_line(process.stdout, timeout)
             if not line:
-                raise FrontDied(f"the front process did not start (exit code {process.wait()})")
-            return cls(process, int(json.loads(line)["port"]))
+                raise FrontDied(f"the front process did not start within {timeout:.0f} s")
+            answer = json.loads(line)
+            if "error" in answer:
+                raise FrontDied(f"the front process could not listen: {answer['error']}")
+            return cls(process, int(answer["port"]))
         except BaseException:
             process.kill()
             process.wait()
