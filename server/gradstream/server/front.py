@@ -102,7 +102,7 @@ class BackendLink:
         await self.channel.close(None)
 
 
-async def _relay_error(context: Context, error: grpc.aio.AioRpcError) -> None:
+async def relay_error(context: Context, error: grpc.aio.AioRpcError) -> None:
     """End the client's call with the backend's status, details and trailing metadata."""
     trailing: Any = error.trailing_metadata()
     await context.abort(error.code(), error.details() or "", tuple(trailing) if trailing else ())
@@ -164,7 +164,7 @@ def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler[Any, Any]:
             try:
                 response: bytes = await call
             except grpc.aio.AioRpcError as error:
-                await _relay_error(context, error)
+                await relay_error(context, error)
                 raise  # not reached: abort raised
             finally:
                 call.cancel()  # the client went away (or the call is over: then a no-op)
@@ -201,7 +201,7 @@ def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler[Any, Any]:
                 yield response
             await _relay_trailers(context, call)
         except grpc.aio.AioRpcError as error:
-            await _relay_error(context, error)
+            await relay_error(context, error)
         finally:
             call.cancel()
             if sender is not None:
