@@ -57,6 +57,11 @@ def require_tool(name: str, *candidates: Path) -> str:
     pytest.skip(f"{name} is not installed")
 
 
+# GRADSTREAM_TEST_INGEST=process runs every test server (this module's helpers and fixtures)
+# behind a front process: tests/integration/test_ingest_process.py runs a slice so.
+INGEST = os.environ.get("GRADSTREAM_TEST_INGEST", "inline")
+
+
 def server_settings(**overrides: Any) -> Settings:
     """An in-process test server's settings: loopback, free gRPC port, CPU, no health or
     metrics port unless a test asks for one."""
@@ -66,6 +71,7 @@ def server_settings(**overrides: Any) -> Settings:
         "health_port": -1,
         "metrics_port": -1,
         "device": "cpu",
+        "ingest": INGEST,
     }
     return Settings(**(values | overrides))
 

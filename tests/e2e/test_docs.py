@@ -47,7 +47,7 @@ BLOCKS: dict[str, list[str]] = {
         *("make", "run", "dist", "run", "run", "run", "run", "run"),
         *("flags", "spec", "spec", "text"),
     ],
-    "docs/architecture.md": ["text", "text", "text"],
+    "docs/architecture.md": ["text", "text", "text", "text"],
     "docs/bring-your-own-model.md": ["fragment", "flags", "fragment"],
     "docs/deploy.md": [
         *("docker", "docker", "text", "docker", "docker", "docker"),

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradstream.client import Client, GradstreamError
 from gradstream.client._local import LocalServer
 from gradstream.server.config import Settings
+from gradstream.server.ingest import IngestServicer
 from gradstream.server.listening import StartupRefused
 from gradstream.server.main import BackgroundServer, build
 from gradstream.server.servicer import TrainerServicer
@@ -69,6 +70,14 @@ class Spy:
                     return await _o(self_, request, context)
 
                 monkeypatch.setattr(TrainerServicer, rpc, unary)
+        # Behind a front, a client's Train runs as the front's ingest call (ingest.py).
+        ingested = IngestServicer.Train
+
+        def train(self_: Any, request: Any, context: Any) -> Any:
+            self.calls["Train"] += 1
+            return ingested(self_, request, context)
+
+        monkeypatch.setattr(IngestServicer, "Train", train)
 
 
 @pytest.fixture(scope="module", params=["tls", "mtls"])

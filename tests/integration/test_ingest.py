@@ -27,13 +27,14 @@ from gradstream.client import (
 from gradstream.internal.v1 import ingest_pb2 as ipb
 from gradstream.server.config import Settings
 from gradstream.server.interceptors import INGEST_CONTRACT, INGEST_TRAIN
+from gradstream.server.listening import FORWARDED_PEER, INTERNAL_SECRET
 from gradstream.server.main import BackgroundServer
+from gradstream.server.servicer import TrainerServicer
 from gradstream.server.slots import PREFIX
 from gradstream.v1 import trainer_pb2 as pb
 from gradstream.v1 import trainer_pb2_grpc as pb_grpc
 from gradstream.wire import to_proto
 from tests.conftest import server_settings
-from tests.integration._ingest import TestFront
 from tests.integration._security import ADMIN, TOKENS, TRAINER
 from tests.integration.test_exactness import make_batches, plain_loop
 
@@ -74,27 +75,63 @@ def _settings(**overrides: Any) -> Settings:
     return server_settings(ingest="process", max_models=100, **overrides)
 
 
+class Front:
+    """The public port of the ingest=process server, and the client streams it forwarded raw
+    to the backend's Train (the others took the ingest path)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.forwarded = 0
+        self.servicer: Any = None  # the backend's: the inline server's Train is not counted
+
+
 @pytest.fixture(scope="module")
-def backend() -> Iterator[BackgroundServer]:
+def spied() -> Iterator[Front]:
+    """Counts the calls of the backend's own Train (the front forwards raw what it does not
+    ingest); installed before the server starts, whose handlers bind the methods then."""
+    front = Front("")
+    original = TrainerServicer.Train
+
+    def train(self_: Any, request: Any, context: Any) -> Any:
+        front.forwarded += self_ is front.servicer
+        return original(self_, request, context)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrainerServicer, "Train", train)
+        yield front
+
+
+@pytest.fixture(scope="module")
+def backend(spied: Front) -> Iterator[BackgroundServer]:
+    """The server in ingest=process: ``target`` is its front's port."""
     with BackgroundServer(_settings(max_batch_rows=6)) as running:
+        spied.servicer = running.server.servicer
         yield running
 
 
 @pytest.fixture(scope="module")
 def inline() -> Iterator[BackgroundServer]:
-    with BackgroundServer(server_settings(max_models=100, max_batch_rows=6)) as running:
+    settings = server_settings(ingest="inline", max_models=100, max_batch_rows=6)
+    with BackgroundServer(settings) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def front(backend: BackgroundServer) -> Iterator[TestFront]:
-    with TestFront(backend.target) as running:
-        yield running
+def front(spied: Front, backend: BackgroundServer) -> Front:
+    spied.target = backend.target
+    return spied
+
+
+def _private(running: BackgroundServer) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The backend's own socket, and the metadata only its front may send."""
+    assert running.server._private is not None
+    socket = f"unix:{running.server._private / 'backend.sock'}"
+    return socket, ((INTERNAL_SECRET, running.server._secret), (FORWARDED_PEER, "ipv4:127.0.0.1:1"))
 
 
 def _segments() -> set[str]:
-    """The slots in /dev/shm, and those still mapped in this process (the front's and the
-    server's: both run here), unlinked or not."""
+    """The slots in /dev/shm (the front's), and those still mapped in this process (the
+    backend's), unlinked or not."""
     files = {p.name for p in Path("/dev/shm").glob(f"{PREFIX}*")}
     maps = Path("/proc/self/maps").read_text().splitlines()
     return files | {line.split("/dev/shm/")[1] for line in maps if f"/dev/shm/{PREFIX}" in line}
@@ -154,7 +191,7 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
 @pytest.mark.parametrize("per_message", [1, 7])
 @pytest.mark.parametrize("case", list(CASES))
 def test_trains_bitwise_like_the_inline_server_and_the_plain_loop(
-    front: TestFront,
+    front: Front,
     backend: BackgroundServer,
     inline: BackgroundServer,
     case: str,
@@ -207,7 +244,7 @@ def _uniform(spec: dict[str, Any], weighted: bool, count: int, seed: int) -> lis
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_messages_of_one_layout_train_as_blocks_bitwise_like_the_inline_server(
-    front: TestFront, backend: BackgroundServer, inline: BackgroundServer, case: str
+    front: Front, backend: BackgroundServer, inline: BackgroundServer, case: str
 ) -> None:
     changes, weighted = CASES[case]
     spec = {**BASE, **changes}
@@ -258,7 +295,7 @@ def _bad_batches(uniform: bool) -> list[Any]:
 @pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("per_message", [1, 16])
 def test_bad_batches_are_rejected_with_the_inline_servers_reasons(
-    front: TestFront,
+    front: Front,
     backend: BackgroundServer,
     inline: BackgroundServer,
     per_message: int,
@@ -287,7 +324,7 @@ def test_bad_batches_are_rejected_with_the_inline_servers_reasons(
 
 
 def test_an_exactly_once_producer_gets_duplicate_for_a_resent_batch(
-    front: TestFront, backend: BackgroundServer, inline: BackgroundServer
+    front: Front, backend: BackgroundServer, inline: BackgroundServer
 ) -> None:
     spec = {**BASE, "architecture": LINEAR}
     batches = make_batches(spec, False, 6, seed=9)
@@ -324,7 +361,7 @@ def test_an_exactly_once_producer_gets_duplicate_for_a_resent_batch(
 
 
 def test_a_message_larger_than_a_slot_grows_it(
-    front: TestFront, backend: BackgroundServer, inline: BackgroundServer
+    front: Front, backend: BackgroundServer, inline: BackgroundServer
 ) -> None:
     spec = {
         **BASE,
@@ -364,7 +401,7 @@ def test_a_message_larger_than_a_slot_grows_it(
 
 
 def test_a_model_deleted_and_created_again_mid_stream_ends_the_stream(
-    front: TestFront, backend: BackgroundServer
+    front: Front, backend: BackgroundServer
 ) -> None:
     spec = {**BASE, "architecture": LINEAR}
     name = "ingest-recreated"
@@ -407,13 +444,14 @@ def test_the_server_refuses_a_stream_opened_on_a_model_that_was_replaced(
     """The identity from Contract: a model deleted and created again in between is noticed."""
     spec = {**BASE, "architecture": LINEAR}
     name = "ingest-replaced"
-    with Client(backend.target) as admin, grpc.insecure_channel(backend.target) as channel:
+    socket, internal = _private(backend)
+    with Client(backend.target) as admin, grpc.insecure_channel(socket) as channel:
         admin.create_model(name, spec)
         contract = channel.unary_unary(
             INGEST_CONTRACT,
             request_serializer=ipb.ContractRequest.SerializeToString,
             response_deserializer=ipb.ContractResponse.FromString,
-        )(ipb.ContractRequest(model=name))
+        )(ipb.ContractRequest(model=name), metadata=internal)
         admin.delete_model(name)
         admin.create_model(name, spec)
         train = channel.stream_stream(
@@ -424,7 +462,7 @@ def test_the_server_refuses_a_stream_opened_on_a_model_that_was_replaced(
         opening = ipb.TrainRequest(open=ipb.TrainOpen(model=name, identity=contract.identity))
         try:
             with pytest.raises(grpc.RpcError) as failed:
-                list(train(iter([opening])))
+                list(train(iter([opening]), metadata=internal))
             assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert repr(name) in str(failed.value.details())
         finally:
@@ -432,7 +470,7 @@ def test_the_server_refuses_a_stream_opened_on_a_model_that_was_replaced(
 
 
 def test_a_client_that_cancels_mid_stream_leaves_no_segment(
-    front: TestFront, backend: BackgroundServer
+    front: Front, backend: BackgroundServer
 ) -> None:
     spec = {**BASE, "architecture": LINEAR}
     name = "ingest-cancelled"
@@ -458,7 +496,7 @@ def test_a_client_that_cancels_mid_stream_leaves_no_segment(
 
 
 def test_shared_memory_streams_and_bad_openings_are_forwarded_unchanged(
-    front: TestFront, backend: BackgroundServer, inline: BackgroundServer
+    front: Front, backend: BackgroundServer, inline: BackgroundServer
 ) -> None:
     spec = {**BASE, "architecture": LINEAR}
     batches = make_batches(spec, False, 5, seed=2)
@@ -488,7 +526,8 @@ def test_tokens_stream_limits_and_metrics_see_the_ingest_stream_as_train(tmp_pat
     settings = _settings(tokens_file=tokens, metrics_port=0, max_streams=1)
     spec = {**BASE, "architecture": LINEAR}
     batches = make_batches(spec, False, 4, seed=4)
-    with BackgroundServer(settings) as backend, TestFront(backend.target) as front:
+    with BackgroundServer(settings) as backend:
+        front = Front(backend.target)
         registry = backend.server.metrics.registry
 
         def count(metric: str, method: str, **labels: str) -> float:
@@ -526,7 +565,6 @@ def test_tokens_stream_limits_and_metrics_see_the_ingest_stream_as_train(tmp_pat
                     assert list(first) == []
         with Client(front.target) as anonymous, pytest.raises(Unauthenticated):
             list(anonymous.train("alpha-1", batches))
-        assert front.forwarded == 0
         # As many Train streams as the clients opened, each ended with its own status; the
         # front's Contract calls are no method of their own.
         handled = ("grpc_server_handled_total", "Train")
@@ -566,7 +604,7 @@ def _raw_stream(target: str, messages: list[bytes]) -> tuple[list[bytes], Any, s
 
 @pytest.mark.parametrize("late", ["open", "malformed", "nothing"])
 def test_a_misplaced_open_or_malformed_message_ends_the_stream_as_inline(
-    front: TestFront, backend: BackgroundServer, inline: BackgroundServer, late: str
+    front: Front, backend: BackgroundServer, inline: BackgroundServer, late: str
 ) -> None:
     spec = {**BASE, "architecture": LINEAR}
     (x, y), *_ = make_batches(spec, False, 1, seed=1)
@@ -606,8 +644,9 @@ def test_a_draining_server_ends_the_stream_unavailable_after_its_answers() -> No
     spec = {**BASE, "architecture": LINEAR}
     name = "ingest-drain"
     backend = BackgroundServer(_settings()).start()
+    front = Front(backend.target)
     try:
-        with TestFront(backend.target) as front:
+        if True:
             with Client(backend.target) as admin:
                 admin.create_model(name, spec)
             with grpc.insecure_channel(front.target) as channel:
@@ -638,7 +677,7 @@ def test_a_draining_server_ends_the_stream_unavailable_after_its_answers() -> No
 
 
 def test_the_server_keeps_no_view_of_a_slot_once_a_stream_ended(
-    front: TestFront, backend: BackgroundServer
+    front: Front, backend: BackgroundServer
 ) -> None:
     """The worker holds its last job until the next one: that job must not hold the slot."""
     spec = {**BASE, "architecture": LINEAR}
@@ -657,3 +696,21 @@ def test_the_server_keeps_no_view_of_a_slot_once_a_stream_ended(
             assert _segments() - before == set()
         finally:
             admin.delete_model(name)
+
+
+def test_only_the_front_may_call_the_ingest_service(backend: BackgroundServer) -> None:
+    socket, internal = _private(backend)
+    request = ipb.ContractRequest(model="any").SerializeToString()
+    with grpc.insecure_channel(socket) as channel:
+        contract = channel.unary_unary(INGEST_CONTRACT, None, None)
+        with pytest.raises(grpc.RpcError) as failed:
+            contract(request)
+        assert failed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as failed:
+            contract(request, metadata=internal)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND  # the secret: answered
+    with grpc.insecure_channel(backend.target) as channel:  # the public port: no such method
+        for method in (INGEST_CONTRACT, INGEST_TRAIN):
+            with pytest.raises(grpc.RpcError) as failed:
+                channel.unary_unary(method, None, None)(request, metadata=internal)
+            assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED

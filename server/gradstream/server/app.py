@@ -7,6 +7,10 @@ import contextlib
 import json
 import logging
 import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,14 +24,16 @@ from gradstream.server import ingest
 from gradstream.server.checkpoint import Checkpointer, check_directory
 from gradstream.server.config import Settings
 from gradstream.server.export import CHUNK_BYTES, ExportFormat
+from gradstream.server.front import FrontProcess
 from gradstream.server.interceptors import (
     AuthInterceptor,
     ErrorInterceptor,
+    InternalSecretInterceptor,
     MalformedRequestInterceptor,
     MetricsInterceptor,
     StreamLimitInterceptor,
 )
-from gradstream.server.listening import StartupRefused
+from gradstream.server.listening import StartupRefused, server_options
 from gradstream.server.metrics import Metrics
 from gradstream.server.publishing import ExportDirectory, Publisher
 from gradstream.server.registry import ModelRegistry
@@ -131,31 +137,12 @@ class Server:
         self._health_server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self._stopping = asyncio.Event()
-
-    def _options(self) -> list[tuple[str, Any]]:
-        limit = self.settings.max_message_bytes
-        return [
-            # Over-limit messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            # Two servers silently sharing a port would split one model's streams.
-            ("grpc.so_reuseport", 0),
-            # Keepalive: ping a silent client after keepalive_time and drop it when the
-            # ping goes unanswered, so a vanished producer frees its stream slot.
-            ("grpc.keepalive_time_ms", int(self.settings.keepalive_time * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self.settings.keepalive_timeout * 1000)),
-            # Training streams are often quiet between batches: allow pings then too.
-            ("grpc.keepalive_permit_without_calls", 1),
-            # A client pinging faster than this is flooding: after two strikes, GOAWAY.
-            (
-                "grpc.http2.min_ping_interval_without_data_ms",
-                int(self.settings.keepalive_min_ping_interval * 1000),
-            ),
-            ("grpc.http2.max_ping_strikes", 2),
-            # Headers (the bearer token among them) are small; 16 KiB bounds what a
-            # client can make the server buffer before any handler runs.
-            ("grpc.max_metadata_size", 16 * 1024),
-        ]
+        # ingest=process: the public port is the front's; this server listens on a private
+        # socket in a directory of its own (0700), and the front proves itself with a secret.
+        self.front: FrontProcess | None = None
+        self.failure: str | None = None
+        self._private: Path | None = None
+        self._secret = ""
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
         # Outermost first: credentials before anything reads the request, then
@@ -182,7 +169,11 @@ class Server:
                     health_pb2.DESCRIPTOR.services_by_name["Health"],
                 )
             )
-        self._grpc = grpc.aio.server(interceptors=interceptors, options=self._options())
+        secret = self._secret = secrets.token_hex(32)
+        if s.ingest == "process":
+            # First: a call without the front's secret reaches nothing else.
+            interceptors.insert(0, InternalSecretInterceptor(secret))
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=server_options(s))
         add_to_server(self.servicer, self._grpc)
         if s.ingest == "process":  # the front's Train (ingest.py), beside the public service
             ingest.add_to_server(ingest.IngestServicer(self.servicer), self._grpc)
@@ -190,12 +181,19 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
-        address = f"{s.host}:{s.port}"
-        if self.credentials is not None:
-            self.port = self._grpc.add_secure_port(address, self.credentials)
+        if s.ingest == "process":
+            # Mode 0700; named by this process, whose socket it holds.
+            self._private = Path(tempfile.mkdtemp(prefix=f"gradstream-{os.getpid()}-"))
+            socket = self._private / "backend.sock"
+            self._grpc.add_insecure_port(f"unix:{socket}")
+            await self._grpc.start()
         else:
-            self.port = self._grpc.add_insecure_port(address)
-        await self._grpc.start()
+            address = f"{s.host}:{s.port}"
+            if self.credentials is not None:
+                self.port = self._grpc.add_secure_port(address, self.credentials)
+            else:
+                self.port = self._grpc.add_insecure_port(address)
+            await self._grpc.start()
         if s.health_port >= 0:
             # Probes get a port of their own so a saturated training port never fails them.
             self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -212,6 +210,16 @@ class Server:
                 keyfile=str(s.tls_key) if tls else None,
             )
             self.metrics_port = self._metrics_http.server_port
+        if self._private is not None:  # last: nothing can fail after it but the front itself
+            socket = self._private / "backend.sock"
+            try:
+                self.front = await asyncio.to_thread(FrontProcess.spawn, s, socket, secret)
+            except BaseException:
+                shutil.rmtree(self._private, ignore_errors=True)
+                raise
+            self.port = self.front.port
+            loop = asyncio.get_running_loop()
+            self.front.watch(lambda code: loop.call_soon_threadsafe(self._front_exited, code))
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -224,6 +232,8 @@ class Server:
             "plaintext" if self.credentials is None else "mTLS" if s.tls_ca else "TLS",
             "auth off" if self.tokens is None else f"{len(self.tokens.grants)} tokens",
         )
+        if self.front is not None:
+            log.info("ingest=process: front pid %d forwards to %s", self.front.pid, self._private)
         if s.ready_file is not None:
             ready = {
                 "port": self.port,
@@ -231,9 +241,18 @@ class Server:
                 "metrics_port": self.metrics_port,
                 "pid": os.getpid(),
             }
+            if self.front is not None:
+                ready["front_pid"] = self.front.pid
             tmp = s.ready_file.with_name(s.ready_file.name + ".tmp")
             tmp.write_text(json.dumps(ready))
             tmp.replace(s.ready_file)
+
+    def _front_exited(self, code: int) -> None:
+        if self._stopping.is_set():
+            return  # it was asked to
+        self.failure = f"the front process exited with code {code}"
+        log.error("%s: stopping", self.failure)
+        self.request_stop()
 
     def request_stop(self) -> None:
         """Ask ``serve`` to drain and stop (signal-safe)."""
@@ -256,9 +275,12 @@ class Server:
         get the results of the steps in flight, then UNAVAILABLE (producers resume
         after the restart); a final checkpoint of every model; then the port closes.
         """
+        self._stopping.set()  # a front exiting from here on was asked to
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
         await self.health.enter_graceful_shutdown()
+        if self.front is not None:
+            self.front.drain()  # no new calls; those in flight end as this server ends them
         log.info("draining: %d streams open", self.servicer.open_streams)
         self.servicer.drain()
         if self._timer is not None:
@@ -278,6 +300,10 @@ class Server:
                 log.error("final checkpoints did not finish within drain_timeout")
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))
+        if self.front is not None:  # every call it forwarded has ended: it exits now
+            await asyncio.to_thread(self.front.reap, max(1.0, deadline - loop.time()))
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
         await asyncio.to_thread(self.servicer.close)
         await self.registry.close()
         if self.publisher is not None:  # the versions already offered are still written

@@ -17,10 +17,11 @@ identity; ``Train`` runs the server's own ``TrainSession`` on views of the slots
 (``SlotSource``), so steps, REJECTED answers, exactly-once producers, checkpoints and
 metrics are the server's, unchanged.
 
-The seam with the front process: ``ingest_train`` raises ``ForwardRaw`` before it has
-sent anything when a stream is not its to ingest (a producer's shared memory, a first
-message that does not parse or carries no open): the front then forwards the stream to
-the server's ``TrainerService/Train`` unchanged, with the message it read first.
+The seam with the front process (``front.ingested``): ``ingest_train`` raises
+``ForwardRaw`` before it has sent anything when a stream is not its to ingest (a
+producer's shared memory, a first message that does not parse or carries no open): the
+front then forwards the stream to the server's ``TrainerService/Train`` unchanged, with
+the message it read first.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from gradstream.server.errors import (
     Unavailable,
 )
 from gradstream.server.interceptors import INGEST_CONTRACT, INGEST_TRAIN, Malformed
+from gradstream.server.relay import pump, relay_error
 from gradstream.server.servicer import TrainerServicer
 from gradstream.server.session import (
     WORKER_CHECK_BYTES,
@@ -107,7 +109,7 @@ async def ingest_train(
             ipb.ContractRequest(model=first.open.model), metadata=metadata, timeout=timeout
         )
     except grpc.aio.AioRpcError as exc:
-        await context.abort(exc.code(), exc.details() or "")
+        await relay_error(context, exc)
     opening = ipb.TrainRequest(
         open=ipb.TrainOpen(
             model=first.open.model,
@@ -120,7 +122,7 @@ async def ingest_train(
     # Bytes both ways: the answers are passed on as they came.
     call = backend.stream_stream(INGEST_TRAIN, None, None)(None, metadata=metadata, timeout=timeout)
     reader = asyncio.create_task(ingest.read(data, stream))
-    sender = asyncio.create_task(_pump(ingest.descriptors(opening), call))
+    sender = asyncio.create_task(pump(ingest.descriptors(opening), call))
     try:
         opened = False
         async for answer in call:
@@ -132,7 +134,7 @@ async def ingest_train(
             raise ingest.error
         await reader  # done: the descriptors ended with its end; raises what ended it
     except grpc.aio.AioRpcError as exc:
-        await context.abort(exc.code(), exc.details() or "")
+        await relay_error(context, exc)
     except GradstreamError as exc:
         await context.abort(grpc.StatusCode[exc.code], exc.message)
     finally:
@@ -140,24 +142,6 @@ async def ingest_train(
         sender.cancel()
         reader.cancel()
         ingest.close()
-
-
-async def _pump(requests: AsyncIterator[bytes], call: Any) -> None:
-    """Write ``requests`` on the internal call, then half-close; quietly stop once it ended.
-
-    Through the call's core object: grpc.aio's own writers report a write that loses the
-    race with the server's status as INTERNAL in place of that status (grpc/grpc#36066).
-    """
-    core = call._cython_call
-    try:
-        await call.wait_for_connection()
-        async for request in requests:
-            if call.done():
-                return
-            await core.send_serialized_message(request)
-        await call.done_writing()
-    except Exception:  # the call has ended: its status says how
-        return
 
 
 class _Stream:

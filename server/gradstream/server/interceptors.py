@@ -4,6 +4,7 @@ and every RPC is counted in the ``grpc_server_*`` metrics."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import logging
 import time
@@ -16,6 +17,7 @@ from prometheus_client import Gauge
 
 from gradstream.internal.v1 import ingest_pb2
 from gradstream.server.errors import GradstreamError
+from gradstream.server.listening import FORWARDED_PEER, INTERNAL_SECRET, set_forwarded_peer
 from gradstream.server.metrics import GrpcServerMetrics, grpc_type
 from gradstream.server.tokens import CALLER, RPC_ACTIONS, Action, TokenStore
 from gradstream.server.wire import TrainMessage
@@ -499,3 +501,55 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
                 self._set(self.active - 1)
 
         return _adapt(handler, around)
+
+
+# -- the backend's private socket (ingest=process) -----------------------------------------
+
+
+async def _unauthenticated(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[bytes]:
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {INTERNAL_SECRET} metadata"
+    )
+    yield b""  # never reached: makes this a stream handler of any call's shape
+
+
+_REFUSED = grpc.stream_stream_rpc_method_handler(_unauthenticated)
+
+
+class InternalSecretInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Behind a front, only the front may call: every call must carry its secret.
+
+    First in the chain, so a refused call reaches nothing else (not even the metrics).
+    A call with the secret also carries the client's address as the front saw it, which
+    ``listening.peer`` then answers for the rest of the call.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret.encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        secrets: list[str | bytes] = []
+        forwarded: list[str | bytes] = []
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == INTERNAL_SECRET:
+                secrets.append(value)
+            elif key == FORWARDED_PEER:
+                forwarded.append(value)
+        # Exactly one of each, as the front sends them: a second copy is someone else's.
+        if len(secrets) != 1 or len(forwarded) > 1:
+            return _REFUSED
+        given = secrets[0].encode() if isinstance(secrets[0], str) else secrets[0]
+        if not hmac.compare_digest(given, self._secret):
+            return _REFUSED
+        if forwarded:
+            peer = forwarded[0]
+            set_forwarded_peer(peer if isinstance(peer, str) else peer.decode(errors="replace"))
+        else:
+            set_forwarded_peer(None)
+        return await continuation(handler_call_details)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 
@@ -22,7 +23,8 @@ from gradstream.server.config import Settings
 from gradstream.server.devices import resolve_device
 from gradstream.server.engine import TrainerFactory
 from gradstream.server.follower import Follower
-from gradstream.server.listening import load_tokens, server_credentials
+from gradstream.server.front import FrontDied
+from gradstream.server.listening import StartupRefused, load_tokens, server_credentials
 from gradstream.server.metrics import Metrics, RankMetrics
 from gradstream.server.registry import ModelRegistry
 from gradstream.server.sharded import leader_gradients, rank_factory
@@ -79,13 +81,22 @@ def run(settings: Settings) -> None:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if requested(settings):
+        if settings.ingest == "process":
+            raise StartupRefused(
+                "ingest: 'process' cannot run data-parallel (distributed is "
+                f"{settings.distributed!r}, WORLD_SIZE {os.environ.get('WORLD_SIZE', '1')}): "
+                "set --ingest inline (GRADSTREAM_INGEST=inline) under torchrun"
+            )
         # Every rank checks what would stop rank 0 from serving before any joins the group,
         # so a refusal is each rank's own one line, not a peer's broken-connection error.
         load_tokens(settings)
         server_credentials(settings)
         _run_rank(settings)
     else:
-        asyncio.run(_serve(build(settings)))
+        server = build(settings)
+        asyncio.run(_serve(server))
+        if server.failure is not None:  # the orchestrator restarts the whole server
+            raise FrontDied(server.failure)
 
 
 async def _serve(server: Server, group: Collectives | None = None) -> None:

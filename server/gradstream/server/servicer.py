@@ -34,6 +34,7 @@ from gradstream.server.errors import (
 )
 from gradstream.server.evaluation import Evaluation, evaluate_batches
 from gradstream.server.export import CHUNK_BYTES, ExportFormat, chunks, copy_model, write
+from gradstream.server.listening import peer
 from gradstream.server.metrics import Metrics
 from gradstream.server.publishing import Publisher
 from gradstream.server.registry import ModelRegistry
@@ -368,7 +369,7 @@ class TrainerServicer:
         worker = self.registry.get(first.open.model)
         segment = None
         if first.open.shared_memory:
-            segment = open_shared_memory(first.open.shared_memory, context.peer())
+            segment = open_shared_memory(first.open.shared_memory, peer(context))
         options = TrainOptions(first.open.producer_id, max(1, first.open.report_every))
         async for response in self.train_stream(
             worker, options, first, requests, WireSource(segment)
