@@ -215,15 +215,18 @@ def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler[Any, Any]:
     return make(many)
 
 
-MethodFactory = Callable[[BackendLink], "grpc.RpcMethodHandler[Any, Any]"]
+# A method the front serves itself: made once per front, from the link and the settings.
+MethodFactory = Callable[[BackendLink, Settings], "grpc.RpcMethodHandler[Any, Any]"]
 
 
 class _Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Every method: a handler of its own where one is given, else the raw forward."""
 
-    def __init__(self, link: BackendLink, methods: Mapping[str, MethodFactory]) -> None:
+    def __init__(
+        self, link: BackendLink, settings: Settings, methods: Mapping[str, MethodFactory]
+    ) -> None:
         self._link = link
-        self._handlers = {name: make(link) for name, make in methods.items()}
+        self._handlers = {name: make(link, settings) for name, make in methods.items()}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -257,7 +260,7 @@ class Front:
         """Bind the public port (TLS as the settings say) and serve; returns the port."""
         s = self.settings
         self._grpc = grpc.aio.server(options=server_options(s))
-        self._grpc.add_generic_rpc_handlers((_Proxy(self.link, self._methods),))
+        self._grpc.add_generic_rpc_handlers((_Proxy(self.link, s, self._methods),))
         address = f"{s.host}:{s.port}"
         credentials = server_credentials(s)
         if credentials is not None:
