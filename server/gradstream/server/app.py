@@ -172,7 +172,10 @@ class Server:
         if s.ingest == "process":
             # First: a call without the front's secret reaches nothing else.
             interceptors.insert(0, InternalSecretInterceptor(secret))
-        self._grpc = grpc.aio.server(interceptors=interceptors, options=server_options(s))
+        self._grpc = grpc.aio.server(
+            interceptors=interceptors,
+            options=server_options(s, behind_front=s.ingest == "process"),
+        )
         add_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
