@@ -3,6 +3,7 @@ private socket answers only the front; both processes live and die together."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,6 +25,7 @@ import pytest
 
 from gradstream.client import Client, GradstreamError, Unavailable
 from gradstream.server.config import Settings
+from gradstream.server.front import BackendLink, Front, forward
 from gradstream.server.listening import FORWARDED_PEER, INTERNAL_SECRET, StartupRefused
 from gradstream.server.main import BackgroundServer, run
 from gradstream.v1 import trainer_pb2 as pb
@@ -38,6 +40,7 @@ X = np.ones((4, 2), dtype=np.float32)
 Y = np.ones((4, 1), dtype=np.float32)
 GET_MODEL = "/gradstream.v1.TrainerService/GetModel"
 TRAIN = "/gradstream.v1.TrainerService/Train"
+LIST_MODELS = "/gradstream.v1.TrainerService/ListModels"
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +220,41 @@ def test_the_test_server_runs_in_the_mode_asked(server: BackgroundServer) -> Non
     # GRADSTREAM_TEST_INGEST=process (test_ingest_parity.py) must not pass by running inline.
     assert (server.server.front is not None) == (INGEST == "process")
     assert server.server.settings.ingest == INGEST
+
+
+def test_a_method_of_the_fronts_own_replaces_the_raw_forward(
+    pair: dict[str, BackgroundServer],
+) -> None:
+    # The seam for Train's ingest path: a handler made from the link to the backend.
+    running = pair["process"]
+    served: list[str] = []
+
+    def counted(link: BackendLink, settings: Settings) -> Any:
+        raw: Any = forward(link, LIST_MODELS).unary_unary
+
+        async def handle(request: bytes, context: Any) -> bytes:
+            served.append(settings.ingest)
+            answer: bytes = await raw(request, context)
+            return answer
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    async def scenario() -> bytes:
+        socket_path, secret = _private_socket(running), running.server._secret
+        front = Front(running.server.settings, socket_path, secret, {LIST_MODELS: counted})
+        port = await front.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                listing: bytes = await channel.unary_unary(LIST_MODELS, None, None)(
+                    b"", metadata=(("authorization", f"Bearer {ADMIN}"),), timeout=10
+                )
+                return listing
+        finally:
+            await front.stop(0)
+
+    listing = pb.ListModelsResponse.FromString(asyncio.run(scenario()))
+    assert served == ["process"]
+    assert "alpha" in [model.name for model in listing.models]
 
 
 def test_process_mode_is_refused_with_data_parallel() -> None:

@@ -14,8 +14,8 @@ import sys
 from tests.conftest import INGEST, ROOT
 
 # Bitwise against the plain loop, tokens, exactly-once producers and drain, the client's
-# shared memory, status codes, metrics; and the check that the servers really ran behind a
-# front.
+# shared memory, status codes, metrics, a client's cancel and deadline reaching the model's
+# queue; and the check that the servers really ran behind a front.
 SLICE = (
     "tests/integration/test_front.py::test_the_test_server_runs_in_the_mode_asked",
     "tests/integration/test_exactness.py",
@@ -24,6 +24,7 @@ SLICE = (
     "tests/integration/test_shared_memory.py",
     "tests/integration/test_status_codes.py",
     "tests/integration/test_metrics.py",
+    "tests/integration/test_cancel.py",
 )
 # Slow here and no more telling behind a front: the CLI's own server processes (started
 # inline), a second, checkpointed run of a shared-memory producer, a full producer buffer.

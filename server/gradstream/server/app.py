@@ -173,7 +173,10 @@ class Server:
         if s.ingest == "process":
             # First: a call without the front's secret reaches nothing else.
             interceptors.insert(0, InternalSecretInterceptor(secret))
-        self._grpc = grpc.aio.server(interceptors=interceptors, options=server_options(s))
+        self._grpc = grpc.aio.server(
+            interceptors=interceptors,
+            options=server_options(s, behind_front=s.ingest == "process"),
+        )
         add_to_server(self.servicer, self._grpc)
         if s.ingest == "process":  # the front's Train (ingest.py), beside the public service
             ingest.add_to_server(ingest.IngestServicer(self.servicer), self._grpc)

@@ -193,15 +193,18 @@ def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler[Any, Any]:
     return make(many)
 
 
-MethodFactory = Callable[[BackendLink], "grpc.RpcMethodHandler[Any, Any]"]
+# A method the front serves itself: made once per front, from the link and the settings.
+MethodFactory = Callable[[BackendLink, Settings], "grpc.RpcMethodHandler[Any, Any]"]
 
 
 class _Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Every method: a handler of its own where one is given, else the raw forward."""
 
-    def __init__(self, link: BackendLink, methods: Mapping[str, MethodFactory]) -> None:
+    def __init__(
+        self, link: BackendLink, settings: Settings, methods: Mapping[str, MethodFactory]
+    ) -> None:
         self._link = link
-        self._handlers = {name: make(link) for name, make in methods.items()}
+        self._handlers = {name: make(link, settings) for name, make in methods.items()}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -235,7 +238,7 @@ class Front:
         """Bind the public port (TLS as the settings say) and serve; returns the port."""
         s = self.settings
         self._grpc = grpc.aio.server(options=server_options(s))
-        self._grpc.add_generic_rpc_handlers((_Proxy(self.link, self._methods),))
+        self._grpc.add_generic_rpc_handlers((_Proxy(self.link, s, self._methods),))
         address = f"{s.host}:{s.port}"
         credentials = server_credentials(s)
         if credentials is not None:
@@ -258,9 +261,12 @@ STOP = b"stop\n"
 TERMINATED = b"SIGTERM"  # not a command the backend sends: a line always ends in a newline
 
 
-def ingested(link: BackendLink) -> grpc.RpcMethodHandler[Any, Any]:
+def ingested(link: BackendLink, settings: Settings) -> grpc.RpcMethodHandler[Any, Any]:
     """Train, decoded and checked here and stepped by the backend (``ingest.py``); a stream
-    that is not the front's to ingest (a producer's shared memory) is forwarded raw."""
+    that is not the front's to ingest (a producer's shared memory) is forwarded raw.
+
+    The limits a batch is checked against come with each model's contract, from the
+    backend, not from ``settings``."""
     raw: Any = forward(link, TRAIN).stream_stream  # the raw forward's own (async) behaviour
 
     async def train(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:

@@ -53,8 +53,13 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def server_options(settings: Settings) -> list[tuple[str, Any]]:
-    """The gRPC options of the public port (ingest=process: the front's)."""
+# What a front adds to a client's headers: the secret and the client's address.
+FRONT_METADATA_BYTES = 1024
+
+
+def server_options(settings: Settings, *, behind_front: bool = False) -> list[tuple[str, Any]]:
+    """The gRPC options of the public port (ingest=process: the front's; ``behind_front``: the
+    backend's, which takes what the front adds to the headers)."""
     limit = settings.max_message_bytes
     return [
         # Over-limit messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
@@ -76,7 +81,7 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.http2.max_ping_strikes", 2),
         # Headers (the bearer token among them) are small; 16 KiB bounds what a
         # client can make the server buffer before any handler runs.
-        ("grpc.max_metadata_size", 16 * 1024),
+        ("grpc.max_metadata_size", 16 * 1024 + (FRONT_METADATA_BYTES if behind_front else 0)),
     ]
 
 
