@@ -39,7 +39,6 @@ class Settings(BaseSettings):
         description="torch intra-op threads, one count for every model of the process "
         "(0: one fewer than torch's default, at least 1, so the gRPC event loop keeps a core)",
     )
-    ingest: Literal["inline", "process"] = "inline"
     max_message_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="largest gRPC message accepted or sent, in bytes"
     )
@@ -162,6 +161,13 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds a collective may wait for the other ranks before the job "
         "fails (and restarts from its checkpoint); must exceed the longest step",
+    )
+    ingest: Literal["inline", "process"] = Field(
+        "inline",
+        description="inline: one process serves gRPC and trains; process: a front process "
+        "owns the public port and forwards every RPC to this one over a private unix socket, "
+        "so the training step keeps a GIL of its own (faster for small batches, slower for "
+        "large ones; docs/architecture.md); not with data-parallel mode",
     )
 
     # -- evaluation and export (docs/serving.md) ---------------------------------------------
