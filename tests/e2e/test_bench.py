@@ -41,7 +41,7 @@ def _script(name: str, *args: str, timeout: float) -> subprocess.CompletedProces
 
 
 def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
-    result, data = _bench(tmp_path / "bench.json", "--quick", "--split")
+    result, data = _bench(tmp_path / "bench.json", "--quick", "--ingest-process")
     assert "--quick: smoke test only" in result.stdout
     for scenario in ("small", "medium", "large", "fan-in", "models", "serve"):
         assert scenario in result.stdout
@@ -50,9 +50,9 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert "4 producers/1" in result.stdout
     assert "2 models/1" in result.stdout
     assert "predict p99 training/idle" in result.stdout
-    assert result.stdout.count("split/service") == 3
-    assert result.stdout.count("processes trainer/") == 4  # small, medium, large, models
-    assert "2 models/1 (split)" in result.stdout
+    assert result.stdout.count("ingest/service") == 3
+    assert result.stdout.count("; front process ") == 4  # small, medium, large, models
+    assert "2 models/1 (ingest)" in result.stdout
     assert data["quick"] is True
     for name in ("small", "medium", "large"):
         r = data["results"][name]
@@ -66,22 +66,24 @@ def test_bench_quick_prints_the_table_and_writes_json(tmp_path: Path) -> None:
         threads = r["service"]["server_threads"]
         assert "event loop" in threads and len(threads) >= 2, threads
         assert r["shm"]["steps_per_s"] > 0
-        # --split: the prototype in the same rounds, its ratios and its processes' CPU.
+        # --ingest-process: the server with --ingest process in the same rounds, its ratios,
+        # the backend's threads and the front process's CPU.
         for other in ("loop", "trainer", "service"):
-            assert r[f"split_vs_{other}"] == r["split"]["steps_per_s"] / r[other]["steps_per_s"]
-        assert r["split_vs_raw"] == r["split"]["bytes_per_s"] / r["raw"]["bytes_per_s"]
-        assert "event loop" in r["split"]["server_threads"]
-        (trainer_cores,) = r["split"]["trainer_processes"].values()
-        assert trainer_cores > 0
+            assert r[f"ingest_vs_{other}"] == r["ingest"]["steps_per_s"] / r[other]["steps_per_s"]
+        assert r["ingest_vs_raw"] == r["ingest"]["bytes_per_s"] / r["raw"]["bytes_per_s"]
+        assert "event loop" in r["ingest"]["server_threads"]
+        assert r["ingest"]["front_cores"] > 0
+        assert "front_cores" not in r["service"]
         assert r["service_vs_loop"] == r["service"]["steps_per_s"] / r["loop"]["steps_per_s"]
         assert r["shm_vs_raw"] == r["shm"]["bytes_per_s"] / r["raw"]["bytes_per_s"]
         trainer = r["ratios"]["service_vs_trainer"]
         assert trainer["median"] == trainer["worst"] == trainer["rounds"][0]
         assert trainer["median"] == r["service"]["steps_per_s"] / r["trainer"]["steps_per_s"]
     models = data["results"]["models"]
-    assert len(models["split_many"]["trainer_processes"]) == 2
-    assert models["ratios"]["split_many_vs_one"]["median"] == (
-        models["split_many"]["steps_per_s"] / models["split_one"]["steps_per_s"]
+    assert models["ingest_many"]["front_cores"] > 0
+    assert len(models["ingest_many"]["producers"]) == 2
+    assert models["ratios"]["ingest_many_vs_one"]["median"] == (
+        models["ingest_many"]["steps_per_s"] / models["ingest_one"]["steps_per_s"]
     )
     for name, producers in (("fan-in", 4), ("models", 2)):
         r = data["results"][name]
@@ -131,7 +133,7 @@ def test_bench_optimizer_adam_trains_every_contender_with_adam(tmp_path: Path) -
     for contender in ("loop", "trainer", "service", "shm"):
         assert r[contender]["steps_per_s"] > 0
     assert r["service_vs_loop"] == r["service"]["steps_per_s"] / r["loop"]["steps_per_s"]
-    assert "split" not in r  # the prototype runs only with --split
+    assert "ingest" not in r  # only with --ingest-process
 
 
 def test_bench_scenarios_take_the_optimizer_at_the_same_lr() -> None:
@@ -181,8 +183,8 @@ def test_bench_refuses_a_negative_predict_rate() -> None:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pins to a core of its own")
-def test_split_pin_alternates_unpinned_and_pinned_runs() -> None:
-    result = _script("split_pin.py", "small", "--seconds", "0.3", "--rounds", "1", timeout=180)
+def test_ingest_pin_alternates_unpinned_and_pinned_runs() -> None:
+    result = _script("ingest_pin.py", "small", "--seconds", "0.3", "--rounds", "1", timeout=180)
     lines = result.stdout.splitlines()
     assert [line.split()[2] for line in lines] == ["unpinned", "pinned"], result.stdout
     for line in lines:

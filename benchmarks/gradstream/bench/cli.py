@@ -3,9 +3,9 @@
 (a) the plain in-process PyTorch loop, (b) the server's own Trainer step in process, no
 transport (the ceiling), (c) a raw gRPC byte stream between two processes, (d) the service
 through the SDK with the client in its own process, and (e) the same with the local
-shared-memory path; with ``--split``, (f) the split prototype (``gradstream.bench.split``:
-receiving, decoding and checking in one process, each model's training in its own). The
-concurrent scenarios: fan-in (4 producers into one model against
+shared-memory path; with ``--ingest-process``, (f) the service started the same way with
+``--ingest process`` (receiving, decoding and checking in a front process, training in the
+backend). The concurrent scenarios: fan-in (4 producers into one model against
 one), models (2 models, a producer each, against one) and serve (batch-1 predictions while
 another client trains, against each alone). All run in this one invocation on this one
 machine, so the ratios compare like with like; absolute numbers depend on the machine.
@@ -32,7 +32,6 @@ import torch
 from gradstream.bench.loop import run_loop
 from gradstream.bench.scenarios import OPTIMIZERS, SCENARIOS, Scenario, scenario
 from gradstream.bench.served import started
-from gradstream.bench.split import SplitServer, running, trainer_pids
 from gradstream.client import Client
 from gradstream.client._local import LocalServer
 from gradstream.server.app import intra_op_threads
@@ -102,15 +101,9 @@ def _thread_load(
     return dict(sorted(load.items(), key=lambda kv: -kv[1]))
 
 
-def _process_cpu(pids: list[int]) -> dict[int, float]:
-    """CPU seconds so far of each process of ``pids``, every thread of it."""
-    return {pid: sum(cpu for _, cpu in _thread_cpu(pid).values()) for pid in pids}
-
-
-def _process_load(before: dict[int, float], seconds: float) -> dict[str, float]:
-    """Cores used by each process of ``before`` since then, as ``trainer/<pid>``."""
-    after = _process_cpu(list(before))
-    return {f"trainer/{pid}": round((after[pid] - before[pid]) / seconds, 3) for pid in before}
+def _process_cpu(pid: int) -> float:
+    """CPU seconds so far of process ``pid``, every thread of it."""
+    return sum(cpu for _, cpu in _thread_cpu(pid).values())
 
 
 def run_trainer(scenario: Scenario, seconds: float, device: str, threads: int) -> dict[str, Any]:
@@ -123,20 +116,13 @@ def run_trainer(scenario: Scenario, seconds: float, device: str, threads: int) -
     )
 
 
-Served = LocalServer | SplitServer
-
-
 @contextlib.contextmanager
 def _with_models(
-    device: str, threads: int, models: list[str], scenario: Scenario, *, split: bool = False
-) -> Iterator[Served]:
-    """A server of its own (the split prototype's front with ``split``) with ``models``."""
-    server: contextlib.AbstractContextManager[Served] = (
-        running(device, threads)
-        if split
-        else LocalServer("--device", device, "--threads", str(threads))
-    )
-    with server as served:
+    device: str, threads: int, models: list[str], scenario: Scenario, *, ingest: bool = False
+) -> Iterator[LocalServer]:
+    """A server of its own (with ``--ingest process`` when ``ingest``) with ``models``."""
+    mode = ("--ingest", "process") if ingest else ()
+    with LocalServer("--device", device, "--threads", str(threads), *mode) as served:
         with Client(served.target) as client:
             for name in models:
                 client.create_model(name, scenario.spec)
@@ -150,11 +136,12 @@ def run_service(
     shared: bool = False,
     threads: int = 0,
     *,
-    split: bool = False,
+    ingest: bool = False,
 ) -> dict[str, Any]:
-    """The service (or the split prototype) through the SDK; the client in its own process."""
+    """The service through the SDK (with ``--ingest process`` when ``ingest``); the client
+    in its own process."""
     model = f"bench-{scenario.name}"
-    with _with_models(device, threads, [model], scenario, split=split) as server:
+    with _with_models(device, threads, [model], scenario, ingest=ingest) as server:
         assert server.process is not None
         flags = ["--shared-memory"] if shared else []
         args = ["--scenario", scenario.name, "--model", model, "--existing", *flags]
@@ -163,12 +150,14 @@ def run_service(
     return result
 
 
-def run_clients(server: Served, clients: list[list[str]], seconds: float) -> list[dict[str, Any]]:
+def run_clients(
+    server: LocalServer, clients: list[list[str]], seconds: float
+) -> list[dict[str, Any]]:
     """Several ``service_client`` processes at once, measuring over the same window.
 
     Each one warms up, then all start together (a barrier of files); returns their results
-    in order, the first with the server threads' load over the window (and, for the split
-    prototype, each trainer process's as ``trainer_processes``).
+    in order, the first with the server threads' load over the window (with ``--ingest
+    process``: the backend's threads, and the front process's cores as ``front_cores``).
     """
     assert server.process is not None
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,7 +181,7 @@ def run_clients(server: Served, clients: list[list[str]], seconds: float) -> lis
                 if failed or time.monotonic() > deadline:
                     raise RuntimeError(f"bench clients did not get ready (exit codes {failed})")
                 time.sleep(0.01)
-            trainers = _process_cpu(trainer_pids(server.process.pid))
+            front = None if server.front_pid is None else _process_cpu(server.front_pid)
             before, start = _thread_cpu(server.process.pid), time.perf_counter()
             (barrier / "go").touch()
             outs = [p.communicate(timeout=seconds + 120)[0] for p in procs]
@@ -206,8 +195,8 @@ def run_clients(server: Served, clients: list[list[str]], seconds: float) -> lis
             raise RuntimeError(f"bench clients failed: {[p.returncode for p in procs]}")
     results = [json.loads(out) for out in outs]
     results[0]["server_threads"] = _thread_load(server.process.pid, before, elapsed)
-    if trainers:
-        results[0]["trainer_processes"] = _process_load(trainers, elapsed)
+    if server.front_pid is not None and front is not None:
+        results[0]["front_cores"] = round((_process_cpu(server.front_pid) - front) / elapsed, 3)
     return results
 
 
@@ -220,8 +209,8 @@ def _total(runs: list[dict[str, Any]]) -> dict[str, Any]:
     total["producers"] = [r["steps_per_s"] for r in runs]
     total["client_cores"] = [r.get("client_cores", 0.0) for r in runs]
     total["server_threads"] = runs[0].get("server_threads", {})
-    if "trainer_processes" in runs[0]:
-        total["trainer_processes"] = runs[0]["trainer_processes"]
+    if "front_cores" in runs[0]:
+        total["front_cores"] = runs[0]["front_cores"]
     return total
 
 
@@ -244,16 +233,16 @@ def run_models(
     optimizer: str = "sgd",
     models: int = 2,
     *,
-    split: bool = False,
+    ingest: bool = False,
 ) -> dict[str, Any]:
     """One model with its producer, then ``models`` models each with its own, at once;
-    with ``split`` the same again on the split prototype (a trainer process per model)."""
+    with ``ingest`` the same again on a server with ``--ingest process``."""
     names = [f"bench-models-{i}" for i in range(models)]
     args = [["--scenario", "medium", "--model", n, "--existing"] for n in names]
     parts: dict[str, Any] = {}
-    for prefix in ("", "split_") if split else ("",):
+    for prefix in ("", "ingest_") if ingest else ("",):
         chosen = scenario("medium", optimizer)
-        with _with_models(device, threads, names, chosen, split=bool(prefix)) as server:
+        with _with_models(device, threads, names, chosen, ingest=bool(prefix)) as server:
             parts[f"{prefix}one"] = _total(run_clients(server, args[:1], seconds))
             parts[f"{prefix}many"] = _total(run_clients(server, args, seconds))
     return parts
@@ -296,7 +285,7 @@ GROUP_RATIOS: dict[str, dict[str, tuple[str, str, str, bool]]] = {
     "fan-in": {"many_vs_one": ("many", "one", "steps_per_s", True)},
     "models": {
         "many_vs_one": ("many", "one", "steps_per_s", True),
-        "split_many_vs_one": ("split_many", "split_one", "steps_per_s", True),
+        "ingest_many_vs_one": ("ingest_many", "ingest_one", "steps_per_s", True),
     },
     "serve": {
         "train_predicting_vs_train": ("train_predicting", "train", "steps_per_s", True),
@@ -374,12 +363,12 @@ RATIOS = {
     "service_vs_raw": ("service", "raw", "bytes_per_s"),
     "shm_vs_raw": ("shm", "raw", "bytes_per_s"),
 }
-# With --split: the prototype against the others.
-SPLIT_RATIOS = {
-    "split_vs_loop": ("split", "loop", "steps_per_s"),
-    "split_vs_trainer": ("split", "trainer", "steps_per_s"),
-    "split_vs_service": ("split", "service", "steps_per_s"),
-    "split_vs_raw": ("split", "raw", "bytes_per_s"),
+# With --ingest-process: the service with --ingest process against the others.
+INGEST_RATIOS = {
+    "ingest_vs_loop": ("ingest", "loop", "steps_per_s"),
+    "ingest_vs_trainer": ("ingest", "trainer", "steps_per_s"),
+    "ingest_vs_service": ("ingest", "service", "steps_per_s"),
+    "ingest_vs_raw": ("ingest", "raw", "bytes_per_s"),
 }
 
 
@@ -436,10 +425,12 @@ def _ratios_line(ratios: dict[str, Any], *shown: tuple[str, str]) -> str:
     return f"{'':<8} " + "   ".join(_ratio_text(label, ratios[key]) for label, key in shown)
 
 
-def _split_threads(r: dict[str, Any]) -> str:
-    """The split prototype's front threads, then each trainer process's CPU."""
-    trainers = _threads_text(r.get("trainer_processes", {}))
-    return f"front {_threads_text(r['server_threads'])}; processes {trainers}"
+def _ingest_cores(r: dict[str, Any]) -> str:
+    """With ``--ingest process``: the backend's busy threads, then the front process's CPU."""
+    return (
+        f"server threads {_threads_text(r['server_threads'])}; "
+        f"front process {r.get('front_cores', 0.0):.2f}"
+    )
 
 
 def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
@@ -477,12 +468,12 @@ def _group_lines(name: str, r: dict[str, Any]) -> list[str]:
         f"{'':<8} with 1: server threads {_threads_text(r['one']['server_threads'])}"
         + f"; client: {r['one']['client_cores'][0]:.2f}"
     )
-    if "split_many" in r:
+    if "ingest_many" in r:
         lines += _one_many_lines(
             r,
-            "split_",
-            ("", "1 split", f"{many} split", f"{many} {label}/1 (split)"),
-            f"split (cores): {_split_threads(r['split_many'])}",
+            "ingest_",
+            ("", "1 ingest", f"{many} ingest", f"{many} {label}/1 (ingest)"),
+            f"ingest (cores): {_ingest_cores(r['ingest_many'])}",
         )
     return lines
 
@@ -526,7 +517,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
         if name in GROUPS:
             lines.extend(_group_lines(name, r))
             continue
-        for i, contender in enumerate(c for c in (*CONTENDERS, "split") if c in r):
+        for i, contender in enumerate(c for c in (*CONTENDERS, "ingest") if c in r):
             lines.append(_row(name if i == 0 else "", contender, r[contender]))
         ratios = r["ratios"]
         lines.append(
@@ -544,19 +535,19 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
             f"{'':<8} server threads (cores): {_threads_text(r['service']['server_threads'])}"
             + f"; client: {r['service'].get('client_cores', 0.0):.2f}"
         )
-        if "split" in r:
+        if "ingest" in r:
             lines.append(
                 _ratios_line(
                     ratios,
-                    ("split/loop", "split_vs_loop"),
-                    ("split/trainer", "split_vs_trainer"),
-                    ("split/service", "split_vs_service"),
-                    ("split/raw", "split_vs_raw"),
+                    ("ingest/loop", "ingest_vs_loop"),
+                    ("ingest/trainer", "ingest_vs_trainer"),
+                    ("ingest/service", "ingest_vs_service"),
+                    ("ingest/raw", "ingest_vs_raw"),
                 )
             )
             lines.append(
-                f"{'':<8} split (cores): {_split_threads(r['split'])}"
-                + f"; client: {r['split'].get('client_cores', 0.0):.2f}"
+                f"{'':<8} ingest (cores): {_ingest_cores(r['ingest'])}"
+                + f"; client: {r['ingest'].get('client_cores', 0.0):.2f}"
             )
         if len(r["rounds"]["loop"]) > 1:
             spread = "   ".join(f"{c} {min(v):,.0f}-{max(v):,.0f}" for c, v in r["rounds"].items())
@@ -576,13 +567,13 @@ def _run_group(
     *,
     optimizer: str,
     predict_rate: float = PREDICT_RATE,
-    split: bool = False,
+    ingest: bool = False,
 ) -> dict[str, Any]:
     """A concurrent scenario's rounds: each part's median round and the ratios per round."""
     rounds: dict[str, list[dict[str, Any]]] = {}
     extra: dict[str, Any] = {"predict_rate": predict_rate} if name == "serve" else {}
-    if split and name == "models":
-        extra["split"] = True
+    if ingest and name == "models":
+        extra["ingest"] = True
     for _ in range(repeat):
         for part, run in GROUPS[name](seconds, device, threads, optimizer, **extra).items():
             rounds.setdefault(part, []).append(run)
@@ -632,10 +623,10 @@ def main(argv: list[str] | None = None) -> int:
         help="serve: batch-1 predictions a second, on a schedule (0: back to back)",
     )
     parser.add_argument(
-        "--split",
+        "--ingest-process",
         action="store_true",
-        help="also the split prototype (ingest and training in separate processes): small, "
-        "medium, large and models",
+        help="also the service with --ingest process (receiving in a front process, training "
+        "in the backend): small, medium, large and models",
     )
     parser.add_argument(
         "--repeat",
@@ -672,11 +663,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.threads,
                 optimizer=args.optimizer,
                 predict_rate=args.predict_rate,
-                split=args.split,
+                ingest=args.ingest_process,
             )
             continue
         chosen_scenario = scenario(name, args.optimizer)
-        contenders = (*CONTENDERS, "split") if args.split else CONTENDERS
+        contenders = (*CONTENDERS, "ingest") if args.ingest_process else CONTENDERS
         rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
         # Contenders alternate within each round, so a slow spell of the machine does not
         # land on one of them only; each one's median round is reported.
@@ -694,15 +685,15 @@ def main(argv: list[str] | None = None) -> int:
                     chosen_scenario, duration, args.device, shared=True, threads=args.threads
                 )
             )
-            if args.split:
-                rounds["split"].append(
+            if args.ingest_process:
+                rounds["ingest"].append(
                     run_service(
-                        chosen_scenario, duration, args.device, threads=args.threads, split=True
+                        chosen_scenario, duration, args.device, threads=args.threads, ingest=True
                     )
                 )
         chosen_runs = {c: _median(runs) for c, runs in rounds.items()}
         ratios = _round_ratios(
-            rounds, {k: (*v, True) for k, v in {**RATIOS, **SPLIT_RATIOS}.items()}
+            rounds, {k: (*v, True) for k, v in {**RATIOS, **INGEST_RATIOS}.items()}
         )
         results[name] = {
             **chosen_runs,

@@ -32,6 +32,8 @@ class LocalServer:
         self.env = env
         self.log = log
         self.port = self.health_port = self.metrics_port = 0
+        # With ``--ingest process``: the front process's pid (None otherwise).
+        self.front_pid: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="gradstream-")
 
@@ -78,6 +80,7 @@ class LocalServer:
             ports["health_port"],
             ports["metrics_port"],
         )
+        self.front_pid = ports.get("front_pid")
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:

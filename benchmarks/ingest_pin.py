@@ -1,14 +1,14 @@
-"""The split prototype with its trainer process on a core of its own, against unpinned.
+"""``gradstream serve --ingest process`` with its backend on a core of its own, against unpinned.
 
-    .venv/bin/python benchmarks/split_pin.py medium --seconds 4 --rounds 3 [--server-only]
+    .venv/bin/python benchmarks/ingest_pin.py medium --seconds 4 --rounds 3 [--server-only]
 
-Starts the split prototype (``gradstream.bench.split``) with one model of the scenario
-per run and streams into it from a ``gradstream.bench.service_client`` process, alternating
-unpinned and pinned runs. Pinned: the trainer process on the last core, the front (every
-thread) and the client on the others (``sched_setaffinity``); with ``--server-only`` the
-client is left to the scheduler, as producers on other machines would be. Prints each
-run's steps/s and the trainer process's cores over the measured window. Needs at least
-2 cores.
+Starts the server with ``--ingest process`` and one model of the scenario per run, and
+streams into it from a ``gradstream.bench.service_client`` process, alternating unpinned and
+pinned runs. Pinned: the backend process (every thread: it trains) on the last core, the
+front process (every thread: it receives, decodes and checks) and the client on the others
+(``sched_setaffinity``); with ``--server-only`` the client is left to the scheduler, as
+producers on other machines would be. Prints each run's steps/s and the backend process's
+cores over the measured window. Needs at least 2 cores.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 from gradstream.bench.cli import _with_models, run_clients
 from gradstream.bench.scenarios import SCENARIOS, scenario
-from gradstream.bench.split import trainer_pids
 
 
 def _pin(pid: int, cores: set[int]) -> None:
@@ -44,22 +43,20 @@ def _affinity(cores: set[int]) -> Iterator[None]:
 
 
 def run(name: str, seconds: float, *, pin: bool, client_too: bool) -> tuple[float, float]:
-    """One run: steps/s and the trainer process's cores over the window."""
+    """One run: steps/s and the backend process's cores over the window."""
     cores = sorted(os.sched_getaffinity(0))
     own, rest = {cores[-1]}, set(cores[:-1])
     model = f"pin-{name}"
-    with _with_models("cpu", 0, [model], scenario(name, "sgd"), split=True) as server:
-        assert server.process is not None
-        (trainer,) = trainer_pids(server.process.pid)
+    with _with_models("cpu", 0, [model], scenario(name, "sgd"), ingest=True) as server:
+        assert server.process is not None and server.front_pid is not None
         if pin:
-            _pin(trainer, own)
-            _pin(server.process.pid, rest)
+            _pin(server.process.pid, own)
+            _pin(server.front_pid, rest)
         clients = _affinity(rest) if pin and client_too else contextlib.nullcontext()
         with clients:
             args = ["--scenario", name, "--model", model, "--existing"]
             (result,) = run_clients(server, [args], seconds)
-    (cores_used,) = result["trainer_processes"].values()
-    return float(result["steps_per_s"]), float(cores_used)
+    return float(result["steps_per_s"]), float(sum(result["server_threads"].values()))
 
 
 def main() -> None:
@@ -69,16 +66,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--server-only", action="store_true", help="pin the server's processes, not the client"
+        "--server-only", action="store_true", help="pin the server's two processes, not the client"
     )
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
-        sys.exit("split_pin.py needs at least 2 cores")
+        sys.exit("ingest_pin.py needs at least 2 cores")
     for i in range(args.rounds):
         for pin in (False, True):
             rate, cores = run(args.scenario, args.seconds, pin=pin, client_too=not args.server_only)
             label = "pinned  " if pin else "unpinned"
-            print(f"round {i} {label} {rate:>10,.0f} steps/s   trainer process {cores:.2f} cores")
+            print(f"round {i} {label} {rate:>10,.0f} steps/s   backend process {cores:.2f} cores")
 
 
 if __name__ == "__main__":
