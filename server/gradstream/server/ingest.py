@@ -243,23 +243,32 @@ class SlotSource:
         """The message's batches, viewed in place: the front checked them already."""
         if not first and request.HasField("open"):
             raise InvalidArgument("open", "only the first TrainRequest of a stream may carry open")
-        items = self.views.items(request)
-        return _Views(items) if items else None
+        if not request.sequences and not request.items:
+            return None
+        return _Views(self.views, request)
 
 
 class _Views:
-    """A message's views of its slot, handed to its job once and not kept.
+    """A message's batches, viewed in its slot by its job on the model's worker.
 
-    The slot is written again once the message is answered: after its job, nothing on
-    the server may hold a view of it (the worker keeps its last job until the next one).
-    Staged (a CUDA model), the job trains pinned copies; on the CPU, the views themselves.
+    Made there, not on the event loop: a batch's views and ``Batch`` are Python work per
+    batch, and on the worker they do not contend for the GIL with the step (the point of
+    this mode). The slot is written again once the message is answered: after its job,
+    nothing on the server may hold a view of it (the worker keeps its last job until the
+    next one, so the job drops the descriptor). Staged (a CUDA model), the job trains
+    pinned copies; on the CPU, the views themselves. A stream's jobs all run on its
+    model's one worker, in order, so its ``SlotViews`` is only ever used by one thread.
     """
 
-    def __init__(self, items: list[Batch | Rejected]) -> None:
-        self.items = items
+    def __init__(self, views: SlotViews, request: ipb.TrainRequest) -> None:
+        self.made: tuple[SlotViews, ipb.TrainRequest] | None = (views, request)
 
     def __call__(self, trainer: Trainer) -> list[Batch | Rejected]:
-        items, self.items = self.items, []
+        # Dropped here: a kept job must not keep the stream's mappings either.
+        made, self.made = self.made, None
+        assert made is not None, "a message's views are made once"
+        views, request = made
+        items = views.items(request)
         return [i if isinstance(i, Rejected) else trainer.stage(i) for i in items]
 
 
