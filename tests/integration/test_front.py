@@ -25,7 +25,7 @@ import pytest
 
 from gradstream.client import Client, GradstreamError, Unavailable
 from gradstream.server.config import Settings
-from gradstream.server.front import BackendLink, Front, forward
+from gradstream.server.front import FRONT_NICE, BackendLink, Front, forward
 from gradstream.server.listening import FORWARDED_PEER, INTERNAL_SECRET, StartupRefused
 from gradstream.server.main import BackgroundServer, run
 from gradstream.v1 import trainer_pb2 as pb
@@ -339,10 +339,23 @@ def test_serve_announces_the_front_and_sigterm_stops_both(tmp_path: Path) -> Non
     served = Served(tmp_path)
     assert served.socket_dirs, "the backend listens on no private socket"
     _trains(served.port)
+    # The front stands back for the backend's steps: every thread of it, none of the backend's.
+    backend = _nices(served.process.pid)
+    assert backend and set(backend) == {os.nice(0)}
+    assert set(_nices(served.front_pid)) == {min(19, os.nice(0) + FRONT_NICE)}
     served.process.send_signal(signal.SIGTERM)
     assert served.wait() == 0, served.stderr()
     assert _gone(served.front_pid)
     assert not any(d.exists() for d in served.socket_dirs)
+
+
+def _nices(pid: int) -> list[int]:
+    """The nice value of each thread of ``pid`` (field 19 of its stat)."""
+    nices = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        nices.append(int(stat[stat.rindex(")") + 2 :].split()[16]))
+    return nices
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])

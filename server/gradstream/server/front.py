@@ -334,6 +334,31 @@ async def _serve(config: dict[str, Any], commands: IO[bytes]) -> int:
     return 1
 
 
+# How far the front stands back from the backend when both want a core (nice, 0-19).
+FRONT_NICE = 10
+
+
+def _yield_to_backend() -> None:
+    """Lower the front's priority: its threads so far, and those it starts (they inherit it).
+
+    The front is there to keep the backend's model workers fed; it idles most of the time,
+    waiting for a free slot. When the two contend for a core, the step should win: a
+    worker waiting in the run queue is throughput lost, a front waiting there is not (the
+    slots in flight cover it). Where the kernel groups a session's processes for
+    scheduling (autogroup; the front has a session of its own), the group's nice is what
+    counts between the two, so it is lowered as well, where the kernel has it.
+    """
+    nice = os.nice(FRONT_NICE)  # relative to the backend's, whatever an operator set there
+    with contextlib.suppress(OSError):  # threads started on import (Linux: nice is per thread)
+        for task in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(task), nice)
+    group = Path("/proc/self/autogroup")
+    with contextlib.suppress(OSError, ValueError):
+        # "/autogroup-<n> nice <k>"
+        grouped = int(group.read_text().split()[-1])
+        group.write_text(str(min(19, grouped + FRONT_NICE)))
+
+
 def main() -> None:
     """``python -m gradstream.server.front``: the configuration is the first line of stdin."""
     # The backend decides when the front stops (it drains first); the front runs in a session
@@ -342,6 +367,7 @@ def main() -> None:
     # The front's torch work is checks and copies of one message at a time: a team of
     # OpenMP threads would only spin on the cores the backend's steps run on.
     torch.set_num_threads(1)
+    _yield_to_backend()
     commands = sys.stdin.buffer
     config = json.loads(commands.readline())
     logging.basicConfig(
