@@ -297,6 +297,20 @@ class Served:
         return self.process.wait(timeout)
 
 
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    """A ``Served``; killed with its front if a failing test left them running."""
+    server = Served(tmp_path)
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.front_pid, signal.SIGKILL)
+
+
 def _socket_dirs(pid: int) -> list[Path]:
     """The unix sockets a process listens on (from /proc/net/unix), as their directories."""
     inodes = {
@@ -335,8 +349,7 @@ def _trains(port: int) -> None:
         assert [r.outcome for r in client.train("m", [(X, Y)] * 3)] == ["APPLIED"] * 3
 
 
-def test_serve_announces_the_front_and_sigterm_stops_both(tmp_path: Path) -> None:
-    served = Served(tmp_path)
+def test_serve_announces_the_front_and_sigterm_stops_both(served: Served) -> None:
     assert served.socket_dirs, "the backend listens on no private socket"
     _trains(served.port)
     # The front stands back for the backend's steps: every thread of it, none of the backend's.
@@ -360,9 +373,8 @@ def _nices(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_the_backend_exits_non_zero_when_the_front_dies(
-    tmp_path: Path, how: signal.Signals
+    served: Served, how: signal.Signals
 ) -> None:
-    served = Served(tmp_path)
     os.kill(served.front_pid, how)
     assert served.wait() == 1
     assert "the front process exited" in served.stderr()
@@ -381,8 +393,9 @@ def test_a_public_port_in_use_is_named_and_leaves_nothing_behind(tmp_path: Path)
     assert not list(Path(tempfile.gettempdir()).glob(f"gradstream-{serve.pid}-*"))
 
 
-def test_sigterm_answers_the_stream_in_flight_then_ends_it_unavailable(tmp_path: Path) -> None:
-    served = Served(tmp_path)
+def test_sigterm_answers_the_stream_in_flight_then_ends_it_unavailable(
+    served: Served,
+) -> None:
     release = threading.Event()
 
     def slow() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -421,9 +434,8 @@ def _shared_memory_of(pid: int) -> set[str]:
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 @pytest.mark.parametrize("victim", ["front", "backend"])
 def test_a_killed_process_takes_its_peer_and_shared_memory_along(
-    tmp_path: Path, victim: str, signum: signal.Signals
+    served: Served, victim: str, signum: signal.Signals
 ) -> None:
-    served = Served(tmp_path)
     release = threading.Event()
 
     def idle() -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -119,6 +119,17 @@ async def _relay_trailers(context: Context, call: Any) -> None:
         context.set_trailing_metadata(tuple(trailing))
 
 
+def _call(
+    link: BackendLink, callable_: Any, streaming_in: bool, request: Any, context: Context
+) -> tuple[Any, asyncio.Task[None] | None]:
+    """The backend's call for a client's, and the task that sends a request stream's messages."""
+    metadata, timeout = link.metadata(context), link.timeout(context)
+    if not streaming_in:
+        return callable_(request, metadata=metadata, timeout=timeout), None
+    call = callable_(None, metadata=metadata, timeout=timeout)
+    return call, asyncio.create_task(pump(request, call))
+
+
 def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler[Any, Any]:
     """The handler that forwards ``method`` to the backend as raw bytes, of its own kind."""
     streaming_in, streaming_out = KINDS.get(method, (True, True))
@@ -132,13 +143,7 @@ def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler[Any, Any]:
         )
 
         async def one(request: Any, context: Context) -> bytes:
-            metadata, timeout = link.metadata(context), link.timeout(context)
-            sender = None
-            if streaming_in:
-                call = unary(None, metadata=metadata, timeout=timeout)
-                sender = asyncio.create_task(pump(request, call))
-            else:
-                call = unary(request, metadata=metadata, timeout=timeout)
+            call, sender = _call(link, unary, streaming_in, request, context)
             try:
                 response: bytes = await call
             except grpc.aio.AioRpcError as error:
@@ -166,13 +171,7 @@ def forward(link: BackendLink, method: str) -> grpc.RpcMethodHandler[Any, Any]:
     )
 
     async def many(request: Any, context: Context) -> AsyncIterator[bytes]:
-        metadata, timeout = link.metadata(context), link.timeout(context)
-        sender = None
-        if streaming_in:
-            call = streaming(None, metadata=metadata, timeout=timeout)
-            sender = asyncio.create_task(pump(request, call))
-        else:
-            call = streaming(request, metadata=metadata, timeout=timeout)
+        call, sender = _call(link, streaming, streaming_in, request, context)
         try:
             await _relay_headers(context, call)
             async for response in call:

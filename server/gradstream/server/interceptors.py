@@ -202,11 +202,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.metrics = metrics
         self._series: dict[str, _MethodSeries] = {}
 
-    def _lookup(self, path: str, handler: Any) -> _MethodSeries:
+    def _lookup(
+        self, path: str, request_streaming: bool, response_streaming: bool
+    ) -> _MethodSeries:
         series = self._series.get(path)
         if series is None:
             service, _, method = path.lstrip("/").rpartition("/")
-            kind = grpc_type(handler.request_streaming, handler.response_streaming)
+            kind = grpc_type(request_streaming, response_streaming)
             series = self._series[path] = _MethodSeries(self.metrics, kind, service, method)
         return series
 
@@ -221,7 +223,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         path = handler_call_details.method
         if path == INGEST_CONTRACT:
             return self._contract(handler)
-        series = self._lookup(_COUNTED_AS.get(path, path), handler)
+        series = self._lookup(
+            _COUNTED_AS.get(path, path), handler.request_streaming, handler.response_streaming
+        )
 
         async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
@@ -250,13 +254,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """The ingest front's Contract: a refusal is the client's Train refused (its front
         ends the stream there, with this status); an answer counts nothing, the Train
         that follows is counted."""
-        series = self._series.get(TRAIN)
-        if series is None:
-            service, _, method = TRAIN.lstrip("/").rpartition("/")
-            series = self._series[TRAIN] = _MethodSeries(
-                self.metrics, grpc_type(True, True), service, method
-            )
-        train = series
+        train = self._lookup(TRAIN, True, True)
 
         async def around(
             requests: AsyncIterator[Any], context: Context, call: Call
